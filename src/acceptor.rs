@@ -1,0 +1,246 @@
+//! The acceptor: one thread that owns the listening sockets, accepts connections and
+//! hands them to the workers round-robin.
+//!
+//! # Running out of descriptors
+//!
+//! When accept4 fails with EMFILE or ENFILE the connection stays in the accept queue,
+//! the listener stays readable, and a naive loop spins. The acceptor instead keeps one
+//! spare descriptor open (on /dev/null): it closes the spare, accepts the waiting
+//! connection, closes it at once (counted as `fd_limit`), and reopens the spare, so
+//! the client learns immediately and the queue drains. If the spare cannot be reopened,
+//! the acceptor stops accepting for [`EXHAUSTED_PAUSE`] and tries again. Workers keep
+//! serving their connections throughout; the episode is logged once when it begins and
+//! once when it ends.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::metrics::{Metrics, RejectReason};
+use crate::server::Shared;
+use crate::sys::epoll::{Epoll, Events, READ_INTEREST};
+use crate::sys::eventfd::EventFd;
+use crate::sys::socket;
+use crate::worker::{Msg, WorkerHandle};
+
+/// How long accepting stops when descriptors are exhausted and no spare is left, or
+/// when the kernel is short of memory (ENOBUFS, ENOMEM).
+pub const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// Token of the acceptor's wake-up eventfd; listener i has token i.
+const WAKE: u64 = u64::MAX;
+
+/// A bound, listening socket.
+pub(crate) struct Listener {
+    pub fd: OwnedFd,
+    pub addr: SocketAddr,
+}
+
+pub(crate) struct Acceptor {
+    epoll: Epoll,
+    listeners: Vec<Listener>,
+    wake: Arc<EventFd>,
+    workers: Vec<WorkerHandle>,
+    /// Index of the worker that gets the next connection.
+    next: usize,
+    /// The spare descriptor given up to shed a connection when descriptors run out.
+    reserve: Option<OwnedFd>,
+    max_connections: usize,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    /// Connections shed in the current fd-exhaustion episode; None outside one.
+    exhausted: Option<u64>,
+    /// Accepting is paused until then.
+    paused_until: Option<Instant>,
+}
+
+impl Acceptor {
+    pub(crate) fn new(
+        listeners: Vec<Listener>,
+        workers: Vec<WorkerHandle>,
+        max_connections: usize,
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<(Acceptor, Arc<EventFd>)> {
+        let epoll = Epoll::new()?;
+        let wake = Arc::new(EventFd::new()?);
+        epoll.add(wake.as_fd(), WAKE, READ_INTEREST)?;
+        for (i, l) in listeners.iter().enumerate() {
+            epoll.add(l.fd.as_fd(), i as u64, READ_INTEREST)?;
+        }
+        let acceptor = Acceptor {
+            epoll,
+            listeners,
+            wake: Arc::clone(&wake),
+            workers,
+            next: 0,
+            reserve: open_reserve().ok(),
+            max_connections,
+            shared,
+            metrics,
+            exhausted: None,
+            paused_until: None,
+        };
+        Ok((acceptor, wake))
+    }
+
+    /// Accepts until the server starts draining, then closes the listeners and tells
+    /// every worker to drain.
+    pub(crate) fn run(mut self) {
+        let mut events = Events::with_capacity(self.listeners.len() + 1);
+        // Connections may have queued between listen(2) and the first edge we can see.
+        for i in 0..self.listeners.len() {
+            self.accept_all(i);
+        }
+        while !self.shared.draining.load(Ordering::SeqCst) {
+            let timeout = self.paused_until.map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.epoll.wait(&mut events, timeout) {
+                tracing::error!("acceptor: {e}");
+                std::thread::sleep(EXHAUSTED_PAUSE);
+                continue;
+            }
+            if self.shared.draining.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Some(until) = self.paused_until {
+                if Instant::now() < until {
+                    continue;
+                }
+                // Edges that came during the pause were consumed: try every listener.
+                self.paused_until = None;
+                for i in 0..self.listeners.len() {
+                    self.accept_all(i);
+                }
+                continue;
+            }
+            for event in events.iter() {
+                if event.token != WAKE && (event.token as usize) < self.listeners.len() {
+                    self.accept_all(event.token as usize);
+                }
+            }
+        }
+        let _ = self.wake.drain();
+        let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr.to_string()).collect();
+        // Closing the listeners makes new connection attempts fail at once (RST).
+        self.listeners.clear();
+        tracing::info!("stopped listening on {}", addrs.join(", "));
+        let deadline = self.shared.drain_deadline().unwrap_or_else(Instant::now);
+        for worker in &self.workers {
+            let _ = worker.tx.send(Msg::Drain(deadline));
+            let _ = worker.waker.notify();
+        }
+    }
+
+    /// Accepts from listener `i` until its queue is empty (its edge is spent).
+    fn accept_all(&mut self, i: usize) {
+        loop {
+            match socket::accept(self.listeners[i].fd.as_fd()) {
+                Ok((fd, _peer)) => {
+                    if let Some(shed) = self.exhausted.take() {
+                        tracing::info!(
+                            "descriptors available again on {}; {shed} connections were shed",
+                            self.listeners[i].addr
+                        );
+                        if self.reserve.is_none() {
+                            self.reserve = open_reserve().ok();
+                        }
+                    }
+                    self.hand_off(fd);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    if !self.shed(i, &e) {
+                        return;
+                    }
+                }
+                // The connection died in the queue, or a firewall refused it: that
+                // connection is lost, the listener is fine.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EPROTO) | Some(libc::EPERM)
+                    ) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        "accept4 on {}: {e}; pausing {} ms",
+                        self.listeners[i].addr,
+                        EXHAUSTED_PAUSE.as_millis()
+                    );
+                    self.paused_until = Some(Instant::now() + EXHAUSTED_PAUSE);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sheds one queued connection using the spare descriptor. Returns whether the
+    /// caller should keep accepting.
+    fn shed(&mut self, i: usize, err: &io::Error) -> bool {
+        let addr = self.listeners[i].addr;
+        if self.exhausted.is_none() {
+            tracing::warn!(
+                "accept4 on {addr}: {err}; shedding new connections until descriptors free up"
+            );
+            self.exhausted = Some(0);
+        }
+        let Some(reserve) = self.reserve.take() else {
+            self.reserve = open_reserve().ok();
+            if self.reserve.is_none() {
+                self.paused_until = Some(Instant::now() + EXHAUSTED_PAUSE);
+                return false;
+            }
+            return true;
+        };
+        drop(reserve);
+        let shed = match socket::accept(self.listeners[i].fd.as_fd()) {
+            Ok((fd, _)) => {
+                // Closing at once tells the client now rather than after its timeout.
+                drop(fd);
+                self.metrics.reject(RejectReason::FdLimit);
+                if let Some(n) = self.exhausted.as_mut() {
+                    *n += 1;
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        self.reserve = open_reserve().ok();
+        if self.reserve.is_none() {
+            // Someone else took the descriptor we freed: back off rather than spin.
+            self.paused_until = Some(Instant::now() + EXHAUSTED_PAUSE);
+            return false;
+        }
+        shed
+    }
+
+    /// Gives a new connection to the next worker, or closes it over the limit.
+    fn hand_off(&mut self, fd: OwnedFd) {
+        if self.shared.open.load(Ordering::Relaxed) >= self.max_connections {
+            drop(fd);
+            self.metrics.reject(RejectReason::MaxConnections);
+            return;
+        }
+        // A peer that already reset makes this fail; the worker will see the reset.
+        let _ = socket::set_nodelay(fd.as_fd());
+        let worker = &self.workers[self.next % self.workers.len()];
+        self.next = self.next.wrapping_add(1);
+        self.shared.open.fetch_add(1, Ordering::Relaxed);
+        if worker.tx.send(Msg::Conn(fd)).is_err() {
+            // The worker has exited (it only does so on a fatal epoll error).
+            self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.reject(RejectReason::Error);
+            return;
+        }
+        if let Err(e) = worker.waker.notify() {
+            tracing::error!("waking a worker: {e}");
+        }
+    }
+}
+
+fn open_reserve() -> io::Result<OwnedFd> {
+    Ok(OwnedFd::from(File::open("/dev/null")?))
+}

@@ -1,0 +1,215 @@
+//! `edgepoll`: argument parsing, logging and signals; the server is the library's.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use edgepoll::config::{self, parse_duration, parse_listen, parse_size, Config, Mode};
+use edgepoll::sys::{rlimit, signal::ShutdownSignals};
+use edgepoll::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "edgepoll",
+    version,
+    about = "An edge-triggered epoll TCP server: echo, relay and HTTP load-test targets",
+    long_about = "An edge-triggered epoll TCP server: echo, relay and HTTP load-test targets.\n\n\
+        One acceptor thread hands connections round-robin to N workers, each with its own \
+        edge-triggered epoll instance. Prometheus metrics are served on --metrics-listen. \
+        SIGTERM or SIGINT drains: listeners close at once, open connections get \
+        --drain-timeout to flush, then the process exits 0. Log level from RUST_LOG \
+        (default info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Echo every byte back to its sender, in order.
+    #[command(after_help = "Example:\n  edgepoll echo --listen 0.0.0.0:7000 --listen [::]:7000 --workers 4 --idle-timeout 300")]
+    Echo(ServerArgs),
+}
+
+/// Flags every mode shares.
+#[derive(Args)]
+struct ServerArgs {
+    /// Address to listen on, IP:PORT or HOST:PORT; repeat for several. Port 0 picks a
+    /// free port (the start-up log says which) [default: 127.0.0.1:7000]
+    #[arg(short, long = "listen", value_name = "ADDR", value_parser = parse_listen)]
+    listen: Vec<Vec<SocketAddr>>,
+
+    /// Worker threads, each with its own epoll instance [default: CPUs this process may use]
+    #[arg(short, long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// Pin worker i to core i (modulo the usable cores)
+    #[arg(long)]
+    pin_workers: bool,
+
+    /// Accept queue length for listen(2); the kernel caps it at net.core.somaxconn
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_BACKLOG)]
+    backlog: u32,
+
+    /// Open connections allowed; beyond it new ones are accepted and closed at once
+    /// (counted as rejected). Lowered to fit the open-file limit if needed [default: 100000]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Outbound bytes held per connection for a peer that does not read; at the cap the
+    /// server stops reading from it (e.g. 262144, 256KiB, 1MiB)
+    #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_size)]
+    max_pending_bytes: usize,
+
+    /// Close connections with no traffic for this long (e.g. 300, 30s, 5m) [default: off]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+
+    /// On SIGTERM/SIGINT, time open connections get to flush what they owe
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    drain_timeout: Duration,
+
+    /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz), or "off"
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464")]
+    metrics_listen: String,
+}
+
+/// Descriptors kept back from `--max-connections` for listeners, epoll instances,
+/// eventfds, the acceptor's spare and metrics clients.
+const RESERVED_FDS: u64 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("edgepoll: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (mode, args) = match cli.mode {
+        Command::Echo(args) => (Mode::Echo, args),
+    };
+    let config = build_config(mode, args)?;
+    // Block SIGINT/SIGTERM before any thread starts, so all inherit the mask.
+    let signals = ShutdownSignals::block()?;
+    let server = Server::start(config)?;
+    let listen: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
+    let metrics = match server.metrics_addr() {
+        Some(a) => format!("metrics on http://{a}/metrics"),
+        None => "metrics off".to_string(),
+    };
+    tracing::info!(
+        "edgepoll {} {}: listening on {} with {} workers; {metrics}",
+        env!("CARGO_PKG_VERSION"),
+        mode.name(),
+        listen.join(", "),
+        server.config().workers,
+    );
+    let sig = loop {
+        if let Some(sig) = signals.wait(Duration::from_secs(1))? {
+            break sig;
+        }
+        if server.is_finished() {
+            anyhow::bail!("the server stopped by itself; see the errors above");
+        }
+    };
+    tracing::info!(
+        "{} received: draining {} connections for up to {:?}",
+        edgepoll::sys::signal::name(sig),
+        server.open_connections(),
+        server.config().drain_timeout
+    );
+    server.begin_drain();
+    while !server.is_finished() {
+        if let Some(sig) = signals.wait(Duration::from_millis(50))? {
+            tracing::warn!("{} received again: exiting without finishing the drain", edgepoll::sys::signal::name(sig));
+            return Ok(ExitCode::from(1));
+        }
+    }
+    server.join();
+    tracing::info!("drained; exiting");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
+    let mut config = Config::new(mode);
+    if !args.listen.is_empty() {
+        let mut listen: Vec<SocketAddr> = Vec::new();
+        for addr in args.listen.into_iter().flatten() {
+            if !listen.contains(&addr) {
+                listen.push(addr);
+            }
+        }
+        config.listen = listen;
+    }
+    if let Some(w) = args.workers {
+        config.workers = w;
+    }
+    config.pin_workers = args.pin_workers;
+    config.backlog = args.backlog;
+    config.max_pending_bytes = args.max_pending_bytes;
+    config.idle_timeout = args.idle_timeout;
+    config.drain_timeout = args.drain_timeout;
+    config.metrics_listen = match args.metrics_listen.as_str() {
+        "off" | "none" | "" => None,
+        s => Some(
+            *parse_listen(s)
+                .map_err(|e| anyhow::anyhow!("--metrics-listen: {e}"))?
+                .first()
+                .expect("parse_listen returns at least one address"),
+        ),
+    };
+    let explicit = args.max_connections.is_some();
+    config.max_connections = args.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
+    fit_open_file_limit(&mut config, explicit);
+    config.validate()?;
+    Ok(config)
+}
+
+/// Raises the soft open-file limit to the hard one, and lowers `--max-connections` to
+/// what that limit can hold, as Redis does with maxclients.
+fn fit_open_file_limit(config: &mut Config, explicit: bool) {
+    let (soft, hard) = match rlimit::nofile() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("{e}; keeping --max-connections {}", config.max_connections);
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match rlimit::set_nofile_soft(hard) {
+            Ok(()) => limit = hard,
+            Err(e) => tracing::warn!("{e}; the open-file limit stays at {soft}"),
+        }
+    }
+    let reserved = RESERVED_FDS + 2 * config.workers as u64;
+    let capacity = limit.saturating_sub(reserved).max(1);
+    if (config.max_connections as u64) > capacity {
+        let msg = format!(
+            "open-file limit is {limit}: --max-connections lowered from {} to {capacity}",
+            config.max_connections
+        );
+        if explicit {
+            tracing::warn!("{msg}; raise it with ulimit -n or LimitNOFILE=");
+        } else {
+            tracing::info!("{msg}");
+        }
+        config.max_connections = capacity as usize;
+    } else {
+        tracing::debug!("open-file limit {limit}, room for {capacity} connections");
+    }
+}

@@ -1,0 +1,247 @@
+//! The validated configuration that the command line builds and tests construct.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What the server does with the bytes of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every byte back to its sender, in order.
+    Echo,
+}
+
+impl Mode {
+    /// The name used on the command line, in logs and in `edgepoll_build_info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Echo => "echo",
+        }
+    }
+
+    /// The listen address a mode uses when none is given.
+    pub fn default_listen(self) -> SocketAddr {
+        match self {
+            Mode::Echo => SocketAddr::from(([127, 0, 0, 1], 7000)),
+        }
+    }
+}
+
+/// Default accept backlog; the kernel caps it at net.core.somaxconn.
+pub const DEFAULT_BACKLOG: u32 = 4096;
+/// Default connection limit across all workers.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default outbound cap per connection: enough to absorb a burst several times the
+/// socket send buffer, small enough that 10,000 stalled readers hold at most 2.5 GiB.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 256 * 1024;
+/// Default time open connections get to flush on SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default address of the Prometheus endpoint.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464));
+
+/// Everything a running server needs to know. Build it with [`Config::new`] and adjust
+/// the public fields; [`Config::validate`] runs when the server starts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// What to do with the bytes.
+    pub mode: Mode,
+    /// Addresses to listen on; port 0 picks a free port (see `Server::local_addrs`).
+    pub listen: Vec<SocketAddr>,
+    /// Number of worker threads, each with its own epoll instance.
+    pub workers: usize,
+    /// Pin worker i to core i (modulo the cores the process may use).
+    pub pin_workers: bool,
+    /// Accept queue length passed to listen(2).
+    pub backlog: u32,
+    /// Connections beyond this many open ones are accepted and closed at once.
+    pub max_connections: usize,
+    /// Outbound bytes a connection may hold before the server stops reading from it.
+    pub max_pending_bytes: usize,
+    /// Close connections with no traffic for this long; None: never.
+    pub idle_timeout: Option<Duration>,
+    /// Time open connections get to flush what is owed once draining begins.
+    pub drain_timeout: Duration,
+    /// Address of the Prometheus endpoint; None: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// The defaults of `mode`: its listen address, one worker per usable CPU, the
+    /// metrics endpoint on 127.0.0.1:9464.
+    pub fn new(mode: Mode) -> Config {
+        Config {
+            mode,
+            listen: vec![mode.default_listen()],
+            workers: default_workers(),
+            pin_workers: false,
+            backlog: DEFAULT_BACKLOG,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            idle_timeout: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN),
+        }
+    }
+
+    /// Checks the values that would make a server misbehave rather than fail to bind.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::NoListenAddress);
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(ConfigError::Workers(self.workers));
+        }
+        if self.backlog == 0 {
+            return Err(ConfigError::Zero("backlog"));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Zero("max-connections"));
+        }
+        if self.max_pending_bytes == 0 {
+            return Err(ConfigError::Zero("max-pending-bytes"));
+        }
+        if self.idle_timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::Zero("idle-timeout"));
+        }
+        Ok(())
+    }
+}
+
+/// An upper bound that catches a typo (`--workers 10000`) before it spawns threads.
+pub const MAX_WORKERS: usize = 1024;
+
+/// The number of CPUs this process may run on (affinity mask and cgroup quota).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("at least one --listen address is required")]
+    NoListenAddress,
+    #[error("--workers must be between 1 and {MAX_WORKERS}, got {0}")]
+    Workers(usize),
+    #[error("--{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::new(Mode::Echo);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.listen, vec!["127.0.0.1:7000".parse().unwrap()]);
+        assert!(config.workers >= 1);
+    }
+
+    #[test]
+    fn nonsense_values_are_rejected_with_the_flag_name() {
+        let mut config = Config::new(Mode::Echo);
+        config.workers = 0;
+        assert_eq!(config.validate(), Err(ConfigError::Workers(0)));
+        config.workers = 2;
+        config.max_pending_bytes = 0;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.to_string(), "--max-pending-bytes must be greater than zero");
+        config.max_pending_bytes = 1;
+        config.listen.clear();
+        assert_eq!(config.validate(), Err(ConfigError::NoListenAddress));
+    }
+}
+
+/// Parses a byte count: a plain number, or one with a binary suffix (`K`/`KiB`,
+/// `M`/`MiB`, `G`/`GiB`; case-insensitive). `256KiB` is 262144.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("invalid size '{s}': expected a number of bytes such as 262144 or 256KiB"))?;
+    let unit: usize = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size '{s}': unknown unit '{suffix}' (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(unit).ok_or_else(|| format!("invalid size '{s}': too large"))
+}
+
+/// Parses a duration as wrk writes them: `10s`, `2m`, `500ms`, `1h`, or a plain
+/// number of seconds (`2.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}': expected e.g. 10, 2.5, 500ms, 10s, 2m or 1h"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "us" => 0.000_001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("invalid duration '{s}': unknown unit '{other}' (use ms, s, m or h)")),
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("invalid duration '{s}': out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a listen address: `IP:PORT` (`[::1]:7000` for IPv6), or `HOST:PORT`
+/// resolved now, which yields every address the name has.
+pub fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    use std::net::ToSocketAddrs;
+    let hint = "expected HOST:PORT such as 127.0.0.1:7000, [::1]:7000 or localhost:7000";
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("invalid address '{s}': {e}; {hint}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("invalid address '{s}': the name has no address; {hint}"));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("262144"), Ok(262_144));
+        assert_eq!(parse_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert!(parse_size("12XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen("[::1]:7000"), Ok(vec!["[::1]:7000".parse().unwrap()]));
+        assert_eq!(parse_listen("127.0.0.1:0"), Ok(vec!["127.0.0.1:0".parse().unwrap()]));
+        assert!(parse_listen("7000").unwrap_err().contains("HOST:PORT"));
+    }
+}

@@ -1,0 +1,377 @@
+//! Prometheus metrics: the registry, per-worker counters, and publishing.
+//!
+//! Workers never touch a shared atomic per read or write. Each counts in a plain
+//! [`Counters`] struct and calls [`WorkerMetrics::publish`] at most once per loop turn
+//! (in practice every [`PUBLISH_INTERVAL`], and before it goes to sleep), which adds the
+//! deltas to label children that were looked up once at start-up.
+
+pub mod endpoint;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::local::LocalHistogram;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::Mode;
+
+/// How often a busy worker publishes its counters. A worker about to sleep publishes
+/// at once, so an idle server's counters are exact.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why a connection was closed; the `reason` label of `edgepoll_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed cleanly and was owed nothing more.
+    Eof,
+    /// The peer reset the connection (ECONNRESET, EPIPE).
+    Reset,
+    /// Any other socket error.
+    Error,
+    /// No traffic for `--idle-timeout`.
+    IdleTimeout,
+    /// Closed by the server's drain.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 5] = [
+        CloseReason::Eof,
+        CloseReason::Reset,
+        CloseReason::Error,
+        CloseReason::IdleTimeout,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Eof => "eof",
+            CloseReason::Reset => "reset",
+            CloseReason::Error => "error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Classifies a read or write error.
+    pub fn of_error(err: &std::io::Error) -> CloseReason {
+        match err.raw_os_error() {
+            Some(libc::ECONNRESET) | Some(libc::EPIPE) | Some(libc::ECONNABORTED) => {
+                CloseReason::Reset
+            }
+            _ => CloseReason::Error,
+        }
+    }
+}
+
+/// Why the acceptor turned a connection away; the `reason` label of
+/// `edgepoll_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// `--max-connections` were already open.
+    MaxConnections,
+    /// The process or system ran out of file descriptors.
+    FdLimit,
+    /// The connection could not be set up (registration failed).
+    Error,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 3] =
+        [RejectReason::MaxConnections, RejectReason::FdLimit, RejectReason::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::FdLimit => "fd_limit",
+            RejectReason::Error => "error",
+        }
+    }
+}
+
+/// Connection-duration buckets, from a millisecond (a health check) to four hours (a
+/// long-lived relay).
+const DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
+    3600.0, 14400.0,
+];
+
+/// The registry and every metric family of one server.
+pub struct Metrics {
+    registry: Registry,
+    accepted: IntCounterVec,
+    closed: IntCounterVec,
+    active: IntGaugeVec,
+    rejected: IntCounterVec,
+    received: IntCounterVec,
+    sent: IntCounterVec,
+    pauses: IntCounterVec,
+    buffered: IntGaugeVec,
+    duration: Histogram,
+    /// Largest outbound buffer any one connection of worker i has held (library stats
+    /// only: it shows that the cap holds).
+    peak_pending: Vec<AtomicUsize>,
+}
+
+impl Metrics {
+    /// Creates the registry for a server with `workers` workers in `mode`.
+    pub fn new(workers: usize, mode: Mode) -> prometheus::Result<Arc<Metrics>> {
+        let registry = Registry::new();
+        let accepted = IntCounterVec::new(
+            Opts::new("edgepoll_connections_accepted_total", "Connections handed to a worker."),
+            &["worker"],
+        )?;
+        let closed = IntCounterVec::new(
+            Opts::new("edgepoll_connections_closed_total", "Connections closed, by reason."),
+            &["worker", "reason"],
+        )?;
+        let active = IntGaugeVec::new(
+            Opts::new("edgepoll_connections_active", "Connections open now."),
+            &["worker"],
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_connections_rejected_total",
+                "Connections accepted and closed at once, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let received = IntCounterVec::new(
+            Opts::new("edgepoll_received_bytes_total", "Bytes read from clients."),
+            &["worker"],
+        )?;
+        let sent = IntCounterVec::new(
+            Opts::new("edgepoll_sent_bytes_total", "Bytes written to clients."),
+            &["worker"],
+        )?;
+        let pauses = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_backpressure_pauses_total",
+                "Times reading from a connection paused because its outbound buffer was full.",
+            ),
+            &["worker"],
+        )?;
+        let buffered = IntGaugeVec::new(
+            Opts::new(
+                "edgepoll_outbound_buffered_bytes",
+                "Bytes held in outbound buffers, owed to peers that have not read them yet.",
+            ),
+            &["worker"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "edgepoll_connection_duration_seconds",
+                "Lifetime of closed connections.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("edgepoll_build_info", "Version and mode of the running server; always 1."),
+            &["version", "mode"],
+        )?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), mode.name()]).set(1);
+
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(accepted.clone()),
+            Box::new(closed.clone()),
+            Box::new(active.clone()),
+            Box::new(rejected.clone()),
+            Box::new(received.clone()),
+            Box::new(sent.clone()),
+            Box::new(pauses.clone()),
+            Box::new(buffered.clone()),
+            Box::new(duration.clone()),
+            Box::new(build_info),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            registry.register(c)?;
+        }
+        // Create every labelled child now, so a scrape shows zeros rather than nothing
+        // before the first connection, and workers never look labels up later.
+        for w in 0..workers {
+            let w = w.to_string();
+            accepted.with_label_values(&[&w]);
+            active.with_label_values(&[&w]);
+            received.with_label_values(&[&w]);
+            sent.with_label_values(&[&w]);
+            pauses.with_label_values(&[&w]);
+            buffered.with_label_values(&[&w]);
+            for reason in CloseReason::ALL {
+                closed.with_label_values(&[&w, reason.as_str()]);
+            }
+        }
+        for reason in RejectReason::ALL {
+            rejected.with_label_values(&[reason.as_str()]);
+        }
+        let peak_pending = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+        Ok(Arc::new(Metrics {
+            registry,
+            accepted,
+            closed,
+            active,
+            rejected,
+            received,
+            sent,
+            pauses,
+            buffered,
+            duration,
+            peak_pending,
+        }))
+    }
+
+    /// The registry, for callers that add their own collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition format of everything registered.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding to a Vec cannot fail on I/O; a failure would be a metric family
+        // without samples, which this registry never produces.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        out
+    }
+
+    /// The handles worker `id` publishes to, looked up once.
+    pub fn worker(self: &Arc<Self>, id: usize) -> WorkerMetrics {
+        let w = id.to_string();
+        WorkerMetrics {
+            id,
+            accepted: self.accepted.with_label_values(&[&w]),
+            closed: CloseReason::ALL.map(|r| self.closed.with_label_values(&[&w, r.as_str()])),
+            active: self.active.with_label_values(&[&w]),
+            received: self.received.with_label_values(&[&w]),
+            sent: self.sent.with_label_values(&[&w]),
+            pauses: self.pauses.with_label_values(&[&w]),
+            buffered: self.buffered.with_label_values(&[&w]),
+            duration: self.duration.local(),
+            metrics: Arc::clone(self),
+        }
+    }
+
+    /// Counts a rejected connection (acceptor only; once per connection, not per byte).
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Per-worker figures as last published.
+    pub fn worker_stats(&self) -> Vec<WorkerStats> {
+        (0..self.peak_pending.len())
+            .map(|id| {
+                let w = id.to_string();
+                WorkerStats {
+                    accepted: self.accepted.with_label_values(&[&w]).get(),
+                    closed: CloseReason::ALL
+                        .map(|r| self.closed.with_label_values(&[&w, r.as_str()]).get()),
+                    active: self.active.with_label_values(&[&w]).get(),
+                    received_bytes: self.received.with_label_values(&[&w]).get(),
+                    sent_bytes: self.sent.with_label_values(&[&w]).get(),
+                    backpressure_pauses: self.pauses.with_label_values(&[&w]).get(),
+                    buffered_bytes: self.buffered.with_label_values(&[&w]).get(),
+                    peak_pending_bytes: self.peak_pending[id].load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Rejections so far, by reason.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected.with_label_values(&[reason.as_str()]).get()
+    }
+}
+
+/// What one worker has published. `closed` is indexed like [`CloseReason::ALL`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub accepted: u64,
+    pub closed: [u64; 5],
+    pub active: i64,
+    pub received_bytes: u64,
+    pub sent_bytes: u64,
+    pub backpressure_pauses: u64,
+    pub buffered_bytes: i64,
+    pub peak_pending_bytes: usize,
+}
+
+impl WorkerStats {
+    pub fn closed_for(&self, reason: CloseReason) -> u64 {
+        self.closed[reason as usize]
+    }
+
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().sum()
+    }
+}
+
+/// A worker's unpublished counts: plain integers, touched on the hot path.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: u64,
+    pub closed: [u64; 5],
+    pub received: u64,
+    pub sent: u64,
+    pub pauses: u64,
+    /// Connections open now (a level, not a delta).
+    pub active: i64,
+    /// Outbound bytes held now (a level, kept by the worker at publish time).
+    pub buffered: i64,
+    /// Largest outbound buffer seen (a level).
+    pub peak_pending: usize,
+}
+
+/// The label children one worker publishes to.
+pub struct WorkerMetrics {
+    id: usize,
+    accepted: IntCounter,
+    closed: [IntCounter; 5],
+    active: IntGauge,
+    received: IntCounter,
+    sent: IntCounter,
+    pauses: IntCounter,
+    buffered: IntGauge,
+    /// Buffers observations locally; `flush` adds them to the shared histogram.
+    duration: LocalHistogram,
+    metrics: Arc<Metrics>,
+}
+
+impl WorkerMetrics {
+    /// Counts a connection the worker could not take on.
+    pub fn reject(&self, reason: RejectReason) {
+        self.metrics.reject(reason);
+    }
+
+    /// Records the lifetime of a closed connection (buffered until `publish`).
+    pub fn observe_duration(&mut self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    /// Adds the deltas in `c` to the registry, zeroes them, and sets the gauges.
+    pub fn publish(&mut self, c: &mut Counters) {
+        fn add(counter: &IntCounter, delta: &mut u64) {
+            if *delta != 0 {
+                counter.inc_by(*delta);
+                *delta = 0;
+            }
+        }
+        add(&self.accepted, &mut c.accepted);
+        for (counter, delta) in self.closed.iter().zip(c.closed.iter_mut()) {
+            add(counter, delta);
+        }
+        add(&self.received, &mut c.received);
+        add(&self.sent, &mut c.sent);
+        add(&self.pauses, &mut c.pauses);
+        self.active.set(c.active);
+        self.buffered.set(c.buffered);
+        self.metrics.peak_pending[self.id].fetch_max(c.peak_pending, Ordering::Relaxed);
+        self.duration.flush();
+    }
+}

@@ -1,0 +1,134 @@
+//! Echo: every byte back to its sender, in order.
+//!
+//! Bytes read are written straight back from the worker buffer; only what the socket
+//! does not take goes into the connection's outbound buffer. Reading is limited to the
+//! room left under the cap, so a peer that never reads holds at most the cap.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use super::{Io, Step, READ_BUDGET};
+use crate::conn::{flags, Conn};
+use crate::metrics::CloseReason;
+use crate::sys::socket;
+
+/// Serves `conn`: flushes what is owed, then reads and echoes until EAGAIN, a short
+/// read, the budget or the cap. `readable` says an edge reported input; `hup` says the
+/// peer has closed (or the socket has an error), in which case short reads are not
+/// taken as "drained" and reading goes on until the 0 or the error it will return.
+pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool, hup: bool) -> Step {
+    if conn.outbound.is_some() {
+        match conn.flush() {
+            Ok(n) => {
+                if n > 0 {
+                    io.counters.sent += n as u64;
+                    conn.last_active_ms = io.now_ms;
+                }
+            }
+            Err(e) => return Step::Close(CloseReason::of_error(&e)),
+        }
+    }
+    if conn.has(flags::PAUSED) && conn.pending() < io.cap {
+        conn.clear(flags::PAUSED);
+    }
+    if conn.has(flags::INPUT_DONE) {
+        return finish(conn, io);
+    }
+    if !(readable || hup || conn.has(flags::READ_PENDING)) {
+        return Step::Idle;
+    }
+    conn.clear(flags::READ_PENDING);
+
+    let mut budget = READ_BUDGET;
+    loop {
+        let room = io.cap - conn.pending();
+        if room == 0 {
+            // Rule 3: stop reading at the cap. Input left in the kernel will get no new
+            // edge, so READ_PENDING makes the worker come back when the buffer drains.
+            if !conn.has(flags::PAUSED) {
+                conn.set(flags::PAUSED);
+                io.counters.pauses += 1;
+            }
+            conn.set(flags::READ_PENDING);
+            return Step::Idle;
+        }
+        let want = io.buf.len().min(room).min(budget);
+        match socket::read(conn.fd.as_fd(), &mut io.buf[..want]) {
+            Ok(0) => {
+                conn.set(flags::PEER_FIN | flags::INPUT_DONE);
+                return finish(conn, io);
+            }
+            Ok(n) => {
+                io.counters.received += n as u64;
+                conn.last_active_ms = io.now_ms;
+                match conn.send(&io.buf[..n]) {
+                    Ok(w) => io.counters.sent += w as u64,
+                    Err(e) => return Step::Close(CloseReason::of_error(&e)),
+                }
+                let pending = conn.pending();
+                if pending > io.counters.peak_pending {
+                    io.counters.peak_pending = pending;
+                }
+                budget -= n;
+                if n < want && !hup {
+                    // Rule 1: a short read on a stream socket means it is drained.
+                    return caught_up(conn, io);
+                }
+                if budget == 0 {
+                    // Rule 2: budget spent; the worker serves us again after the others.
+                    conn.set(flags::READ_PENDING);
+                    return Step::Again;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return caught_up(conn, io),
+            Err(e) => return Step::Close(CloseReason::of_error(&e)),
+        }
+    }
+}
+
+/// Input is drained for now. A draining server stops serving input here.
+fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
+    if conn.has(flags::DRAINING) {
+        conn.set(flags::INPUT_DONE);
+        return finish(conn, io);
+    }
+    Step::Idle
+}
+
+/// No more input will be echoed: flush what is owed, then close. After a peer FIN the
+/// connection closes once the last byte is written. A draining connection sends its
+/// own FIN instead and discards input until the peer closes, so that close(2) never
+/// finds unread input and answers with a RST that would destroy bytes still in flight.
+fn finish(conn: &mut Conn, io: &mut Io<'_>) -> Step {
+    if conn.pending() > 0 {
+        return Step::Idle;
+    }
+    if conn.has(flags::PEER_FIN) {
+        return if conn.has(flags::WRITE_SHUT) {
+            Step::Close(CloseReason::Shutdown)
+        } else {
+            Step::Close(CloseReason::Eof)
+        };
+    }
+    if !conn.has(flags::WRITE_SHUT) {
+        if let Err(e) = socket::shutdown_write(conn.fd.as_fd()) {
+            return Step::Close(CloseReason::of_error(&e));
+        }
+        conn.set(flags::WRITE_SHUT);
+    }
+    let mut budget = READ_BUDGET;
+    loop {
+        match socket::read(conn.fd.as_fd(), io.buf) {
+            Ok(0) => return Step::Close(CloseReason::Shutdown),
+            Ok(n) => {
+                io.counters.received += n as u64;
+                budget = budget.saturating_sub(n);
+                if budget == 0 {
+                    return Step::Again;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
+            Err(e) => return Step::Close(CloseReason::of_error(&e)),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! TCP sockets: listen, accept4, connect, read, write and the options edgepoll sets.
+//!
+//! Every descriptor is created non-blocking and close-on-exec, and goes straight into
+//! an `OwnedFd`. Writes use MSG_NOSIGNAL, so a peer that resets raises EPIPE, never
+//! SIGPIPE.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::syscall;
+
+/// Creates a listening TCP socket bound to `addr` with the given backlog.
+///
+/// SO_REUSEADDR lets a restarted server bind while old connections sit in
+/// TIME_WAIT. IPv6 sockets are IPV6_V6ONLY so that `[::]:P` and `0.0.0.0:P` can both be
+/// listened on, as separate `--listen` flags, without EADDRINUSE.
+pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<OwnedFd> {
+    let fd = new_socket(&addr).map_err(|e| super::context(e, format!("socket for {addr}")))?;
+    set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+        .map_err(|e| super::context(e, format!("setsockopt SO_REUSEADDR on {addr}")))?;
+    if addr.is_ipv6() {
+        set_int_option(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)
+            .map_err(|e| super::context(e, format!("setsockopt IPV6_V6ONLY on {addr}")))?;
+    }
+    let (raw, len) = to_raw(&addr);
+    // SAFETY: `raw` is a valid sockaddr of `len` bytes for the socket's family.
+    syscall!(bind(fd.as_raw_fd(), &raw as *const _ as *const libc::sockaddr, len))
+        .map_err(|e| super::context(e, format!("bind {addr}")))?;
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    // SAFETY: plain call on a descriptor we own.
+    syscall!(listen(fd.as_raw_fd(), backlog))
+        .map_err(|e| super::context(e, format!("listen {addr}")))?;
+    Ok(fd)
+}
+
+fn new_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
+    let domain = match addr {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: socket takes only integer arguments and returns a new descriptor.
+    let fd = syscall!(socket(
+        domain,
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0
+    ))?;
+    // SAFETY: `fd` is new and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Accepts one connection as a non-blocking, close-on-exec socket.
+/// `Err(WouldBlock)` means the accept queue is empty.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, SocketAddr)> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes of address into `storage`.
+    let fd = syscall!(accept4(
+        listener.as_raw_fd(),
+        storage.as_mut_ptr() as *mut libc::sockaddr,
+        &mut len,
+        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC
+    ))?;
+    // SAFETY: `fd` is new and owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: zeroed storage is a valid sockaddr_storage; accept4 filled its prefix.
+    let storage = unsafe { storage.assume_init() };
+    let addr = from_raw(&storage).unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    Ok((fd, addr))
+}
+
+/// Starts a non-blocking connect. The socket becomes writable when the connect
+/// completes; `take_error` then tells whether it succeeded.
+pub fn connect_nonblocking(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let fd = new_socket(&addr).map_err(|e| super::context(e, format!("socket for {addr}")))?;
+    let (raw, len) = to_raw(&addr);
+    // SAFETY: `raw` is a valid sockaddr of `len` bytes for the socket's family.
+    match syscall!(connect(fd.as_raw_fd(), &raw as *const _ as *const libc::sockaddr, len)) {
+        Ok(_) => Ok(fd),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(fd),
+        Err(e) => Err(super::context(e, format!("connect {addr}"))),
+    }
+}
+
+/// Reads into `buf`. `Ok(0)` is the peer's FIN; EINTR is retried.
+#[inline]
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+        match syscall!(recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            0
+        )) {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes from `buf` without raising SIGPIPE; EINTR is retried.
+#[inline]
+pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
+        match syscall!(send(
+            fd.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_NOSIGNAL
+        )) {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends FIN after everything already written: the peer reads EOF, and can still send.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain call on a valid descriptor.
+    syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_WR))
+        .map(drop)
+        .map_err(|e| super::context(e, format!("shutdown SHUT_WR fd {}", fd.as_raw_fd())))
+}
+
+/// Disables Nagle's algorithm: an echo or a response goes out at once instead of
+/// waiting for the ACK of the previous one (which delayed ACKs hold back for up to 40 ms).
+pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+        .map_err(|e| super::context(e, format!("setsockopt TCP_NODELAY fd {}", fd.as_raw_fd())))
+}
+
+/// Makes the next close send RST instead of FIN (SO_LINGER with a zero timeout).
+/// Used to abort a connection, and by tests to play a peer that resets.
+pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: passes a valid linger struct and its size.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &linger as *const _ as *const libc::c_void,
+        size_of::<libc::linger>() as libc::socklen_t
+    ))
+    .map(drop)
+    .map_err(|e| super::context(e, format!("setsockopt SO_LINGER fd {}", fd.as_raw_fd())))
+}
+
+/// The pending socket error (SO_ERROR), cleared by reading it; None if there is none.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let value = get_int_option(fd, libc::SOL_SOCKET, libc::SO_ERROR)
+        .map_err(|e| super::context(e, format!("getsockopt SO_ERROR fd {}", fd.as_raw_fd())))?;
+    Ok((value != 0).then(|| io::Error::from_raw_os_error(value)))
+}
+
+/// The address a socket is bound to (the real port after binding port 0).
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes of address into `storage`.
+    syscall!(getsockname(
+        fd.as_raw_fd(),
+        storage.as_mut_ptr() as *mut libc::sockaddr,
+        &mut len
+    ))
+    .map_err(|e| super::context(e, format!("getsockname fd {}", fd.as_raw_fd())))?;
+    // SAFETY: zeroed storage is valid; getsockname filled its prefix.
+    let storage = unsafe { storage.assume_init() };
+    from_raw(&storage).ok_or_else(|| io::Error::other("getsockname: not an inet socket"))
+}
+
+fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: passes a valid int and its size.
+    syscall!(setsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        &value as *const i32 as *const libc::c_void,
+        size_of::<i32>() as libc::socklen_t
+    ))
+    .map(drop)
+}
+
+fn get_int_option(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into a valid int.
+    syscall!(getsockopt(
+        fd.as_raw_fd(),
+        level,
+        name,
+        &mut value as *mut i32 as *mut libc::c_void,
+        &mut len
+    ))?;
+    Ok(value)
+}
+
+fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_address_round_trip() {
+        for addr in ["127.0.0.1:7000", "[::1]:8080", "[fe80::1%2]:1", "0.0.0.0:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let (raw, _) = to_raw(&addr);
+            assert_eq!(from_raw(&raw), Some(addr));
+        }
+    }
+
+    #[test]
+    fn listen_on_port_zero_reports_the_bound_port() {
+        let fd = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(fd.as_fd()).unwrap();
+        assert_eq!(addr.ip(), Ipv4Addr::LOCALHOST);
+        assert_ne!(addr.port(), 0);
+    }
+
+    #[test]
+    fn accept_on_an_empty_queue_would_block() {
+        let fd = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let err = accept(fd.as_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
+}
