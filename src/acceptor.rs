@@ -97,7 +97,9 @@ impl Acceptor {
             self.accept_all(i);
         }
         while !self.shared.draining.load(Ordering::SeqCst) {
-            let timeout = self.paused_until.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = self
+                .paused_until
+                .map(|t| t.saturating_duration_since(Instant::now()));
             if let Err(e) = self.epoll.wait(&mut events, timeout) {
                 tracing::error!("acceptor: {e}");
                 std::thread::sleep(EXHAUSTED_PAUSE);

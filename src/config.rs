@@ -36,8 +36,10 @@ pub const DEFAULT_MAX_PENDING_BYTES: usize = 256 * 1024;
 /// Default time open connections get to flush on SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default address of the Prometheus endpoint.
-pub const DEFAULT_METRICS_LISTEN: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9464));
+pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9464,
+));
 
 /// Everything a running server needs to know. Build it with [`Config::new`] and adjust
 /// the public fields; [`Config::validate`] runs when the server starts.
@@ -112,7 +114,9 @@ pub const MAX_WORKERS: usize = 1024;
 
 /// The number of CPUs this process may run on (affinity mask and cgroup quota).
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// A configuration that cannot run.
@@ -146,7 +150,10 @@ mod tests {
         config.workers = 2;
         config.max_pending_bytes = 0;
         let err = config.validate().unwrap_err();
-        assert_eq!(err.to_string(), "--max-pending-bytes must be greater than zero");
+        assert_eq!(
+            err.to_string(),
+            "--max-pending-bytes must be greater than zero"
+        );
         config.max_pending_bytes = 1;
         config.listen.clear();
         assert_eq!(config.validate(), Err(ConfigError::NoListenAddress));
@@ -159,35 +166,46 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(split);
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': expected a number of bytes such as 262144 or 256KiB"))?;
+    let n: usize = digits.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number of bytes such as 262144 or 256KiB")
+    })?;
     let unit: usize = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("invalid size '{s}': unknown unit '{suffix}' (use KiB, MiB or GiB)")),
+        _ => {
+            return Err(format!(
+                "invalid size '{s}': unknown unit '{suffix}' (use KiB, MiB or GiB)"
+            ))
+        }
     };
-    n.checked_mul(unit).ok_or_else(|| format!("invalid size '{s}': too large"))
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
 /// Parses a duration as wrk writes them: `10s`, `2m`, `500ms`, `1h`, or a plain
 /// number of seconds (`2.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration '{s}': expected e.g. 10, 2.5, 500ms, 10s, 2m or 1h"))?;
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration '{s}': expected e.g. 10, 2.5, 500ms, 10s, 2m or 1h")
+    })?;
     let scale = match unit.trim() {
         "" | "s" => 1.0,
         "ms" => 0.001,
         "us" => 0.000_001,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("invalid duration '{s}': unknown unit '{other}' (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "invalid duration '{s}': unknown unit '{other}' (use ms, s, m or h)"
+            ))
+        }
     };
     let secs = value * scale;
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
@@ -209,7 +227,9 @@ pub fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
         .map_err(|e| format!("invalid address '{s}': {e}; {hint}"))?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("invalid address '{s}': the name has no address; {hint}"));
+        return Err(format!(
+            "invalid address '{s}': the name has no address; {hint}"
+        ));
     }
     Ok(addrs)
 }
@@ -240,8 +260,14 @@ mod parse_tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(parse_listen("[::1]:7000"), Ok(vec!["[::1]:7000".parse().unwrap()]));
-        assert_eq!(parse_listen("127.0.0.1:0"), Ok(vec!["127.0.0.1:0".parse().unwrap()]));
+        assert_eq!(
+            parse_listen("[::1]:7000"),
+            Ok(vec!["[::1]:7000".parse().unwrap()])
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:0"),
+            Ok(vec!["127.0.0.1:0".parse().unwrap()])
+        );
         assert!(parse_listen("7000").unwrap_err().contains("HOST:PORT"));
     }
 }

@@ -52,6 +52,10 @@ pub mod flags {
     /// We sent FIN (draining): further input is read and discarded until the peer
     /// closes, so that close(2) never turns into a RST that destroys unsent data.
     pub const WRITE_SHUT: u8 = 1 << 6;
+    /// An event reported EPOLLRDHUP, EPOLLHUP or EPOLLERR. From then on a short read
+    /// no longer means "drained": the FIN or error behind the data has had its only
+    /// edge already, so reading goes on until it returns 0 or the error.
+    pub const HUP_SEEN: u8 = 1 << 7;
 }
 
 /// One client connection, owned by one worker.
@@ -71,7 +75,13 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(fd: OwnedFd, now_ms: u64) -> Conn {
-        Conn { fd, outbound: None, opened_ms: now_ms, last_active_ms: now_ms, flags: 0 }
+        Conn {
+            fd,
+            outbound: None,
+            opened_ms: now_ms,
+            last_active_ms: now_ms,
+            flags: 0,
+        }
     }
 
     #[inline]
@@ -140,7 +150,10 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn from_slice(data: &[u8]) -> Outbound {
-        Outbound { buf: data.to_vec(), pos: 0 }
+        Outbound {
+            buf: data.to_vec(),
+            pos: 0,
+        }
     }
 
     /// Bytes not yet written.
@@ -240,7 +253,10 @@ impl Slab {
         }
         let index = self.slots.len();
         assert!(index < u32::MAX as usize, "connection slab is full");
-        self.slots.push(Slot { generation: 0, conn: Some(conn) });
+        self.slots.push(Slot {
+            generation: 0,
+            conn: Some(conn),
+        });
         Token::new(index as u32, 0)
     }
 
@@ -316,6 +332,10 @@ mod tests {
     #[test]
     fn idle_slot_stays_small() {
         // The per-idle-connection budget of DESIGN.md is 256 bytes; keep far below it.
-        assert!(std::mem::size_of::<Slot>() <= 48, "{}", std::mem::size_of::<Slot>());
+        assert!(
+            std::mem::size_of::<Slot>() <= 48,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
     }
 }

@@ -94,7 +94,11 @@ impl Server {
             endpoint: None,
         };
         // On any error below, dropping `server` stops what has started.
-        let cores = if config.pin_workers { core_affinity::get_core_ids() } else { None };
+        let cores = if config.pin_workers {
+            core_affinity::get_core_ids()
+        } else {
+            None
+        };
         if config.pin_workers && cores.as_ref().is_none_or(|c| c.is_empty()) {
             tracing::warn!("--pin-workers: the usable cores are unknown; workers are not pinned");
         }
@@ -102,7 +106,10 @@ impl Server {
             let (worker, handle) =
                 Worker::new(id, &config, metrics.worker(id), Arc::clone(&shared))?;
             server.workers.push(handle);
-            let core = cores.as_ref().filter(|c| !c.is_empty()).map(|c| c[id % c.len()]);
+            let core = cores
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|c| c[id % c.len()]);
             let thread = std::thread::Builder::new()
                 .name(format!("edgepoll-w{id}"))
                 .spawn(move || {
@@ -118,7 +125,10 @@ impl Server {
         let handles = server
             .workers
             .iter()
-            .map(|w| WorkerHandle { tx: w.tx.clone(), waker: Arc::clone(&w.waker) })
+            .map(|w| WorkerHandle {
+                tx: w.tx.clone(),
+                waker: Arc::clone(&w.waker),
+            })
             .collect();
         let (acceptor, wake) = Acceptor::new(
             listeners,
@@ -128,8 +138,9 @@ impl Server {
             Arc::clone(&metrics),
         )?;
         server.acceptor_wake = Some(wake);
-        let thread =
-            std::thread::Builder::new().name("edgepoll-accept".into()).spawn(move || acceptor.run())?;
+        let thread = std::thread::Builder::new()
+            .name("edgepoll-accept".into())
+            .spawn(move || acceptor.run())?;
         server.threads.push(thread);
         if let Some(addr) = config.metrics_listen {
             let endpoint = Endpoint::start(addr, Arc::clone(&metrics), Arc::clone(&shared))

@@ -69,7 +69,10 @@ pub(crate) struct Waker {
 
 impl Waker {
     fn new() -> io::Result<Waker> {
-        Ok(Waker { eventfd: EventFd::new()?, sleeping: AtomicBool::new(false) })
+        Ok(Waker {
+            eventfd: EventFd::new()?,
+            sleeping: AtomicBool::new(false),
+        })
     }
 
     /// Wakes the worker if it is (about to be) asleep. Call after sending a message.
@@ -187,7 +190,8 @@ impl Worker {
             }
             self.serve_ready();
             self.expire_idle();
-            if self.now_ms.saturating_sub(self.last_publish_ms) >= PUBLISH_INTERVAL.as_millis() as u64
+            if self.now_ms.saturating_sub(self.last_publish_ms)
+                >= PUBLISH_INTERVAL.as_millis() as u64
             {
                 self.publish();
             }
@@ -236,7 +240,11 @@ impl Worker {
         }
         self.waker.sleeping.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let timeout = if self.rx.is_empty() { timeout } else { Some(Duration::ZERO) };
+        let timeout = if self.rx.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         let result = self.epoll.wait(&mut self.events, timeout);
         self.waker.sleeping.store(false, Ordering::Relaxed);
         result
@@ -307,6 +315,9 @@ impl Worker {
         let Some(conn) = self.slab.get_mut(token) else {
             return;
         };
+        if hup {
+            conn.set(flags::HUP_SEEN);
+        }
         let before = conn.pending();
         let mut io = Io {
             buf: &mut self.buf,
@@ -315,7 +326,7 @@ impl Worker {
             now_ms: self.now_ms,
         };
         let step = match self.mode {
-            Mode::Echo => echo::serve(conn, &mut io, readable, hup),
+            Mode::Echo => echo::serve(conn, &mut io, readable),
         };
         let after = conn.pending();
         self.counters.buffered += after as i64 - before as i64;

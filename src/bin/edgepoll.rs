@@ -1,5 +1,6 @@
 //! `edgepoll`: argument parsing, logging and signals; the server is the library's.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,7 +30,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Echo every byte back to its sender, in order.
-    #[command(after_help = "Example:\n  edgepoll echo --listen 0.0.0.0:7000 --listen [::]:7000 --workers 4 --idle-timeout 300")]
+    #[command(
+        after_help = "Example:\n  edgepoll echo --listen 0.0.0.0:7000 --listen [::]:7000 --workers 4 --idle-timeout 300"
+    )]
     Echo(ServerArgs),
 }
 
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli) {
         Ok(code) => code,
@@ -135,7 +139,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     server.begin_drain();
     while !server.is_finished() {
         if let Some(sig) = signals.wait(Duration::from_millis(50))? {
-            tracing::warn!("{} received again: exiting without finishing the drain", edgepoll::sys::signal::name(sig));
+            tracing::warn!(
+                "{} received again: exiting without finishing the drain",
+                edgepoll::sys::signal::name(sig)
+            );
             return Ok(ExitCode::from(1));
         }
     }
@@ -173,7 +180,9 @@ fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
         ),
     };
     let explicit = args.max_connections.is_some();
-    config.max_connections = args.max_connections.unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
+    config.max_connections = args
+        .max_connections
+        .unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
     fit_open_file_limit(&mut config, explicit);
     config.validate()?;
     Ok(config)

@@ -52,7 +52,11 @@ impl Endpoint {
         epoll.add(listener.as_fd(), LISTENER, READ_INTEREST)?;
         epoll.add(stop.as_fd(), STOP, READ_INTEREST)?;
         let stopping = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(State { metrics, shared, clients: AtomicUsize::new(0) });
+        let state = Arc::new(State {
+            metrics,
+            shared,
+            clients: AtomicUsize::new(0),
+        });
         let stopping2 = Arc::clone(&stopping);
         let thread = std::thread::Builder::new()
             .name("edgepoll-metrics".into())
@@ -66,7 +70,12 @@ impl Endpoint {
                     accept_all(&listener, &state, addr);
                 }
             })?;
-        Ok(Endpoint { addr, stop, stopping, thread: Some(thread) })
+        Ok(Endpoint {
+            addr,
+            stop,
+            stopping,
+            thread: Some(thread),
+        })
     }
 
     /// The bound address (the real port when port 0 was asked for).
@@ -113,10 +122,12 @@ fn accept_all(listener: &std::os::fd::OwnedFd, state: &Arc<State>, addr: SocketA
             continue;
         }
         let state = Arc::clone(state);
-        let spawned = std::thread::Builder::new().name("edgepoll-scrape".into()).spawn(move || {
-            serve_client(stream, &state);
-            state.clients.fetch_sub(1, Ordering::SeqCst);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("edgepoll-scrape".into())
+            .spawn(move || {
+                serve_client(stream, &state);
+                state.clients.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
             tracing::warn!("metrics endpoint: spawning a thread: {e}");
         }
@@ -130,14 +141,33 @@ fn serve_client(mut stream: TcpStream, state: &State) {
     let mut len = 0;
     loop {
         if len == buf.len() {
-            let _ = respond(&mut stream, 400, "text/plain", b"request too large\n", false, &[]);
+            let _ = respond(
+                &mut stream,
+                400,
+                "text/plain",
+                b"request too large\n",
+                false,
+                &[],
+            );
             return;
         }
         match stream.read(&mut buf[len..]) {
             Ok(0) => return,
             Ok(n) => len += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                let _ = respond(&mut stream, 408, "text/plain", b"request timeout\n", false, &[]);
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                let _ = respond(
+                    &mut stream,
+                    408,
+                    "text/plain",
+                    b"request timeout\n",
+                    false,
+                    &[],
+                );
                 return;
             }
             Err(_) => return,
@@ -151,13 +181,23 @@ fn serve_client(mut stream: TcpStream, state: &State) {
                 let path = req.path.unwrap_or("");
                 let (status, ctype, body) = route(method, path, state);
                 let head_only = method == "HEAD";
-                let extra: &[(&str, &str)] =
-                    if status == 405 { &[("Allow", "GET, HEAD")] } else { &[] };
+                let extra: &[(&str, &str)] = if status == 405 {
+                    &[("Allow", "GET, HEAD")]
+                } else {
+                    &[]
+                };
                 let _ = respond(&mut stream, status, ctype, &body, head_only, extra);
                 return;
             }
             Err(_) => {
-                let _ = respond(&mut stream, 400, "text/plain", b"malformed request\n", false, &[]);
+                let _ = respond(
+                    &mut stream,
+                    400,
+                    "text/plain",
+                    b"malformed request\n",
+                    false,
+                    &[],
+                );
                 return;
             }
         }
@@ -169,7 +209,11 @@ fn route(method: &str, path: &str, state: &State) -> (u16, &'static str, Vec<u8>
     let path = path.split('?').next().unwrap_or("");
     let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
     if !known {
-        return (404, "text/plain", b"not found; try /metrics, /healthz or /readyz\n".to_vec());
+        return (
+            404,
+            "text/plain",
+            b"not found; try /metrics, /healthz or /readyz\n".to_vec(),
+        );
     }
     if method != "GET" && method != "HEAD" {
         return (405, "text/plain", b"method not allowed\n".to_vec());

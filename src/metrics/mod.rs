@@ -82,8 +82,11 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] =
-        [RejectReason::MaxConnections, RejectReason::FdLimit, RejectReason::Error];
+    pub const ALL: [RejectReason; 3] = [
+        RejectReason::MaxConnections,
+        RejectReason::FdLimit,
+        RejectReason::Error,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -97,8 +100,8 @@ impl RejectReason {
 /// Connection-duration buckets, from a millisecond (a health check) to four hours (a
 /// long-lived relay).
 const DURATION_BUCKETS: [f64; 16] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
-    3600.0, 14400.0,
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+    14400.0,
 ];
 
 /// The registry and every metric family of one server.
@@ -123,11 +126,17 @@ impl Metrics {
     pub fn new(workers: usize, mode: Mode) -> prometheus::Result<Arc<Metrics>> {
         let registry = Registry::new();
         let accepted = IntCounterVec::new(
-            Opts::new("edgepoll_connections_accepted_total", "Connections handed to a worker."),
+            Opts::new(
+                "edgepoll_connections_accepted_total",
+                "Connections handed to a worker.",
+            ),
             &["worker"],
         )?;
         let closed = IntCounterVec::new(
-            Opts::new("edgepoll_connections_closed_total", "Connections closed, by reason."),
+            Opts::new(
+                "edgepoll_connections_closed_total",
+                "Connections closed, by reason.",
+            ),
             &["worker", "reason"],
         )?;
         let active = IntGaugeVec::new(
@@ -171,10 +180,15 @@ impl Metrics {
             .buckets(DURATION_BUCKETS.to_vec()),
         )?;
         let build_info = IntGaugeVec::new(
-            Opts::new("edgepoll_build_info", "Version and mode of the running server; always 1."),
+            Opts::new(
+                "edgepoll_build_info",
+                "Version and mode of the running server; always 1.",
+            ),
             &["version", "mode"],
         )?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), mode.name()]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), mode.name()])
+            .set(1);
 
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(accepted.clone()),

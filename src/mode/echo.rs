@@ -13,10 +13,11 @@ use crate::metrics::CloseReason;
 use crate::sys::socket;
 
 /// Serves `conn`: flushes what is owed, then reads and echoes until EAGAIN, a short
-/// read, the budget or the cap. `readable` says an edge reported input; `hup` says the
-/// peer has closed (or the socket has an error), in which case short reads are not
+/// read, the budget or the cap. `readable` says an edge reported input. Once the peer
+/// has closed (or the socket has an error: [`flags::HUP_SEEN`]), short reads are not
 /// taken as "drained" and reading goes on until the 0 or the error it will return.
-pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool, hup: bool) -> Step {
+pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
+    let hup = conn.has(flags::HUP_SEEN);
     if conn.outbound.is_some() {
         match conn.flush() {
             Ok(n) => {

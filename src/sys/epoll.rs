@@ -28,12 +28,17 @@ impl Epoll {
         let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))
             .map_err(|e| super::context(e, "epoll_create1"))?;
         // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Registers `fd` with `interest`; events for it carry `token`.
     pub fn add(&self, fd: BorrowedFd<'_>, token: u64, interest: u32) -> io::Result<()> {
-        let mut event = libc::epoll_event { events: interest, u64: token };
+        let mut event = libc::epoll_event {
+            events: interest,
+            u64: token,
+        };
         // SAFETY: both descriptors are valid for the duration of the call and `event`
         // is a valid, initialised epoll_event that the kernel only reads.
         syscall!(epoll_ctl(
@@ -67,10 +72,7 @@ impl Epoll {
         let timeout_ms: i32 = match timeout {
             None => -1,
             // Round up so that a 0.4 ms timer does not turn into a busy zero-timeout loop.
-            Some(d) => d
-                .as_nanos()
-                .div_ceil(1_000_000)
-                .min(i32::MAX as u128) as i32,
+            Some(d) => d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32,
         };
         events.buf.clear();
         let capacity = events.buf.capacity().min(i32::MAX as usize) as i32;
@@ -105,7 +107,9 @@ pub struct Events {
 
 impl Events {
     pub fn with_capacity(capacity: usize) -> Events {
-        Events { buf: Vec::with_capacity(capacity.max(1)) }
+        Events {
+            buf: Vec::with_capacity(capacity.max(1)),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -124,7 +128,10 @@ impl Events {
     /// are copied out rather than borrowed.
     pub fn get(&self, i: usize) -> Event {
         let raw = self.buf[i];
-        Event { token: raw.u64, flags: raw.events }
+        Event {
+            token: raw.u64,
+            flags: raw.events,
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = Event> + '_ {

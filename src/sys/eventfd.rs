@@ -17,7 +17,9 @@ impl EventFd {
         let fd = syscall!(eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .map_err(|e| super::context(e, "eventfd"))?;
         // SAFETY: `fd` is new and owned by nobody else.
-        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Adds one to the counter, which makes the descriptor readable. A counter

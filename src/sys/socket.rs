@@ -26,8 +26,12 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> io::Result<OwnedFd> {
     }
     let (raw, len) = to_raw(&addr);
     // SAFETY: `raw` is a valid sockaddr of `len` bytes for the socket's family.
-    syscall!(bind(fd.as_raw_fd(), &raw as *const _ as *const libc::sockaddr, len))
-        .map_err(|e| super::context(e, format!("bind {addr}")))?;
+    syscall!(bind(
+        fd.as_raw_fd(),
+        &raw as *const _ as *const libc::sockaddr,
+        len
+    ))
+    .map_err(|e| super::context(e, format!("bind {addr}")))?;
     let backlog = backlog.min(i32::MAX as u32) as i32;
     // SAFETY: plain call on a descriptor we own.
     syscall!(listen(fd.as_raw_fd(), backlog))
@@ -76,7 +80,11 @@ pub fn connect_nonblocking(addr: SocketAddr) -> io::Result<OwnedFd> {
     let fd = new_socket(&addr).map_err(|e| super::context(e, format!("socket for {addr}")))?;
     let (raw, len) = to_raw(&addr);
     // SAFETY: `raw` is a valid sockaddr of `len` bytes for the socket's family.
-    match syscall!(connect(fd.as_raw_fd(), &raw as *const _ as *const libc::sockaddr, len)) {
+    match syscall!(connect(
+        fd.as_raw_fd(),
+        &raw as *const _ as *const libc::sockaddr,
+        len
+    )) {
         Ok(_) => Ok(fd),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(fd),
         Err(e) => Err(super::context(e, format!("connect {addr}"))),
@@ -137,7 +145,10 @@ pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Makes the next close send RST instead of FIN (SO_LINGER with a zero timeout).
 /// Used to abort a connection, and by tests to play a peer that resets.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: passes a valid linger struct and its size.
     syscall!(setsockopt(
         fd.as_raw_fd(),
@@ -207,7 +218,9 @@ fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
@@ -219,7 +232,9 @@ fn to_raw(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
@@ -236,7 +251,10 @@ fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
             // SAFETY: the family says the storage holds a sockaddr_in.
             let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
             let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.

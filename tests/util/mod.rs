@@ -1,0 +1,140 @@
+//! Helpers shared by the integration tests: servers on 127.0.0.1:0, patterned payloads,
+//! polling for published counters, and a minimal scrape client.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use edgepoll::{Config, Mode, Server, WorkerStats};
+
+/// How long a test waits for something that should happen within milliseconds.
+/// Generous because CI machines are shared; a correct server never comes close.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// An echo server on an ephemeral loopback port with `workers` workers, no metrics
+/// endpoint, and whatever `tweak` changes.
+pub fn echo_server(workers: usize, tweak: impl FnOnce(&mut Config)) -> Server {
+    let mut config = Config::new(Mode::Echo);
+    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.workers = workers;
+    config.metrics_listen = None;
+    config.drain_timeout = Duration::from_secs(5);
+    tweak(&mut config);
+    Server::start(config).expect("server starts")
+}
+
+/// A blocking client with timeouts, so a broken server fails the test instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// Deterministic bytes that differ per stream and per position, so a dropped, repeated
+/// or reordered byte shows up as a mismatch (xorshift64*).
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut i = offset;
+    while out.len() < len {
+        let block = i / 8;
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ block.wrapping_add(1);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let word = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        let start = (i % 8) as usize;
+        let take = (8 - start).min(len - out.len());
+        out.extend_from_slice(&word[start..start + take]);
+        i += take as u64;
+    }
+    out
+}
+
+/// Sends `data` and reads exactly as many bytes back; panics with the first
+/// differing offset.
+#[track_caller]
+pub fn echo_roundtrip(stream: &mut TcpStream, data: &[u8]) {
+    stream.write_all(data).expect("write");
+    let mut back = vec![0u8; data.len()];
+    stream.read_exact(&mut back).expect("read echo");
+    assert_same(data, &back);
+}
+
+#[track_caller]
+pub fn assert_same(expected: &[u8], got: &[u8]) {
+    assert_eq!(expected.len(), got.len(), "length differs");
+    if let Some(i) = expected.iter().zip(got).position(|(a, b)| a != b) {
+        panic!(
+            "byte {i} differs: expected {:#04x}, got {:#04x}",
+            expected[i], got[i]
+        );
+    }
+}
+
+/// Polls `cond` until it holds, or panics with `what` after [`PATIENCE`].
+#[track_caller]
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > PATIENCE {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sums a field over every worker's published stats.
+pub fn total(server: &Server, field: impl Fn(&WorkerStats) -> u64) -> u64 {
+    server.stats().iter().map(field).sum()
+}
+
+/// Reads until EOF or error; returns the bytes and whether it ended in a clean EOF.
+pub fn read_to_end(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+/// `GET path` over a fresh connection; returns (status, head, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = connect(addr);
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let (raw, _) = read_to_end(&mut s);
+    let text = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of one sample line in a text exposition, e.g.
+/// `edgepoll_received_bytes_total{worker="0"}`; None if absent.
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// Sum of every sample of a metric family, whatever its labels.
+pub fn sum_samples(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
