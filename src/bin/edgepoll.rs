@@ -102,11 +102,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Exit status for a bad flag value, as clap uses for a bad flag.
+const USAGE_ERROR: u8 = 2;
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (mode, args) = match cli.mode {
         Command::Echo(args) => (Mode::Echo, args),
     };
-    let config = build_config(mode, args)?;
+    let config = match build_config(mode, args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgepoll: {e:#}");
+            return Ok(ExitCode::from(USAGE_ERROR));
+        }
+    };
     // Block SIGINT/SIGTERM before any thread starts, so all inherit the mask.
     let signals = ShutdownSignals::block()?;
     let server = Server::start(config)?;
@@ -115,12 +124,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(a) => format!("metrics on http://{a}/metrics"),
         None => "metrics off".to_string(),
     };
+    let workers = server.config().workers;
     tracing::info!(
-        "edgepoll {} {}: listening on {} with {} workers; {metrics}",
+        "edgepoll {} {}: listening on {} with {workers} worker{}; {metrics}",
         env!("CARGO_PKG_VERSION"),
         mode.name(),
         listen.join(", "),
-        server.config().workers,
+        if workers == 1 { "" } else { "s" },
     );
     let sig = loop {
         if let Some(sig) = signals.wait(Duration::from_secs(1))? {

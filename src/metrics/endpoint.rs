@@ -27,6 +27,9 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted; a scrape request is a few hundred bytes.
 pub const MAX_REQUEST_BYTES: usize = 8192;
 
+/// How soon a failed accept is retried.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 const LISTENER: u64 = 0;
 const STOP: u64 = 1;
 
@@ -62,12 +65,16 @@ impl Endpoint {
             .name("edgepoll-metrics".into())
             .spawn(move || {
                 let mut events = Events::with_capacity(2);
+                // After a failed accept (say EMFILE) the queued connection brings no new
+                // edge, so retry on a timer until the queue is empty again.
+                let mut retry = false;
                 while !stopping2.load(Ordering::SeqCst) {
-                    if let Err(e) = epoll.wait(&mut events, None) {
+                    let timeout = retry.then_some(ACCEPT_RETRY);
+                    if let Err(e) = epoll.wait(&mut events, timeout) {
                         tracing::error!("metrics endpoint: {e}");
                         return;
                     }
-                    accept_all(&listener, &state, addr);
+                    retry = !accept_all(&listener, &state, addr);
                 }
             })?;
         Ok(Endpoint {
@@ -100,16 +107,15 @@ struct State {
     clients: AtomicUsize,
 }
 
-fn accept_all(listener: &std::os::fd::OwnedFd, state: &Arc<State>, addr: SocketAddr) {
+/// Accepts until the queue is empty (true) or an error stops it (false).
+fn accept_all(listener: &std::os::fd::OwnedFd, state: &Arc<State>, addr: SocketAddr) -> bool {
     loop {
         let fd = match socket::accept(listener.as_fd()) {
             Ok((fd, _)) => fd,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) => {
-                tracing::warn!("accept4 on metrics endpoint {addr}: {e}");
-                // Let the queue be; the next connection brings a new edge.
-                std::thread::sleep(Duration::from_millis(50));
-                return;
+                tracing::debug!("accept4 on metrics endpoint {addr}: {e}");
+                return false;
             }
         };
         let mut stream = TcpStream::from(fd);

@@ -1,0 +1,127 @@
+//! The `edgepoll` binary: flags, errors, the start-up line, and SIGTERM.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use util::*;
+
+fn edgepoll() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgepoll"))
+}
+
+#[test]
+fn help_lists_every_flag_with_an_example() {
+    let out = edgepoll().args(["echo", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--workers",
+        "--pin-workers",
+        "--backlog",
+        "--max-connections",
+        "--max-pending-bytes",
+        "--idle-timeout",
+        "--drain-timeout",
+        "--metrics-listen",
+        "Example:",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_flags_get_one_clear_line_and_exit_2() {
+    for (args, expect) in [
+        (
+            vec!["echo", "--workers", "0"],
+            "--workers must be between 1 and 1024, got 0",
+        ),
+        (vec!["echo", "--listen", "7000"], "expected HOST:PORT"),
+        (
+            vec!["echo", "--max-pending-bytes", "lots"],
+            "invalid size 'lots'",
+        ),
+        (vec!["echo", "--idle-timeout", "5 days"], "invalid duration"),
+        (vec!["gopher"], "unrecognized subcommand"),
+    ] {
+        let out = edgepoll().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_taken_port_is_reported_with_the_address_and_exit_1() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let out = edgepoll()
+        .args(["echo", "--listen", &addr, "--metrics-listen", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("bind {addr}: Address already in use")),
+        "{err}"
+    );
+}
+
+/// Starts the binary on ephemeral ports and returns it with the addresses its
+/// start-up line names.
+fn spawn_server(extra: &[&str]) -> (Child, SocketAddr, Option<SocketAddr>) {
+    let mut child = edgepoll()
+        .args(["echo", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains(" listening on "))
+        .expect("a start-up line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let after = line.split(" listening on ").nth(1).unwrap();
+    let listen: SocketAddr = after.split(' ').next().unwrap().parse().unwrap();
+    assert!(line.contains("with 2 workers"), "{line}");
+    let metrics = line
+        .split("metrics on http://")
+        .nth(1)
+        .map(|m| m.trim_end_matches("/metrics").parse().unwrap());
+    (child, listen, metrics)
+}
+
+#[test]
+fn sigterm_drains_owed_bytes_and_exits_0() {
+    let (mut child, addr, metrics) =
+        spawn_server(&["--metrics-listen", "127.0.0.1:0", "--drain-timeout", "10"]);
+    let metrics = metrics.expect("the start-up line names the metrics address");
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+
+    let mut client = connect(addr);
+    let data = pattern(11, 0, 512 * 1024);
+    client.write_all(&data).unwrap();
+    // Let the server read what it can before the signal.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (back, eof) = read_to_end(&mut client);
+    assert!(eof, "clean end after the last owed byte");
+    assert_same(&data, &back);
+    drop(client);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
