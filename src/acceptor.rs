@@ -200,9 +200,10 @@ impl Acceptor {
         drop(reserve);
         let shed = match socket::accept(self.listeners[i].fd.as_fd()) {
             Ok((fd, _)) => {
-                // Closing at once tells the client now rather than after its timeout.
-                drop(fd);
+                // Counted before the close, so a client that sees the close also finds
+                // it counted. Closing at once tells the client now, not at its timeout.
                 self.metrics.reject(RejectReason::FdLimit);
+                drop(fd);
                 if let Some(n) = self.exhausted.as_mut() {
                     *n += 1;
                 }
@@ -222,8 +223,9 @@ impl Acceptor {
     /// Gives a new connection to the next worker, or closes it over the limit.
     fn hand_off(&mut self, fd: OwnedFd) {
         if self.shared.open.load(Ordering::Relaxed) >= self.max_connections {
-            drop(fd);
+            // Counted before the close, as in `shed`.
             self.metrics.reject(RejectReason::MaxConnections);
+            drop(fd);
             return;
         }
         // A peer that already reset makes this fail; the worker will see the reset.

@@ -27,8 +27,10 @@ fn a_scrape_shows_exact_counts_after_known_traffic() {
         k += data.len() as u64;
     }
     // All closed (dropped above); wait one publish interval past the last close.
-    wait_for("every close to be published", || {
+    wait_for("every close and byte to be published", || {
         total(&server, |s| s.closed_total()) == M as u64
+            && total(&server, |s| s.received_bytes) == k
+            && total(&server, |s| s.sent_bytes) == k
     });
     let (status, head, body) = http_get(metrics, "/metrics");
     assert_eq!(status, 200);

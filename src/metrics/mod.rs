@@ -376,16 +376,18 @@ impl WorkerMetrics {
                 *delta = 0;
             }
         }
-        add(&self.accepted, &mut c.accepted);
-        for (counter, delta) in self.closed.iter().zip(c.closed.iter_mut()) {
-            add(counter, delta);
-        }
+        // Bytes before connections, and closes last, so that a reader who sees a close
+        // also sees the bytes that connection moved.
         add(&self.received, &mut c.received);
         add(&self.sent, &mut c.sent);
         add(&self.pauses, &mut c.pauses);
-        self.active.set(c.active);
         self.buffered.set(c.buffered);
         self.metrics.peak_pending[self.id].fetch_max(c.peak_pending, Ordering::Relaxed);
         self.duration.flush();
+        add(&self.accepted, &mut c.accepted);
+        self.active.set(c.active);
+        for (counter, delta) in self.closed.iter().zip(c.closed.iter_mut()) {
+            add(counter, delta);
+        }
     }
 }
