@@ -38,6 +38,7 @@
 mod acceptor;
 pub mod config;
 pub mod conn;
+pub mod load;
 pub mod metrics;
 pub mod mode;
 pub mod server;

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::syscall;
@@ -90,6 +91,54 @@ impl Epoll {
         };
         // SAFETY: epoll_wait initialised exactly `n <= capacity` entries.
         unsafe { events.buf.set_len(n) };
+        Ok(())
+    }
+}
+
+impl Epoll {
+    /// Like [`Epoll::wait`], with a nanosecond timeout (epoll_pwait2, Linux 5.11) where
+    /// the kernel has it, for schedules finer than a millisecond (edgeload's `--rate`).
+    /// Falls back to `wait` where the call is missing or filtered.
+    pub fn wait_precise(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        static MISSING: AtomicBool = AtomicBool::new(false);
+        if MISSING.load(Ordering::Relaxed) {
+            return self.wait(events, timeout);
+        }
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        events.buf.clear();
+        let capacity = events.buf.capacity().min(i32::MAX as usize) as libc::c_int;
+        // SAFETY: as in `wait`: the kernel writes at most `capacity` events into the
+        // spare capacity; `ts_ptr` is null or points to a live timespec; no sigmask.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.fd.as_raw_fd(),
+                events.buf.as_mut_ptr(),
+                capacity,
+                ts_ptr,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOSYS) | Some(libc::EPERM) => {
+                    MISSING.store(true, Ordering::Relaxed);
+                    self.wait(events, timeout)
+                }
+                Some(libc::EINTR) => Ok(()),
+                _ => Err(super::context(e, "epoll_pwait2")),
+            };
+        }
+        // SAFETY: epoll_pwait2 initialised exactly `ret <= capacity` entries.
+        unsafe { events.buf.set_len(ret as usize) };
         Ok(())
     }
 }

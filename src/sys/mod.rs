@@ -12,6 +12,7 @@ pub mod eventfd;
 pub mod rlimit;
 pub mod signal;
 pub mod socket;
+pub mod thread;
 
 use std::io;
 

@@ -1,0 +1,159 @@
+//! `edgeload`: argument parsing and output; the engine is the library's `load` module.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use edgepoll::config::{parse_duration, parse_size};
+use edgepoll::load::{self, LoadConfig, LoadError, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "edgeload",
+    version,
+    about = "A wrk-style load generator for TCP echo (every byte verified) and HTTP",
+    after_help = "Examples:\n  \
+        edgeload -c 50 -d 10s --latency tcp://127.0.0.1:7000\n  \
+        edgeload -c 100 -t 2 --depth 16 http://127.0.0.1:8080/\n  \
+        edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n\n\
+        Exit status: 0 on success, 1 if any echoed byte differed from what was sent,\n\
+        2 for bad arguments or an unreachable target."
+)]
+struct Cli {
+    /// Connections to keep open, spread over the threads
+    #[arg(
+        short = 'c',
+        long = "connections",
+        value_name = "CONNS",
+        default_value_t = 10
+    )]
+    connections: usize,
+
+    /// Threads, each with its own epoll instance
+    #[arg(
+        short = 't',
+        long = "threads",
+        value_name = "THREADS",
+        default_value_t = 1
+    )]
+    threads: usize,
+
+    /// Test duration (10s, 2m, 500ms)
+    #[arg(short = 'd', long = "duration", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+
+    /// Constant request rate in total per second; latency is then measured from each
+    /// request's due time, so stalls are not hidden [default: closed loop]
+    #[arg(long, value_name = "REQ_PER_SEC")]
+    rate: Option<f64>,
+
+    /// Echo request size (tcp:// only), e.g. 64, 4KiB
+    #[arg(long, value_name = "BYTES", default_value = "64", value_parser = parse_size)]
+    size: usize,
+
+    /// Requests in flight per connection (pipelining)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    depth: usize,
+
+    /// A request unanswered this long counts as a timeout and its connection is replaced
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+
+    /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99)
+    #[arg(long)]
+    latency: bool,
+
+    /// Print one JSON object instead of the text report
+    #[arg(long)]
+    json: bool,
+
+    /// Write the latency percentile curve to this SVG file
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
+
+    /// tcp://HOST:PORT (echo) or http://HOST:PORT/PATH
+    url: String,
+}
+
+const USAGE_ERROR: u8 = 2;
+const MISMATCH: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let target = match Target::parse(&cli.url) {
+        Ok(t) => t,
+        Err(e) => return usage_error(&e),
+    };
+    let mut config = LoadConfig::new(target, &cli.url);
+    config.connections = cli.connections;
+    config.threads = cli.threads;
+    config.duration = cli.duration;
+    config.rate = cli.rate;
+    config.size = cli.size;
+    config.depth = cli.depth;
+    config.timeout = cli.timeout;
+    if let Err(e) = config.validate() {
+        return usage_error(&e);
+    }
+
+    let bar = if std::io::stderr().is_terminal() && !cli.json {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!(
+            "running {:?} test @ {}",
+            config.duration, config.url
+        ));
+        Some(bar)
+    } else {
+        None
+    };
+    let report = load::run(&config, |elapsed, progress| {
+        if let Some(bar) = &bar {
+            let req = progress.requests.load(std::sync::atomic::Ordering::Relaxed);
+            let err = progress.errors.load(std::sync::atomic::Ordering::Relaxed);
+            bar.set_message(format!(
+                "{:>4.0}s  {:>10.0} req/s  {err} errors",
+                elapsed.as_secs_f64(),
+                req as f64 / elapsed.as_secs_f64().max(1e-9)
+            ));
+            bar.tick();
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = match report {
+        Ok(r) => r,
+        Err(e @ (LoadError::Url(_) | LoadError::Config(_) | LoadError::Unreachable { .. })) => {
+            return usage_error(&e);
+        }
+        Err(e) => {
+            eprintln!("edgeload: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text(cli.latency));
+    }
+    if let Some(path) = &cli.plot {
+        if let Err(e) = std::fs::write(path, load::plot::svg(&report)) {
+            eprintln!("edgeload: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if report.errors.mismatch > 0 {
+        eprintln!(
+            "edgeload: {} echo requests came back different from what was sent",
+            report.errors.mismatch
+        );
+        return ExitCode::from(MISMATCH);
+    }
+    ExitCode::SUCCESS
+}
+
+fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("edgeload: {e}");
+    ExitCode::from(USAGE_ERROR)
+}

@@ -1,0 +1,579 @@
+//! One edgeload thread: its own epoll instance, its share of the connections, its own
+//! statistics. Sockets are registered once, edge-triggered, like the server's.
+//!
+//! Closed loop: each connection keeps `depth` requests in flight and sends the next as
+//! soon as one completes. Open loop (`--rate`): the thread's requests fall due on a
+//! fixed schedule, round-robin over its connections; a connection sends a due request
+//! as soon as it has fewer than `depth` in flight, and the latency of every request is
+//! measured from the moment it was due, so a stall delays and is charged to every
+//! request behind it (no coordinated omission).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use super::http::ResponseParser;
+use super::pattern::Pattern;
+use super::{LoadConfig, Progress, Target};
+use crate::sys::epoll::{Epoll, Events, SOCKET_INTEREST};
+use crate::sys::socket;
+
+/// How often timeouts and pending reconnects are checked.
+const SWEEP: Duration = Duration::from_millis(20);
+/// Wait before reconnecting after a failed connect, so a dead server is not hammered.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
+/// Read buffer per thread.
+const READ_BUFFER: usize = 64 * 1024;
+/// Highest latency recorded, in microseconds (one hour); longer ones saturate.
+pub const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// Errors by kind, as wrk reports them, plus verification mismatches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Errors {
+    pub connect: u64,
+    pub read: u64,
+    pub write: u64,
+    pub timeout: u64,
+    /// Echo requests whose bytes came back different.
+    pub mismatch: u64,
+    /// HTTP responses with a status outside 200-299.
+    pub non_2xx: u64,
+}
+
+impl Errors {
+    pub fn total(&self) -> u64 {
+        self.connect + self.read + self.write + self.timeout + self.mismatch + self.non_2xx
+    }
+
+    pub fn add(&mut self, o: &Errors) {
+        self.connect += o.connect;
+        self.read += o.read;
+        self.write += o.write;
+        self.timeout += o.timeout;
+        self.mismatch += o.mismatch;
+        self.non_2xx += o.non_2xx;
+    }
+}
+
+/// What one thread measured.
+#[derive(Debug, Clone)]
+pub struct ThreadStats {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: Errors,
+    /// Responses by status class: index 1 for 1xx ... 5 for 5xx, 0 for anything else.
+    pub status: [u64; 6],
+    /// Latency in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl ThreadStats {
+    pub fn new() -> ThreadStats {
+        ThreadStats {
+            requests: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            errors: Errors::default(),
+            status: [0; 6],
+            // 1 µs to 1 h at 3 significant digits, as wrk2 does.
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+                .expect("the bounds are constants that hdrhistogram accepts"),
+        }
+    }
+}
+
+impl Default for ThreadStats {
+    fn default() -> Self {
+        ThreadStats::new()
+    }
+}
+
+/// One live connection.
+struct Conn {
+    fd: OwnedFd,
+    connected: bool,
+    started: Instant,
+    /// Identifies this connection's echo stream.
+    seed: u64,
+    /// Echo: stream bytes queued so far (the offset of the next request).
+    sent: u64,
+    /// Echo: stream bytes verified so far.
+    verified: u64,
+    /// Echo: the request already counted as mismatched, so it counts once.
+    bad_request: Option<u64>,
+    /// Bytes not yet written.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Requests in flight: (latency measured from, written at).
+    in_flight: VecDeque<(Instant, Instant)>,
+    /// HTTP: parser state and unparsed input.
+    parser: ResponseParser,
+    inbuf: Vec<u8>,
+}
+
+/// A connection position: the live connection, if any, and what survives reconnects.
+struct Slot {
+    generation: u32,
+    conn: Option<Conn>,
+    /// Open loop: requests due and not yet sent.
+    due: VecDeque<Instant>,
+    /// Reconnect no earlier than this.
+    retry_at: Option<Instant>,
+}
+
+struct Engine<'a> {
+    id: usize,
+    config: &'a LoadConfig,
+    epoll: Epoll,
+    slots: Vec<Slot>,
+    pattern: Pattern,
+    /// HTTP: `depth` copies of the request, sent in one write.
+    request: Vec<u8>,
+    buf: Box<[u8]>,
+    stats: ThreadStats,
+    connections_made: u64,
+    stopping: bool,
+}
+
+/// Runs one thread's share of the test until `end`.
+pub fn run_thread(
+    id: usize,
+    conns: usize,
+    rate: Option<f64>,
+    config: &LoadConfig,
+    start: Instant,
+    end: Instant,
+    progress: &Progress,
+) -> io::Result<ThreadStats> {
+    let request = match &config.target {
+        Target::Http { host, path, .. } => {
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgeload\r\n\r\n")
+                .into_bytes()
+        }
+        Target::Echo { .. } => Vec::new(),
+    };
+    let mut engine = Engine {
+        id,
+        config,
+        epoll: Epoll::new()?,
+        slots: (0..conns)
+            .map(|_| Slot {
+                generation: 0,
+                conn: None,
+                due: VecDeque::new(),
+                retry_at: None,
+            })
+            .collect(),
+        pattern: Pattern::new(),
+        request,
+        buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+        stats: ThreadStats::new(),
+        connections_made: 0,
+        stopping: false,
+    };
+    for i in 0..conns {
+        engine.connect(i, start);
+    }
+    if rate.is_some() {
+        // Sends must leave on schedule; a failure only costs precision.
+        let _ = crate::sys::thread::set_timer_slack(1);
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut scheduled: u64 = 0;
+    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut next_sweep = start + SWEEP;
+    let mut published = (0u64, 0u64);
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        if let Some(interval) = interval {
+            // Requests fall due on the schedule, whatever the server is doing.
+            loop {
+                let due = start + interval.mul_f64(scheduled as f64);
+                if due > now {
+                    break;
+                }
+                let i = (scheduled % conns as u64) as usize;
+                engine.slots[i].due.push_back(due);
+                scheduled += 1;
+                engine.pump(i, now);
+            }
+        }
+        if now >= next_sweep {
+            engine.sweep(now);
+            next_sweep = now + SWEEP;
+            let (r, e) = (engine.stats.requests, engine.stats.errors.total());
+            progress
+                .requests
+                .fetch_add(r - published.0, Ordering::Relaxed);
+            progress
+                .errors
+                .fetch_add(e - published.1, Ordering::Relaxed);
+            published = (r, e);
+        }
+        let mut wake = end.min(next_sweep);
+        if let Some(interval) = interval {
+            wake = wake.min(start + interval.mul_f64(scheduled as f64));
+        }
+        engine
+            .epoll
+            .wait_precise(&mut events, Some(wake.saturating_duration_since(now)))?;
+        let now = Instant::now();
+        for event in events.iter() {
+            let i = (event.token & 0xffff_ffff) as usize;
+            let generation = (event.token >> 32) as u32;
+            if i >= engine.slots.len() || engine.slots[i].generation != generation {
+                continue; // an event for a connection already replaced
+            }
+            engine.handle(
+                i,
+                event.is_readable() || event.is_read_closed() || event.is_error(),
+                event.is_writable(),
+                now,
+            );
+        }
+    }
+    engine.stopping = true;
+    let (r, e) = (engine.stats.requests, engine.stats.errors.total());
+    progress
+        .requests
+        .fetch_add(r - published.0, Ordering::Relaxed);
+    progress
+        .errors
+        .fetch_add(e - published.1, Ordering::Relaxed);
+    Ok(engine.stats)
+}
+
+impl Engine<'_> {
+    fn is_echo(&self) -> bool {
+        matches!(self.config.target, Target::Echo { .. })
+    }
+
+    /// Opens a new connection in slot `i`.
+    fn connect(&mut self, i: usize, now: Instant) {
+        let slot = &mut self.slots[i];
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.conn = None;
+        slot.retry_at = None;
+        let token = ((slot.generation as u64) << 32) | i as u64;
+        let fd = match socket::connect_nonblocking(self.config.target.addr()) {
+            Ok(fd) => fd,
+            Err(_) => {
+                self.stats.errors.connect += 1;
+                self.slots[i].retry_at = Some(now + RECONNECT_BACKOFF);
+                return;
+            }
+        };
+        if self.epoll.add(fd.as_fd(), token, SOCKET_INTEREST).is_err() {
+            self.stats.errors.connect += 1;
+            self.slots[i].retry_at = Some(now + RECONNECT_BACKOFF);
+            return;
+        }
+        self.connections_made += 1;
+        // Unique per thread and connection, so no two streams are alike.
+        let seed = ((self.id as u64) << 40) ^ (self.connections_made << 1) ^ i as u64;
+        self.slots[i].conn = Some(Conn {
+            fd,
+            connected: false,
+            started: now,
+            seed,
+            sent: 0,
+            verified: 0,
+            bad_request: None,
+            out: Vec::new(),
+            out_pos: 0,
+            in_flight: VecDeque::new(),
+            parser: ResponseParser::new(),
+            inbuf: Vec::new(),
+        });
+    }
+
+    /// Drops the connection in slot `i` and opens another at once.
+    fn replace(&mut self, i: usize, now: Instant) {
+        self.slots[i].conn = None;
+        if !self.stopping {
+            self.connect(i, now);
+        }
+    }
+
+    fn handle(&mut self, i: usize, readable: bool, writable: bool, now: Instant) {
+        let Some(conn) = self.slots[i].conn.as_mut() else {
+            return;
+        };
+        if !conn.connected {
+            if !(writable || readable) {
+                return;
+            }
+            match socket::take_error(conn.fd.as_fd()) {
+                Ok(None) => {
+                    conn.connected = true;
+                    let _ = socket::set_nodelay(conn.fd.as_fd());
+                    self.pump(i, now);
+                }
+                _ => {
+                    self.stats.errors.connect += 1;
+                    self.slots[i].conn = None;
+                    self.slots[i].retry_at = Some(now + RECONNECT_BACKOFF);
+                }
+            }
+            return;
+        }
+        if writable && !self.flush(i, now) {
+            return;
+        }
+        if readable {
+            self.read(i, now);
+        }
+    }
+
+    /// Queues as many requests as the connection may have in flight, then writes.
+    fn pump(&mut self, i: usize, now: Instant) {
+        let depth = self.config.depth;
+        let size = self.config.size;
+        let open_loop = self.config.rate.is_some();
+        let echo = self.is_echo();
+        let slot = &mut self.slots[i];
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        if !conn.connected || self.stopping {
+            return;
+        }
+        let mut added = 0;
+        while conn.in_flight.len() < depth {
+            let measured_from = if open_loop {
+                match slot.due.pop_front() {
+                    Some(due) => due,
+                    None => break,
+                }
+            } else {
+                now
+            };
+            if echo {
+                self.pattern
+                    .extend(conn.seed, conn.sent, size, &mut conn.out);
+                conn.sent += size as u64;
+            } else {
+                added += 1;
+            }
+            conn.in_flight.push_back((measured_from, now));
+        }
+        if added > 0 {
+            // HTTP requests are identical; pipelined ones go out in one write.
+            for _ in 0..added {
+                conn.out.extend_from_slice(&self.request);
+            }
+        }
+        self.flush(i, now);
+    }
+
+    /// Writes pending output. Returns false if the connection was replaced.
+    fn flush(&mut self, i: usize, now: Instant) -> bool {
+        let Some(conn) = self.slots[i].conn.as_mut() else {
+            return false;
+        };
+        while conn.out_pos < conn.out.len() {
+            match socket::write(conn.fd.as_fd(), &conn.out[conn.out_pos..]) {
+                Ok(n) => {
+                    conn.out_pos += n;
+                    self.stats.bytes_written += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => {
+                    self.stats.errors.write += 1;
+                    self.replace(i, now);
+                    return false;
+                }
+            }
+        }
+        conn.out.clear();
+        conn.out_pos = 0;
+        true
+    }
+
+    fn read(&mut self, i: usize, now: Instant) {
+        let echo = self.is_echo();
+        loop {
+            let Some(conn) = self.slots[i].conn.as_mut() else {
+                return;
+            };
+            match socket::read(conn.fd.as_fd(), &mut self.buf) {
+                Ok(0) => {
+                    let mut clean = conn.in_flight.is_empty();
+                    if !echo {
+                        if let Some(resp) = conn.parser.eof() {
+                            self.complete_http(i, resp.status, now);
+                            clean = self.slots[i]
+                                .conn
+                                .as_ref()
+                                .is_some_and(|c| c.in_flight.is_empty());
+                        }
+                    }
+                    if !clean {
+                        self.stats.errors.read += 1;
+                    }
+                    self.replace(i, now);
+                    return;
+                }
+                Ok(n) => {
+                    self.stats.bytes_read += n as u64;
+                    let ok = if echo {
+                        self.on_echo(i, n, now)
+                    } else {
+                        self.on_http(i, n, now)
+                    };
+                    if !ok {
+                        self.replace(i, now);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.stats.errors.read += 1;
+                    self.replace(i, now);
+                    return;
+                }
+            }
+        }
+        self.pump(i, now);
+    }
+
+    /// Verifies `n` echoed bytes in `self.buf`; completes requests at their boundaries.
+    /// Returns false if the connection must be replaced.
+    fn on_echo(&mut self, i: usize, n: usize, now: Instant) -> bool {
+        let size = self.config.size as u64;
+        let mut at = 0;
+        while at < n {
+            let Some(conn) = self.slots[i].conn.as_mut() else {
+                return false;
+            };
+            if conn.verified >= conn.sent {
+                // More bytes than were sent: the stream cannot be trusted any more.
+                self.stats.errors.mismatch += 1;
+                return false;
+            }
+            let request = conn.verified / size;
+            let boundary = ((request + 1) * size).min(conn.sent);
+            let take = ((boundary - conn.verified) as usize).min(n - at);
+            let got = &self.buf[at..at + take];
+            if self
+                .pattern
+                .first_mismatch(conn.seed, conn.verified, got)
+                .is_some()
+                && conn.bad_request != Some(request)
+            {
+                conn.bad_request = Some(request);
+                self.stats.errors.mismatch += 1;
+            }
+            conn.verified += take as u64;
+            at += take;
+            if conn.verified % size == 0 {
+                if let Some((from, _)) = conn.in_flight.pop_front() {
+                    record(&mut self.stats, from, now);
+                }
+            }
+        }
+        true
+    }
+
+    /// Parses `n` bytes of HTTP responses from `self.buf`. Returns false if the
+    /// connection must be replaced.
+    fn on_http(&mut self, i: usize, n: usize, now: Instant) -> bool {
+        let Some(conn) = self.slots[i].conn.as_mut() else {
+            return false;
+        };
+        conn.inbuf.extend_from_slice(&self.buf[..n]);
+        let mut pos = 0;
+        loop {
+            let Some(conn) = self.slots[i].conn.as_mut() else {
+                return false;
+            };
+            match conn.parser.parse(&conn.inbuf[pos..]) {
+                Ok((used, Some(resp))) => {
+                    pos += used;
+                    if !self.complete_http(i, resp.status, now) {
+                        return false;
+                    }
+                    if resp.close {
+                        // The server closes after this one; anything pipelined behind
+                        // it is lost, which is the server's choice, not an error.
+                        return false;
+                    }
+                }
+                Ok((used, None)) => {
+                    pos += used;
+                    conn.inbuf.drain(..pos);
+                    return true;
+                }
+                Err(_) => {
+                    self.stats.errors.read += 1;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Counts one HTTP response. Returns false if none was outstanding.
+    fn complete_http(&mut self, i: usize, status: u16, now: Instant) -> bool {
+        let Some(conn) = self.slots[i].conn.as_mut() else {
+            return false;
+        };
+        let Some((from, _)) = conn.in_flight.pop_front() else {
+            self.stats.errors.read += 1; // a response to nothing
+            return false;
+        };
+        record(&mut self.stats, from, now);
+        let class = (status / 100) as usize;
+        self.stats.status[if (1..=5).contains(&class) { class } else { 0 }] += 1;
+        if !(200..300).contains(&status) {
+            self.stats.errors.non_2xx += 1;
+        }
+        true
+    }
+
+    /// Times out stalled requests and connects, and retries failed connects.
+    fn sweep(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            match &slot.conn {
+                None => {
+                    if slot.retry_at.is_some_and(|t| t <= now) {
+                        self.connect(i, now);
+                    }
+                }
+                Some(conn) if !conn.connected => {
+                    if now.duration_since(conn.started) > self.config.timeout {
+                        self.stats.errors.connect += 1;
+                        self.replace(i, now);
+                    }
+                }
+                Some(conn) => {
+                    if conn
+                        .in_flight
+                        .front()
+                        .is_some_and(|(_, sent)| now.duration_since(*sent) > self.config.timeout)
+                    {
+                        self.stats.errors.timeout += 1;
+                        self.replace(i, now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn record(stats: &mut ThreadStats, from: Instant, now: Instant) {
+    stats.requests += 1;
+    let us = now
+        .saturating_duration_since(from)
+        .as_micros()
+        .clamp(1, MAX_LATENCY_US as u128) as u64;
+    stats.latency.saturating_record(us);
+}

@@ -1,0 +1,325 @@
+//! An incremental HTTP/1.1 response parser for edgeload: any status, any framing
+//! (Content-Length, chunked, until close), split at any byte, pipelined back to back.
+//! Bodies are counted and dropped, never buffered.
+
+/// A finished response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// The server will close after this response (`Connection: close`, or HTTP/1.0
+    /// without keep-alive, or a body delimited by the close itself).
+    pub close: bool,
+}
+
+/// A response that cannot be parsed; the connection must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("malformed response head: {0}")]
+    Head(String),
+    #[error("response head over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("malformed chunk: {0}")]
+    Chunk(&'static str),
+    #[error("invalid Content-Length")]
+    ContentLength,
+}
+
+/// Largest response head accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body { remaining: u64 },
+    ChunkSize,
+    ChunkData { remaining: u64 },
+    ChunkDataEnd,
+    Trailers,
+    UntilClose,
+}
+
+/// Parser state of one connection.
+#[derive(Debug)]
+pub struct ResponseParser {
+    state: State,
+    status: u16,
+    close: bool,
+}
+
+impl Default for ResponseParser {
+    fn default() -> Self {
+        ResponseParser::new()
+    }
+}
+
+impl ResponseParser {
+    pub fn new() -> ResponseParser {
+        ResponseParser {
+            state: State::Head,
+            status: 0,
+            close: false,
+        }
+    }
+
+    /// Whether the parser is between responses (nothing partial is held).
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Head
+    }
+
+    /// Parses from the front of `buf`. Returns how many bytes were consumed and the
+    /// response they completed, if any. Call again with the rest while it completes
+    /// responses; `(n, None)` means it needs more input (keep `buf[n..]`).
+    pub fn parse(&mut self, buf: &[u8]) -> Result<(usize, Option<Response>), ParseError> {
+        let mut pos = 0;
+        loop {
+            let rest = &buf[pos..];
+            match self.state {
+                State::Head => {
+                    let mut headers = [httparse::EMPTY_HEADER; 64];
+                    let mut resp = httparse::Response::new(&mut headers);
+                    let n = match resp.parse(rest) {
+                        Ok(httparse::Status::Complete(n)) => n,
+                        Ok(httparse::Status::Partial) => {
+                            if rest.len() > MAX_HEAD {
+                                return Err(ParseError::HeadTooLarge);
+                            }
+                            return Ok((pos, None));
+                        }
+                        Err(e) => return Err(ParseError::Head(e.to_string())),
+                    };
+                    pos += n;
+                    let status = resp.code.unwrap_or(0);
+                    let http10 = resp.version == Some(0);
+                    let mut close = http10;
+                    let mut chunked = false;
+                    let mut length: Option<u64> = None;
+                    for h in resp.headers.iter() {
+                        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+                        if h.name.eq_ignore_ascii_case("connection") {
+                            for token in value.split(',').map(str::trim) {
+                                if token.eq_ignore_ascii_case("close") {
+                                    close = true;
+                                } else if token.eq_ignore_ascii_case("keep-alive") {
+                                    close = false;
+                                }
+                            }
+                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            chunked = value
+                                .rsplit(',')
+                                .next()
+                                .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+                        } else if h.name.eq_ignore_ascii_case("content-length") {
+                            let n = value.parse().map_err(|_| ParseError::ContentLength)?;
+                            if length.is_some_and(|l| l != n) {
+                                return Err(ParseError::ContentLength);
+                            }
+                            length = Some(n);
+                        }
+                    }
+                    if (100..200).contains(&status) && status != 101 {
+                        continue; // interim response (100 Continue): the real one follows
+                    }
+                    self.status = status;
+                    self.close = close;
+                    if status == 204 || status == 304 {
+                        return Ok((pos, Some(self.done())));
+                    }
+                    if chunked {
+                        self.state = State::ChunkSize;
+                    } else if let Some(n) = length {
+                        if n == 0 {
+                            return Ok((pos, Some(self.done())));
+                        }
+                        self.state = State::Body { remaining: n };
+                    } else {
+                        self.close = true;
+                        self.state = State::UntilClose;
+                    }
+                }
+                State::Body { remaining } => {
+                    let take = remaining.min(rest.len() as u64);
+                    pos += take as usize;
+                    if take == remaining {
+                        return Ok((pos, Some(self.done())));
+                    }
+                    self.state = State::Body {
+                        remaining: remaining - take,
+                    };
+                    return Ok((pos, None));
+                }
+                State::ChunkSize => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        pos += n;
+                        self.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::ChunkData { remaining: size }
+                        };
+                    }
+                    Ok(httparse::Status::Partial) => {
+                        if rest.len() > 1024 {
+                            return Err(ParseError::Chunk("chunk size line too long"));
+                        }
+                        return Ok((pos, None));
+                    }
+                    Err(_) => return Err(ParseError::Chunk("invalid chunk size")),
+                },
+                State::ChunkData { remaining } => {
+                    let take = remaining.min(rest.len() as u64);
+                    pos += take as usize;
+                    if take < remaining {
+                        self.state = State::ChunkData {
+                            remaining: remaining - take,
+                        };
+                        return Ok((pos, None));
+                    }
+                    self.state = State::ChunkDataEnd;
+                }
+                State::ChunkDataEnd => {
+                    if rest.len() < 2 {
+                        return Ok((pos, None));
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(ParseError::Chunk("missing CRLF after chunk data"));
+                    }
+                    pos += 2;
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers => {
+                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                        if rest.len() > MAX_HEAD {
+                            return Err(ParseError::HeadTooLarge);
+                        }
+                        return Ok((pos, None));
+                    };
+                    pos += eol + 2;
+                    if eol == 0 {
+                        return Ok((pos, Some(self.done())));
+                    }
+                }
+                State::UntilClose => return Ok((buf.len(), None)),
+            }
+        }
+    }
+
+    /// The peer closed. Completes a body delimited by the close; None if nothing was
+    /// in progress or a response was cut short.
+    pub fn eof(&mut self) -> Option<Response> {
+        if self.state == State::UntilClose {
+            return Some(self.done());
+        }
+        None
+    }
+
+    fn done(&mut self) -> Response {
+        self.state = State::Head;
+        Response {
+            status: self.status,
+            close: self.close,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes, as a socket might deliver it, and
+    /// returns the responses.
+    fn feed(input: &[u8], step: usize) -> Result<Vec<Response>, ParseError> {
+        let mut parser = ResponseParser::new();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                let (n, resp) = parser.parse(&buf)?;
+                buf.drain(..n);
+                match resp {
+                    Some(r) => out.push(r),
+                    None => break,
+                }
+            }
+        }
+        if let Some(r) = parser.eof() {
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    const PIPELINED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello\
+HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n10;ext=1\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\n\
+HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n\
+HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+    #[test]
+    fn pipelined_responses_split_at_every_byte_boundary() {
+        let expected = vec![
+            Response {
+                status: 200,
+                close: false,
+            },
+            Response {
+                status: 404,
+                close: false,
+            },
+            Response {
+                status: 204,
+                close: false,
+            },
+            Response {
+                status: 503,
+                close: true,
+            },
+        ];
+        for step in 1..=PIPELINED.len() {
+            assert_eq!(feed(PIPELINED, step).unwrap(), expected, "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_body_delimited_by_close_and_http10() {
+        let r = feed(b"HTTP/1.0 200 OK\r\n\r\nsome body", 3).unwrap();
+        assert_eq!(
+            r,
+            vec![Response {
+                status: 200,
+                close: true
+            }]
+        );
+        let r = feed(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            vec![Response {
+                status: 200,
+                close: false
+            }]
+        );
+    }
+
+    #[test]
+    fn malformed_responses_are_errors() {
+        assert!(feed(b"HTTX/1.1 200 OK\r\n\r\n", 100).is_err());
+        assert!(feed(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 100).is_err());
+        assert!(feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            100
+        )
+        .is_err());
+        assert!(feed(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXX",
+            100
+        )
+        .is_err());
+        let huge = [
+            b"HTTP/1.1 200 OK\r\nX: ".as_slice(),
+            &vec![b'a'; MAX_HEAD + 10],
+        ]
+        .concat();
+        assert_eq!(feed(&huge, 4096), Err(ParseError::HeadTooLarge));
+    }
+}

@@ -1,0 +1,100 @@
+//! `--plot FILE.svg`: the latency percentile curve, drawn the way HdrHistogram plots
+//! are read: the x axis is log-scaled in 1/(1-p), so 90%, 99%, 99.9% ... are evenly
+//! spaced and the tail gets the room it deserves.
+
+use std::fmt::Write as _;
+
+use super::report::{human_us, Report};
+
+const W: f64 = 800.0;
+const H: f64 = 480.0;
+const LEFT: f64 = 80.0;
+const RIGHT: f64 = 30.0;
+const TOP: f64 = 50.0;
+const BOTTOM: f64 = 60.0;
+/// The axis ends at 99.9999% (six nines).
+const NINES: f64 = 6.0;
+
+/// Renders the report's latency distribution as an SVG document.
+pub fn svg(report: &Report) -> String {
+    let hist = &report.latency;
+    let mut points: Vec<(f64, f64)> = Vec::new();
+    if !hist.is_empty() {
+        for v in hist.iter_quantiles(1) {
+            let q = v.quantile_iterated_to();
+            let x = if q >= 1.0 {
+                NINES
+            } else {
+                (1.0 / (1.0 - q)).log10().min(NINES)
+            };
+            points.push((x, v.value_iterated_to() as f64));
+        }
+    }
+    let max_us = (hist.max() as f64).max(1.0) * 1.05;
+    let px = |x: f64| LEFT + x / NINES * (W - LEFT - RIGHT);
+    let py = |y: f64| H - BOTTOM - y / max_us * (H - TOP - BOTTOM);
+
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="28" text-anchor="middle" font-size="15">Latency by percentile: {} ({:.0} requests/s)</text>
+"##,
+        W / 2.0,
+        escape(&report.url),
+        report.requests_per_sec()
+    );
+    // Axes and grid.
+    for i in 0..=NINES as usize {
+        let x = px(i as f64);
+        let label = match i {
+            0 => "0%".to_string(),
+            n => format!("{}%", 100.0 - 100.0 / 10f64.powi(n as i32)),
+        };
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
+            H - BOTTOM,
+            H - BOTTOM + 18.0
+        );
+    }
+    for i in 0..=5 {
+        let v = max_us * i as f64 / 5.0;
+        let y = py(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            W - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+            human_us(v)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="{}" text-anchor="middle">percentile</text><text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">latency</text>"##,
+        W / 2.0,
+        H - 14.0,
+        H / 2.0,
+        H / 2.0
+    );
+    let path: Vec<String> = points
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+        .collect();
+    let _ = writeln!(
+        s,
+        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{}"/>"##,
+        path.join(" ")
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+fn escape(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,271 @@
+//! The merged result of a load test: wrk-like text, a JSON object for scripts.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use super::engine::{Errors, ThreadStats, MAX_LATENCY_US};
+use super::{LoadConfig, Target};
+
+/// The percentiles printed with `--latency` and always put in the JSON.
+pub const PERCENTILES: [f64; 6] = [50.0, 75.0, 90.0, 99.0, 99.9, 99.99];
+
+/// Everything a load test measured, across threads.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub url: String,
+    /// `echo` or `http`.
+    pub protocol: &'static str,
+    pub threads: usize,
+    pub connections: usize,
+    pub depth: usize,
+    /// Echo request size.
+    pub size: Option<usize>,
+    pub rate: Option<f64>,
+    /// Wall time the test ran.
+    pub duration: Duration,
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: Errors,
+    /// Responses by status class (index 1 = 1xx ... 5 = 5xx, 0 = other).
+    pub status: [u64; 6],
+    /// Latency in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Report {
+    pub(crate) fn merge(
+        config: &LoadConfig,
+        duration: Duration,
+        stats: Vec<ThreadStats>,
+    ) -> Report {
+        let echo = matches!(config.target, Target::Echo { .. });
+        let mut latency = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+            .expect("the bounds are constants that hdrhistogram accepts");
+        let mut r = Report {
+            url: config.url.clone(),
+            protocol: if echo { "echo" } else { "http" },
+            threads: config.threads,
+            connections: config.connections,
+            depth: config.depth,
+            size: echo.then_some(config.size),
+            rate: config.rate,
+            duration,
+            requests: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            errors: Errors::default(),
+            status: [0; 6],
+            latency: latency.clone(),
+        };
+        for s in stats {
+            r.requests += s.requests;
+            r.bytes_read += s.bytes_read;
+            r.bytes_written += s.bytes_written;
+            r.errors.add(&s.errors);
+            for (a, b) in r.status.iter_mut().zip(s.status) {
+                *a += b;
+            }
+            // Same bounds on both sides, so adding cannot fail.
+            let _ = latency.add(&s.latency);
+        }
+        r.latency = latency;
+        r
+    }
+
+    pub fn requests_per_sec(&self) -> f64 {
+        self.requests as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+
+    /// Latency at percentile `p` (0-100), in microseconds.
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        self.latency.value_at_percentile(p)
+    }
+
+    /// Share of samples within one standard deviation of the mean, as wrk prints it.
+    fn within_stdev(&self) -> f64 {
+        let (mean, sd) = (self.latency.mean(), self.latency.stdev());
+        let total = self.latency.len();
+        if total == 0 {
+            return 0.0;
+        }
+        let inside: u64 = self
+            .latency
+            .iter_recorded()
+            .filter(|v| (v.value_iterated_to() as f64 - mean).abs() <= sd)
+            .map(|v| v.count_at_value())
+            .sum();
+        100.0 * inside as f64 / total as f64
+    }
+
+    /// The wrk-like report.
+    pub fn text(&self, percentiles: bool) -> String {
+        let mut o = String::new();
+        let secs = self.duration.as_secs_f64();
+        let _ = writeln!(
+            o,
+            "Running {} test @ {}",
+            human_duration(self.duration),
+            self.url
+        );
+        let what = match self.size {
+            Some(size) => format!("{size}-byte echo requests, every byte verified"),
+            None => "HTTP GET, keep-alive".to_string(),
+        };
+        let _ = writeln!(
+            o,
+            "  {} threads and {} connections, depth {}, {what}",
+            self.threads, self.connections, self.depth
+        );
+        if let Some(rate) = self.rate {
+            let _ = writeln!(
+                o,
+                "  constant rate {rate:.0} requests/s; latency measured from each request's due time"
+            );
+        }
+        let _ = writeln!(o, "  Latency      Avg       Stdev     Max       +/- Stdev");
+        let _ = writeln!(
+            o,
+            "               {:<9} {:<9} {:<9} {:.2}%",
+            human_us(self.latency.mean()),
+            human_us(self.latency.stdev()),
+            human_us(self.latency.max() as f64),
+            self.within_stdev()
+        );
+        if percentiles {
+            let _ = writeln!(o, "  Latency Distribution");
+            for p in PERCENTILES {
+                let _ = writeln!(
+                    o,
+                    "  {:>8}%  {}",
+                    format_pct(p),
+                    human_us(self.percentile_us(p) as f64)
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "  {} requests in {:.2}s, {} read, {} written",
+            self.requests,
+            secs,
+            human_bytes(self.bytes_read as f64),
+            human_bytes(self.bytes_written as f64)
+        );
+        let e = &self.errors;
+        let _ = writeln!(
+            o,
+            "  Errors: connect {}, read {}, write {}, timeout {}, mismatch {}, non-2xx {}",
+            e.connect, e.read, e.write, e.timeout, e.mismatch, e.non_2xx
+        );
+        if self.protocol == "http" {
+            let s = &self.status;
+            let _ = writeln!(
+                o,
+                "  Status: 1xx {}, 2xx {}, 3xx {}, 4xx {}, 5xx {}, other {}",
+                s[1], s[2], s[3], s[4], s[5], s[0]
+            );
+        }
+        let _ = writeln!(o, "Requests/sec: {:>10.2}", self.requests_per_sec());
+        let _ = writeln!(
+            o,
+            "Transfer/sec: {:>10}",
+            human_bytes(self.bytes_read as f64 / secs.max(1e-9))
+        );
+        o
+    }
+
+    /// Everything as one JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        let secs = self.duration.as_secs_f64().max(1e-9);
+        let mut pct = serde_json::Map::new();
+        for p in PERCENTILES {
+            pct.insert(format!("p{}", format_pct(p)), json!(self.percentile_us(p)));
+        }
+        let e = &self.errors;
+        let s = &self.status;
+        json!({
+            "url": self.url,
+            "protocol": self.protocol,
+            "threads": self.threads,
+            "connections": self.connections,
+            "depth": self.depth,
+            "size": self.size,
+            "rate": self.rate,
+            "duration_s": self.duration.as_secs_f64(),
+            "requests": self.requests,
+            "requests_per_sec": self.requests_per_sec(),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "bytes_read_per_sec": self.bytes_read as f64 / secs,
+            "errors": {
+                "connect": e.connect, "read": e.read, "write": e.write,
+                "timeout": e.timeout, "mismatch": e.mismatch, "non_2xx": e.non_2xx,
+                "total": e.total(),
+            },
+            "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
+            "latency_us": {
+                "min": self.latency.min(),
+                "mean": self.latency.mean(),
+                "stdev": self.latency.stdev(),
+                "max": self.latency.max(),
+                "percentiles": pct,
+            },
+        })
+    }
+}
+
+/// `50`, `99.9`, `99.99`: no trailing zeros.
+fn format_pct(p: f64) -> String {
+    let s = format!("{p:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Microseconds as wrk prints them: `631.41us`, `5.51ms`, `1.20s`.
+pub fn human_us(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.2}us")
+    } else if us < 1_000_000.0 {
+        format!("{:.2}ms", us / 1000.0)
+    } else {
+        format!("{:.2}s", us / 1_000_000.0)
+    }
+}
+
+/// Bytes in binary units: `83.36MB` as wrk writes MiB.
+pub fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.2}{}", UNITS[u])
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 && (s - s.round()).abs() < 0.05 {
+        format!("{}s", s.round())
+    } else {
+        format!("{:.0}ms", s * 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(human_us(631.414), "631.41us");
+        assert_eq!(human_us(5510.0), "5.51ms");
+        assert_eq!(human_us(1_200_000.0), "1.20s");
+        assert_eq!(human_bytes(87_408_000.0), "83.36MB");
+        assert_eq!(format_pct(99.99), "99.99");
+        assert_eq!(format_pct(50.0), "50");
+    }
+}
