@@ -1,0 +1,92 @@
+//! Micro-benchmarks of the pieces on or near the per-message path:
+//! publishing a worker's counters, the outbound buffer, the echo pattern used by
+//! edgeload, and its HTTP response parser.
+//!
+//!     cargo bench --bench hot_path
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use edgepoll::conn::Outbound;
+use edgepoll::load::http::ResponseParser;
+use edgepoll::load::pattern::Pattern;
+use edgepoll::metrics::{Counters, Metrics};
+use edgepoll::Mode;
+
+fn publish(c: &mut Criterion) {
+    let metrics = Metrics::new(2, Mode::Echo).unwrap();
+    let mut worker = metrics.worker(0);
+    let mut counters = Counters::default();
+    // One publish with every counter changed: the cost a busy worker pays at most
+    // ten times a second.
+    c.bench_function("metrics/publish_all_changed", |b| {
+        b.iter(|| {
+            counters.received += 6400;
+            counters.sent += 6400;
+            counters.accepted += 1;
+            counters.closed[0] += 1;
+            counters.active += 1;
+            worker.observe_duration(0.5);
+            worker.publish(black_box(&mut counters));
+        })
+    });
+    // What a worker pays per message instead: plain adds.
+    c.bench_function("metrics/count_one_message", |b| {
+        b.iter(|| {
+            counters.received += black_box(64);
+            counters.sent += black_box(64);
+        })
+    });
+}
+
+fn outbound(c: &mut Criterion) {
+    let data = vec![7u8; 64];
+    let mut g = c.benchmark_group("outbound");
+    g.throughput(Throughput::Bytes(64));
+    g.bench_function("push_consume_64B", |b| {
+        let mut out = Outbound::from_slice(&data);
+        b.iter(|| {
+            out.push(black_box(&data));
+            out.consume(64);
+        })
+    });
+    g.finish();
+}
+
+fn pattern(c: &mut Criterion) {
+    let p = Pattern::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut g = c.benchmark_group("pattern");
+    g.throughput(Throughput::Bytes(buf.len() as u64));
+    g.bench_function("fill_64KiB", |b| {
+        b.iter(|| p.fill(black_box(3), 12_345, &mut buf))
+    });
+    p.fill(3, 12_345, &mut buf);
+    g.bench_function("verify_64KiB", |b| {
+        b.iter(|| assert!(p.first_mismatch(black_box(3), 12_345, &buf).is_none()))
+    });
+    g.finish();
+}
+
+fn http_response(c: &mut Criterion) {
+    let one: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Fri, 27 Nov 2026 09:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nHello, World!";
+    let sixteen = one.repeat(16);
+    let mut g = c.benchmark_group("http_response");
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("parse_16_pipelined", |b| {
+        let mut parser = ResponseParser::new();
+        b.iter(|| {
+            let mut pos = 0;
+            let mut n = 0;
+            while let Ok((used, Some(_))) = parser.parse(&sixteen[pos..]) {
+                pos += used;
+                n += 1;
+            }
+            assert_eq!(n, 16);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, publish, outbound, pattern, http_response);
+criterion_main!(benches);
