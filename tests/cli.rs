@@ -72,9 +72,19 @@ fn a_taken_port_is_reported_with_the_address_and_exit_1() {
     );
 }
 
+/// A child process that is killed when the test ends, even by a failed assertion.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary on ephemeral ports and returns it with the addresses its
 /// start-up line names.
-fn spawn_server(extra: &[&str]) -> (Child, SocketAddr, Option<SocketAddr>) {
+fn spawn_server(extra: &[&str]) -> (Running, SocketAddr, Option<SocketAddr>) {
     let mut child = edgepoll()
         .args(["echo", "--listen", "127.0.0.1:0", "--workers", "2"])
         .args(extra)
@@ -96,7 +106,7 @@ fn spawn_server(extra: &[&str]) -> (Child, SocketAddr, Option<SocketAddr>) {
         .split("metrics on http://")
         .nth(1)
         .map(|m| m.trim_end_matches("/metrics").parse().unwrap());
-    (child, listen, metrics)
+    (Running(child), listen, metrics)
 }
 
 #[test]
@@ -112,7 +122,7 @@ fn sigterm_drains_owed_bytes_and_exits_0() {
     // Let the server read what it can before the signal.
     std::thread::sleep(Duration::from_millis(200));
 
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -122,6 +132,41 @@ fn sigterm_drains_owed_bytes_and_exits_0() {
     assert!(eof, "clean end after the last owed byte");
     assert_same(&data, &back);
     drop(client);
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn pin_workers_puts_worker_i_on_core_i() {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    if cores.is_empty() {
+        eprintln!("skipped: the usable cores are unknown here");
+        return;
+    }
+    let (child, addr, _) = spawn_server(&["--pin-workers", "--metrics-listen", "off"]);
+    // One connection per worker (round-robin): each has run, so each has pinned itself.
+    for _ in 0..2 {
+        echo_roundtrip(&mut connect(addr), b"pinned");
+    }
+    for worker in 0..2 {
+        let name = format!("edgepoll-w{worker}");
+        let task = std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
+            .unwrap()
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .expect("the worker thread exists");
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find(|l| l.starts_with("Cpus_allowed_list:"))
+            .unwrap();
+        let core = cores[worker % cores.len()].id.to_string();
+        assert_eq!(
+            allowed.split_whitespace().nth(1),
+            Some(core.as_str()),
+            "{name}: {allowed}"
+        );
+    }
 }

@@ -20,7 +20,7 @@ pub fn svg(report: &Report) -> String {
     let hist = &report.latency;
     let mut points: Vec<(f64, f64)> = Vec::new();
     if !hist.is_empty() {
-        for v in hist.iter_quantiles(1) {
+        for v in hist.iter_quantiles(5) {
             let q = v.quantile_iterated_to();
             let x = if q >= 1.0 {
                 NINES
