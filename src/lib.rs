@@ -19,7 +19,8 @@
 //! # Layout
 //!
 //! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets, signals,
-//!   rlimits), as thin safe wrappers returning `io::Result`.
+//!   rlimits, timer slack, a counting allocator for tests), as thin safe wrappers
+//!   returning `io::Result`.
 //! - [`config`]: the validated configuration the command line builds.
 //! - [`server`]: starts the acceptor, the workers and the metrics endpoint; the handle
 //!   tests use.
@@ -32,7 +33,10 @@
 //! - [`mode`]: protocol handlers; `echo` so far.
 //! - [`metrics`]: the Prometheus registry, per-worker counters and the `/metrics`,
 //!   `/healthz`, `/readyz` endpoint.
-//! - `src/bin/edgepoll.rs`: argument parsing and signal handling only.
+//! - [`load`]: the engine behind `edgeload`: per-thread epoll loops, the verified
+//!   echo pattern, the HTTP response parser, reports and plots.
+//! - `src/bin/edgepoll.rs`, `src/bin/edgeload.rs`: argument parsing, logging and
+//!   signals only.
 #![deny(unsafe_code)]
 
 mod acceptor;

@@ -7,6 +7,7 @@
 //! inside the wrapper.
 #![allow(unsafe_code)]
 
+pub mod alloc;
 pub mod epoll;
 pub mod eventfd;
 pub mod rlimit;
