@@ -14,21 +14,8 @@ command -v nginx >/dev/null && command -v wrk >/dev/null ||
     { echo "needs nginx-light and wrk: apt-get install -y nginx-light wrk" >&2; exit 1; }
 
 port=$(shuf -i 20000-45000 -n 1)
-cat >"$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-error_log $WORK/nginx-error.log warn;
-pid $WORK/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$port;
-        location / { return 200 "Hello, World!"; }
-    }
-}
-NGINX
+source benches/peers/nginx.sh
+nginx_conf "$WORK" "$port"
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" &
 BG_PIDS+=("$!")
 sleep 0.5

@@ -87,6 +87,21 @@ impl ThreadStats {
     }
 }
 
+impl ThreadStats {
+    /// Adds another thread's figures to these.
+    pub fn add(&mut self, other: &ThreadStats) {
+        self.requests += other.requests;
+        self.bytes_read += other.bytes_read;
+        self.bytes_written += other.bytes_written;
+        self.errors.add(&other.errors);
+        for (a, b) in self.status.iter_mut().zip(other.status) {
+            *a += b;
+        }
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+    }
+}
+
 impl Default for ThreadStats {
     fn default() -> Self {
         ThreadStats::new()

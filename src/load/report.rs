@@ -6,7 +6,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
-use super::engine::{Errors, ThreadStats, MAX_LATENCY_US};
+use super::engine::{Errors, ThreadStats};
 use super::{LoadConfig, Target};
 
 /// The percentiles printed with `--latency` and always put in the JSON.
@@ -43,9 +43,11 @@ impl Report {
         stats: Vec<ThreadStats>,
     ) -> Report {
         let echo = matches!(config.target, Target::Echo { .. });
-        let mut latency = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-            .expect("the bounds are constants that hdrhistogram accepts");
-        let mut r = Report {
+        let total = stats.iter().fold(ThreadStats::new(), |mut total, s| {
+            total.add(s);
+            total
+        });
+        Report {
             url: config.url.clone(),
             protocol: if echo { "echo" } else { "http" },
             threads: config.threads,
@@ -54,26 +56,13 @@ impl Report {
             size: echo.then_some(config.size),
             rate: config.rate,
             duration,
-            requests: 0,
-            bytes_read: 0,
-            bytes_written: 0,
-            errors: Errors::default(),
-            status: [0; 6],
-            latency: latency.clone(),
-        };
-        for s in stats {
-            r.requests += s.requests;
-            r.bytes_read += s.bytes_read;
-            r.bytes_written += s.bytes_written;
-            r.errors.add(&s.errors);
-            for (a, b) in r.status.iter_mut().zip(s.status) {
-                *a += b;
-            }
-            // Same bounds on both sides, so adding cannot fail.
-            let _ = latency.add(&s.latency);
+            requests: total.requests,
+            bytes_read: total.bytes_read,
+            bytes_written: total.bytes_written,
+            errors: total.errors,
+            status: total.status,
+            latency: total.latency,
         }
-        r.latency = latency;
-        r
     }
 
     pub fn requests_per_sec(&self) -> f64 {

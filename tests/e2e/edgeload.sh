@@ -22,22 +22,8 @@ stop_gracefully "$EP_PID"
 
 echo "== edgeload: http:// against nginx, keep-alive and depth 16"
 port=$(free_port)
-cat >"$WORK/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-error_log $WORK/nginx-error.log warn;
-pid $WORK/nginx.pid;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$port;
-        location / { return 200 "Hello, World!"; }
-        location /missing { return 404; }
-    }
-}
-NGINX
+source benches/peers/nginx.sh
+nginx_conf "$WORK" "$port"
 start_bg nginx nginx -c "$WORK/nginx.conf" -p "$WORK"
 wait_for 10 "nginx to listen" curl -sf "http://127.0.0.1:$port/"
 for depth in 1 16; do
