@@ -42,6 +42,7 @@
 mod acceptor;
 pub mod config;
 pub mod conn;
+pub mod http1;
 pub mod load;
 pub mod metrics;
 pub mod mode;

@@ -2,6 +2,8 @@
 //! (Content-Length, chunked, until close), split at any byte, pipelined back to back.
 //! Bodies are counted and dropped, never buffered.
 
+use crate::http1::{content_length, has_token, is_chunked, ChunkError, Chunked};
+
 /// A finished response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Response {
@@ -18,8 +20,8 @@ pub enum ParseError {
     Head(String),
     #[error("response head over {MAX_HEAD} bytes")]
     HeadTooLarge,
-    #[error("malformed chunk: {0}")]
-    Chunk(&'static str),
+    #[error("malformed chunked body: {0}")]
+    Chunk(ChunkError),
     #[error("invalid Content-Length")]
     ContentLength,
 }
@@ -31,10 +33,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 enum State {
     Head,
     Body { remaining: u64 },
-    ChunkSize,
-    ChunkData { remaining: u64 },
-    ChunkDataEnd,
-    Trailers,
+    Chunked(Chunked),
     UntilClose,
 }
 
@@ -94,22 +93,16 @@ impl ResponseParser {
                     let mut chunked = false;
                     let mut length: Option<u64> = None;
                     for h in resp.headers.iter() {
-                        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
                         if h.name.eq_ignore_ascii_case("connection") {
-                            for token in value.split(',').map(str::trim) {
-                                if token.eq_ignore_ascii_case("close") {
-                                    close = true;
-                                } else if token.eq_ignore_ascii_case("keep-alive") {
-                                    close = false;
-                                }
+                            if has_token(h.value, "close") {
+                                close = true;
+                            } else if has_token(h.value, "keep-alive") {
+                                close = false;
                             }
                         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            chunked = value
-                                .rsplit(',')
-                                .next()
-                                .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+                            chunked = is_chunked(h.value);
                         } else if h.name.eq_ignore_ascii_case("content-length") {
-                            let n = value.parse().map_err(|_| ParseError::ContentLength)?;
+                            let n = content_length(h.value).ok_or(ParseError::ContentLength)?;
                             if length.is_some_and(|l| l != n) {
                                 return Err(ParseError::ContentLength);
                             }
@@ -125,7 +118,7 @@ impl ResponseParser {
                         return Ok((pos, Some(self.done())));
                     }
                     if chunked {
-                        self.state = State::ChunkSize;
+                        self.state = State::Chunked(Chunked::new());
                     } else if let Some(n) = length {
                         if n == 0 {
                             return Ok((pos, Some(self.done())));
@@ -147,55 +140,14 @@ impl ResponseParser {
                     };
                     return Ok((pos, None));
                 }
-                State::ChunkSize => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((n, size))) => {
-                        pos += n;
-                        self.state = if size == 0 {
-                            State::Trailers
-                        } else {
-                            State::ChunkData { remaining: size }
-                        };
-                    }
-                    Ok(httparse::Status::Partial) => {
-                        if rest.len() > 1024 {
-                            return Err(ParseError::Chunk("chunk size line too long"));
-                        }
-                        return Ok((pos, None));
-                    }
-                    Err(_) => return Err(ParseError::Chunk("invalid chunk size")),
-                },
-                State::ChunkData { remaining } => {
-                    let take = remaining.min(rest.len() as u64);
-                    pos += take as usize;
-                    if take < remaining {
-                        self.state = State::ChunkData {
-                            remaining: remaining - take,
-                        };
-                        return Ok((pos, None));
-                    }
-                    self.state = State::ChunkDataEnd;
-                }
-                State::ChunkDataEnd => {
-                    if rest.len() < 2 {
-                        return Ok((pos, None));
-                    }
-                    if &rest[..2] != b"\r\n" {
-                        return Err(ParseError::Chunk("missing CRLF after chunk data"));
-                    }
-                    pos += 2;
-                    self.state = State::ChunkSize;
-                }
-                State::Trailers => {
-                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-                        if rest.len() > MAX_HEAD {
-                            return Err(ParseError::HeadTooLarge);
-                        }
-                        return Ok((pos, None));
-                    };
-                    pos += eol + 2;
-                    if eol == 0 {
+                State::Chunked(mut chunked) => {
+                    let (n, done) = chunked.feed(rest).map_err(ParseError::Chunk)?;
+                    pos += n;
+                    if done {
                         return Ok((pos, Some(self.done())));
                     }
+                    self.state = State::Chunked(chunked);
+                    return Ok((pos, None));
                 }
                 State::UntilClose => return Ok((buf.len(), None)),
             }
