@@ -11,10 +11,12 @@ use edgepoll::conn::Outbound;
 use edgepoll::load::http::ResponseParser;
 use edgepoll::load::pattern::Pattern;
 use edgepoll::metrics::{Counters, Metrics};
-use edgepoll::Mode;
+use edgepoll::{Config, Mode};
 
 fn publish(c: &mut Criterion) {
-    let metrics = Metrics::new(2, Mode::Echo).unwrap();
+    let mut config = Config::new(Mode::Echo);
+    config.workers = 2;
+    let metrics = Metrics::new(&config).unwrap();
     let mut worker = metrics.worker(0);
     let mut counters = Counters::default();
     // One publish with every counter changed: the cost a busy worker pays at most

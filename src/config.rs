@@ -8,6 +8,8 @@ use std::time::Duration;
 pub enum Mode {
     /// Every byte back to its sender, in order.
     Echo,
+    /// A fixed HTTP/1.1 response to every request, keep-alive and pipelining.
+    Http,
 }
 
 impl Mode {
@@ -15,6 +17,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Echo => "echo",
+            Mode::Http => "http",
         }
     }
 
@@ -22,6 +25,7 @@ impl Mode {
     pub fn default_listen(self) -> SocketAddr {
         match self {
             Mode::Echo => SocketAddr::from(([127, 0, 0, 1], 7000)),
+            Mode::Http => SocketAddr::from(([127, 0, 0, 1], 8080)),
         }
     }
 }
@@ -65,6 +69,114 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Address of the Prometheus endpoint; None: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// The response and limits of http mode.
+    pub http: HttpConfig,
+}
+
+/// What http mode answers, and the limits it enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Status code of the fixed response.
+    pub status: u16,
+    /// Body of the fixed response.
+    pub body: Vec<u8>,
+    pub content_type: String,
+    /// Extra response headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// A request head larger than this gets 431 and the connection is closed.
+    pub max_header_bytes: usize,
+    /// A request head not complete this long after it began (or after the connection
+    /// opened) gets 408 and the connection is closed.
+    pub header_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            status: 200,
+            body: b"Hello, World!".to_vec(),
+            content_type: "text/plain".to_string(),
+            headers: Vec::new(),
+            max_header_bytes: 8 * 1024,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Response headers edgepoll writes itself, which `--header` may not set.
+const RESERVED_HEADERS: [&str; 6] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "date",
+    "content-type",
+    "server",
+];
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(200..=599).contains(&self.status) {
+            return Err(ConfigError::Http(format!(
+                "--status must be a final status code from 200 to 599, got {}",
+                self.status
+            )));
+        }
+        if matches!(self.status, 204 | 304) && !self.body.is_empty() {
+            return Err(ConfigError::Http(format!(
+                "--status {} responses have no body; pass --body ''",
+                self.status
+            )));
+        }
+        if self.content_type.is_empty() || !is_field_value(&self.content_type) {
+            return Err(ConfigError::Http(
+                "--content-type must be a non-empty header value".into(),
+            ));
+        }
+        for (name, value) in &self.headers {
+            if name.is_empty() || !name.bytes().all(is_token_byte) {
+                return Err(ConfigError::Http(format!(
+                    "--header: '{name}' is not a valid header name"
+                )));
+            }
+            if !is_field_value(value) {
+                return Err(ConfigError::Http(format!(
+                    "--header {name}: the value has a control character"
+                )));
+            }
+            if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(ConfigError::Http(format!(
+                    "--header {name}: edgepoll sets this header itself (use --content-type or --body)"
+                )));
+            }
+        }
+        if self.max_header_bytes < 64 {
+            return Err(ConfigError::Http(
+                "--max-header-bytes must be at least 64".into(),
+            ));
+        }
+        if self.header_timeout.is_zero() {
+            return Err(ConfigError::Zero("header-timeout"));
+        }
+        Ok(())
+    }
+}
+
+/// A tchar of RFC 9110 §5.6.2.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Visible characters, spaces and tabs only: no CR, LF or other controls.
+fn is_field_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+/// Parses `--header 'Name: value'`.
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("invalid header '{s}': expected 'Name: value'"))?;
+    Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
 impl Config {
@@ -82,6 +194,7 @@ impl Config {
             idle_timeout: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
+            http: HttpConfig::default(),
         }
     }
 
@@ -104,6 +217,9 @@ impl Config {
         }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err(ConfigError::Zero("idle-timeout"));
+        }
+        if self.mode == Mode::Http {
+            self.http.validate()?;
         }
         Ok(())
     }
@@ -128,6 +244,8 @@ pub enum ConfigError {
     Workers(usize),
     #[error("--{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("{0}")]
+    Http(String),
 }
 
 #[cfg(test)]
@@ -140,6 +258,49 @@ mod tests {
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.listen, vec!["127.0.0.1:7000".parse().unwrap()]);
         assert!(config.workers >= 1);
+    }
+
+    #[test]
+    fn http_responses_that_cannot_be_sent_are_rejected() {
+        let mut config = Config::new(Mode::Http);
+        assert_eq!(config.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(config.validate(), Ok(()));
+        config.http.status = 99;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--status"));
+        config.http.status = 204;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no body"));
+        config.http.body.clear();
+        assert_eq!(config.validate(), Ok(()));
+        config.http.headers = vec![("X-Ok".into(), "yes".into())];
+        assert_eq!(config.validate(), Ok(()));
+        config.http.headers = vec![("Content-Length".into(), "5".into())];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("sets this header itself"));
+        config.http.headers = vec![("Bad Name".into(), "x".into())];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid header name"));
+        config.http.headers = vec![("X-Split".into(), "a\r\nInjected: 1".into())];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("control character"));
+        assert_eq!(parse_header("X-A:  b c "), Ok(("X-A".into(), "b c".into())));
+        assert!(parse_header("nocolon").is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Connections: the per-worker slab, tokens with generations, and the outbound buffer.
 //!
-//! An idle connection costs a slab slot (`Slot`, 48 bytes on x86-64) and one timer
+//! An idle connection costs a slab slot (`Slot`, 56 bytes on x86-64) and one timer
 //! entry (8 bytes) when an idle timeout is set. Its outbound buffer exists only while
 //! a short write has left bytes behind.
 
@@ -34,28 +34,31 @@ impl Token {
     }
 }
 
-/// State bits of a connection, kept in one byte.
+/// State bits of a connection.
 pub mod flags {
     /// The peer sent FIN: no more input will come.
-    pub const PEER_FIN: u8 = 1 << 0;
+    pub const PEER_FIN: u16 = 1 << 0;
     /// Reading stopped before EAGAIN (budget or cap), so input may be queued in the
     /// kernel with no edge left to announce it: the worker must come back by itself.
-    pub const READ_PENDING: u8 = 1 << 1;
+    pub const READ_PENDING: u16 = 1 << 1;
     /// The connection is on the worker's ready list.
-    pub const IN_READY: u8 = 1 << 2;
+    pub const IN_READY: u16 = 1 << 2;
     /// Reading is paused because the outbound buffer is at its cap.
-    pub const PAUSED: u8 = 1 << 3;
+    pub const PAUSED: u16 = 1 << 3;
     /// The server is draining: the connection is served until its input is caught up.
-    pub const DRAINING: u8 = 1 << 4;
+    pub const DRAINING: u16 = 1 << 4;
     /// No more input will be served (peer FIN, or draining caught up).
-    pub const INPUT_DONE: u8 = 1 << 5;
+    pub const INPUT_DONE: u16 = 1 << 5;
     /// We sent FIN (draining): further input is read and discarded until the peer
     /// closes, so that close(2) never turns into a RST that destroys unsent data.
-    pub const WRITE_SHUT: u8 = 1 << 6;
+    pub const WRITE_SHUT: u16 = 1 << 6;
     /// An event reported EPOLLRDHUP, EPOLLHUP or EPOLLERR. From then on a short read
     /// no longer means "drained": the FIN or error behind the data has had its only
     /// edge already, so reading goes on until it returns 0 or the error.
-    pub const HUP_SEEN: u8 = 1 << 7;
+    pub const HUP_SEEN: u16 = 1 << 7;
+    /// The connection is closing because the peer broke the protocol (an HTTP error
+    /// response was sent): its close counts as `protocol_error`.
+    pub const PROTO_ERROR: u16 = 1 << 8;
 }
 
 /// One client connection, owned by one worker.
@@ -69,8 +72,14 @@ pub struct Conn {
     pub opened_ms: u64,
     /// Worker clock (ms) of the last byte read or written, for the idle timeout.
     pub last_active_ms: u64,
+    /// Worker clock (ms) at which the mode wants to be called back (the HTTP header
+    /// timeout, the end of a lingering close); 0 for none.
+    pub deadline_ms: u64,
+    /// HTTP state between reads: a partial request head, a body being skipped.
+    /// Allocated only while a request is incomplete.
+    pub session: Option<Box<crate::mode::http::Session>>,
     /// Bits from [`flags`].
-    pub flags: u8,
+    pub flags: u16,
 }
 
 impl Conn {
@@ -80,22 +89,24 @@ impl Conn {
             outbound: None,
             opened_ms: now_ms,
             last_active_ms: now_ms,
+            deadline_ms: 0,
+            session: None,
             flags: 0,
         }
     }
 
     #[inline]
-    pub fn has(&self, flag: u8) -> bool {
+    pub fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
 
     #[inline]
-    pub fn set(&mut self, flag: u8) {
+    pub fn set(&mut self, flag: u16) {
         self.flags |= flag;
     }
 
     #[inline]
-    pub fn clear(&mut self, flag: u8) {
+    pub fn clear(&mut self, flag: u16) {
         self.flags &= !flag;
     }
 
@@ -333,7 +344,7 @@ mod tests {
     fn idle_slot_stays_small() {
         // The per-idle-connection budget of DESIGN.md is 256 bytes; keep far below it.
         assert!(
-            std::mem::size_of::<Slot>() <= 48,
+            std::mem::size_of::<Slot>() <= 64,
             "{}",
             std::mem::size_of::<Slot>()
         );

@@ -39,7 +39,9 @@ impl Default for Chunked {
 
 impl Chunked {
     pub fn new() -> Chunked {
-        Chunked { state: ChunkState::Size }
+        Chunked {
+            state: ChunkState::Size,
+        }
     }
 
     /// Consumes body bytes from the front of `buf`. Returns how many were consumed and
@@ -71,7 +73,9 @@ impl Chunked {
                     let take = remaining.min(rest.len() as u64);
                     pos += take as usize;
                     if take < remaining {
-                        self.state = ChunkState::Data { remaining: remaining - take };
+                        self.state = ChunkState::Data {
+                            remaining: remaining - take,
+                        };
                         return Ok((pos, false));
                     }
                     self.state = ChunkState::DataEnd;
@@ -167,7 +171,10 @@ mod tests {
         let long_extension = [b"1;x=".as_slice(), &vec![b'a'; MAX_LINE + 10]].concat();
         assert_eq!(skip_all(&long_extension, 100), Err(ChunkError::LineTooLong));
         // A size too large for 64 bits is invalid, not a huge body.
-        assert_eq!(skip_all(b"11111111111111111111\r\n", 100), Err(ChunkError::Size));
+        assert_eq!(
+            skip_all(b"11111111111111111111\r\n", 100),
+            Err(ChunkError::Size)
+        );
     }
 
     #[test]

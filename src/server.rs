@@ -77,7 +77,7 @@ impl Server {
             listeners.push(Listener { fd, addr });
         }
         let local_addrs = listeners.iter().map(|l| l.addr).collect();
-        let metrics = Metrics::new(config.workers, config.mode)?;
+        let metrics = Metrics::new(&config)?;
         let shared = Arc::new(Shared {
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),

@@ -41,7 +41,8 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::config::{Config, Mode};
 use crate::conn::{flags, Conn, Slab, Token};
 use crate::metrics::{CloseReason, Counters, RejectReason, WorkerMetrics, PUBLISH_INTERVAL};
-use crate::mode::{echo, Io, Step, READ_BUFFER_SIZE};
+use crate::mode::http::Responder;
+use crate::mode::{echo, http, Io, Step, LINGER_MS, READ_BUFFER_SIZE};
 use crate::server::Shared;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use crate::sys::eventfd::EventFd;
@@ -94,9 +95,19 @@ pub(crate) struct WorkerHandle {
 }
 
 /// One worker's event loop and everything it owns.
+/// What the worker needs to drive its mode.
+enum ModeState {
+    Echo,
+    Http(Box<Responder>),
+}
+
 pub(crate) struct Worker {
     id: usize,
-    mode: Mode,
+    mode: ModeState,
+    /// The batch of responses one read produces (http), written in one write.
+    out: Vec<u8>,
+    /// Per-connection deadlines set by the mode (header timeout, lingering close).
+    deadlines: IdleWheel,
     epoll: Epoll,
     events: Events,
     slab: Slab,
@@ -140,7 +151,17 @@ impl Worker {
         let idle_timeout_ms = config.idle_timeout.map(|d| (d.as_millis() as u64).max(1));
         let worker = Worker {
             id,
-            mode: config.mode,
+            mode: match config.mode {
+                Mode::Echo => ModeState::Echo,
+                Mode::Http => ModeState::Http(Box::new(Responder::new(&config.http))),
+            },
+            out: Vec::new(),
+            deadlines: IdleWheel::new(
+                config
+                    .http
+                    .header_timeout
+                    .max(Duration::from_millis(LINGER_MS)),
+            ),
             epoll,
             events: Events::with_capacity(EVENTS_PER_WAIT),
             slab: Slab::new(),
@@ -190,6 +211,7 @@ impl Worker {
             }
             self.serve_ready();
             self.expire_idle();
+            self.expire_deadlines();
             if self.now_ms.saturating_sub(self.last_publish_ms)
                 >= PUBLISH_INTERVAL.as_millis() as u64
             {
@@ -221,6 +243,9 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         let mut deadline_ms: Option<u64> = self.wheel.as_ref().and_then(|w| w.next_deadline_ms());
+        if let Some(d) = self.deadlines.next_deadline_ms() {
+            deadline_ms = Some(deadline_ms.map_or(d, |x| x.min(d)));
+        }
         if self.is_dirty() {
             let publish_at = self.last_publish_ms + PUBLISH_INTERVAL.as_millis() as u64;
             deadline_ms = Some(deadline_ms.map_or(publish_at, |d| d.min(publish_at)));
@@ -251,7 +276,13 @@ impl Worker {
     }
 
     fn tick(&mut self) {
-        self.now_ms = self.clock.elapsed().as_millis() as u64;
+        let now_ms = self.clock.elapsed().as_millis() as u64;
+        if let ModeState::Http(r) = &mut self.mode {
+            if now_ms / 1000 != self.now_ms / 1000 || now_ms == 0 {
+                r.refresh_date(std::time::SystemTime::now());
+            }
+        }
+        self.now_ms = now_ms;
     }
 
     fn take_messages(&mut self) {
@@ -284,6 +315,12 @@ impl Worker {
         self.counters.active += 1;
         if let (Some(wheel), Some(timeout)) = (self.wheel.as_mut(), self.idle_timeout_ms) {
             wheel.schedule(token, self.now_ms + timeout);
+        }
+        if let ModeState::Http(r) = &self.mode {
+            // The first request head must arrive within the header timeout too.
+            let deadline = self.now_ms + r.header_timeout_ms;
+            conn_deadline(&mut self.slab, token, deadline);
+            self.deadlines.schedule(token, deadline);
         }
         if self.drain_deadline.is_some() {
             self.push_ready(token);
@@ -319,17 +356,37 @@ impl Worker {
             conn.set(flags::HUP_SEEN);
         }
         let before = conn.pending();
+        let deadline_before = conn.deadline_ms;
         let mut io = Io {
             buf: &mut self.buf,
             cap: self.cap,
             counters: &mut self.counters,
             now_ms: self.now_ms,
         };
-        let step = match self.mode {
-            Mode::Echo => echo::serve(conn, &mut io, readable),
+        let step = match &self.mode {
+            ModeState::Echo => echo::serve(conn, &mut io, readable),
+            ModeState::Http(r) => http::serve(conn, &mut io, readable, r, &mut self.out),
         };
-        let after = conn.pending();
-        self.counters.buffered += after as i64 - before as i64;
+        self.after_serve(token, before, deadline_before, step);
+    }
+
+    /// Books what serving changed: buffered bytes, a new deadline, the next step.
+    fn after_serve(
+        &mut self,
+        token: Token,
+        pending_before: usize,
+        deadline_before: u64,
+        step: Step,
+    ) {
+        if let Some(conn) = self.slab.get_mut(token) {
+            self.counters.buffered += conn.pending() as i64 - pending_before as i64;
+            // An earlier deadline needs its own wheel entry; a later one is found by
+            // the entry already there, which re-arms itself.
+            let deadline = conn.deadline_ms;
+            if deadline != 0 && (deadline_before == 0 || deadline < deadline_before) {
+                self.deadlines.schedule(token, deadline);
+            }
+        }
         match step {
             Step::Idle => {}
             Step::Again => self.push_ready(token),
@@ -350,6 +407,40 @@ impl Worker {
         }
         serving.clear();
         self.serving = serving;
+    }
+
+    fn expire_deadlines(&mut self) {
+        self.deadlines.expire(self.now_ms, &mut self.due);
+        let mut due = std::mem::take(&mut self.due);
+        for &token in &due {
+            let Some(conn) = self.slab.get_mut(token) else {
+                continue; // closed since it was scheduled
+            };
+            let deadline = conn.deadline_ms;
+            if deadline == 0 {
+                continue; // cancelled
+            }
+            if deadline > self.now_ms {
+                self.deadlines.schedule(token, deadline);
+                continue;
+            }
+            conn.deadline_ms = 0;
+            let before = conn.pending();
+            let mut io = Io {
+                buf: &mut self.buf,
+                cap: self.cap,
+                counters: &mut self.counters,
+                now_ms: self.now_ms,
+            };
+            let step = match &self.mode {
+                ModeState::Http(r) => http::on_deadline(conn, &mut io, r, &mut self.out),
+                // Echo sets a deadline only for a lingering close.
+                ModeState::Echo => crate::mode::lingered(conn).unwrap_or(Step::Idle),
+            };
+            self.after_serve(token, before, 0, step);
+        }
+        due.clear();
+        self.due = due;
     }
 
     fn expire_idle(&mut self) {
@@ -394,6 +485,7 @@ impl Worker {
             || c.sent != 0
             || c.pauses != 0
             || c.closed.iter().any(|&n| n != 0)
+            || c.http.iter().any(|&n| n != 0)
             || c.active != self.published_active
             || c.buffered != self.published_buffered
     }
@@ -406,5 +498,12 @@ impl Worker {
         self.published_active = self.counters.active;
         self.published_buffered = self.counters.buffered;
         self.metrics.publish(&mut self.counters);
+    }
+}
+
+/// Sets the deadline of the connection `token` names.
+fn conn_deadline(slab: &mut Slab, token: Token, deadline_ms: u64) {
+    if let Some(conn) = slab.get_mut(token) {
+        conn.deadline_ms = deadline_ms;
     }
 }

@@ -34,13 +34,63 @@ enum Command {
         after_help = "Example:\n  edgepoll echo --listen 0.0.0.0:7000 --listen [::]:7000 --workers 4 --idle-timeout 300"
     )]
     Echo(ServerArgs),
+    /// Answer every HTTP/1.1 request with one fixed response (keep-alive, pipelining),
+    /// a load-test target for wrk and edgeload.
+    #[command(
+        after_help = "Example:\n  edgepoll http --listen 0.0.0.0:8080 --body-file index.html --content-type text/html --header 'Cache-Control: no-store'"
+    )]
+    Http(HttpArgs),
+}
+
+/// Flags of http mode.
+#[derive(Args)]
+struct HttpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+
+    #[command(flatten)]
+    response: ResponseArgs,
+}
+
+/// The response and limits of http mode.
+#[derive(Args)]
+struct ResponseArgs {
+    /// Response body [default: Hello, World!]
+    #[arg(long, value_name = "TEXT", conflicts_with = "body_file")]
+    body: Option<String>,
+
+    /// Response body read from a file at start-up
+    #[arg(long, value_name = "FILE")]
+    body_file: Option<std::path::PathBuf>,
+
+    /// Response status code
+    #[arg(long, value_name = "CODE", default_value_t = 200)]
+    status: u16,
+
+    /// Content-Type of the response
+    #[arg(long, value_name = "TYPE", default_value = "text/plain")]
+    content_type: String,
+
+    /// Extra response header; repeat for several
+    #[arg(long = "header", value_name = "'Name: value'", value_parser = config::parse_header)]
+    headers: Vec<(String, String)>,
+
+    /// A request head larger than this gets 431 and the connection is closed
+    #[arg(long, value_name = "BYTES", default_value = "8KiB", value_parser = parse_size)]
+    max_header_bytes: usize,
+
+    /// A request head not complete this long after it began (or after the connection
+    /// opened) gets 408 and the connection is closed (slowloris)
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    header_timeout: Duration,
 }
 
 /// Flags every mode shares.
 #[derive(Args)]
 struct ServerArgs {
     /// Address to listen on, IP:PORT or HOST:PORT; repeat for several. Port 0 picks a
-    /// free port (the start-up log says which) [default: 127.0.0.1:7000]
+    /// free port (the start-up log says which) [default: 127.0.0.1:7000 for echo,
+    /// 127.0.0.1:8080 for http]
     #[arg(short, long = "listen", value_name = "ADDR", value_parser = parse_listen)]
     listen: Vec<Vec<SocketAddr>>,
 
@@ -79,6 +129,24 @@ struct ServerArgs {
     metrics_listen: String,
 }
 
+impl ResponseArgs {
+    fn apply(self, h: &mut config::HttpConfig) -> anyhow::Result<()> {
+        if let Some(body) = self.body {
+            h.body = body.into_bytes();
+        }
+        if let Some(path) = self.body_file {
+            h.body = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("--body-file {}: {e}", path.display()))?;
+        }
+        h.status = self.status;
+        h.content_type = self.content_type;
+        h.headers = self.headers;
+        h.max_header_bytes = self.max_header_bytes;
+        h.header_timeout = self.header_timeout;
+        Ok(())
+    }
+}
+
 /// Descriptors kept back from `--max-connections` for listeners, epoll instances,
 /// eventfds, the acceptor's spare and metrics clients.
 const RESERVED_FDS: u64 = 64;
@@ -106,10 +174,18 @@ fn main() -> ExitCode {
 const USAGE_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (mode, args) = match cli.mode {
-        Command::Echo(args) => (Mode::Echo, args),
+    let (mode, args, http) = match cli.mode {
+        Command::Echo(args) => (Mode::Echo, args, None),
+        Command::Http(http) => (Mode::Http, http.server, Some(http.response)),
     };
-    let config = match build_config(mode, args) {
+    let config = build_config(mode, args).and_then(|mut config| {
+        if let Some(response) = http {
+            response.apply(&mut config.http)?;
+            config.validate()?;
+        }
+        Ok(config)
+    });
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edgepoll: {e:#}");

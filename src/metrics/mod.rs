@@ -18,7 +18,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::config::Mode;
+use crate::config::{Config, Mode};
 
 /// How often a busy worker publishes its counters. A worker about to sleep publishes
 /// at once, so an idle server's counters are exact.
@@ -37,15 +37,21 @@ pub enum CloseReason {
     IdleTimeout,
     /// Closed by the server's drain.
     Shutdown,
+    /// An HTTP request head was not complete within `--header-timeout` (408 sent).
+    HeaderTimeout,
+    /// The peer broke the protocol (an HTTP error response was sent, then the close).
+    ProtocolError,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 5] = [
+    pub const ALL: [CloseReason; 7] = [
         CloseReason::Eof,
         CloseReason::Reset,
         CloseReason::Error,
         CloseReason::IdleTimeout,
         CloseReason::Shutdown,
+        CloseReason::HeaderTimeout,
+        CloseReason::ProtocolError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +61,8 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::HeaderTimeout => "header_timeout",
+            CloseReason::ProtocolError => "protocol_error",
         }
     }
 
@@ -104,8 +112,27 @@ const DURATION_BUCKETS: [f64; 16] = [
     14400.0,
 ];
 
+/// The statuses http mode can answer with, in the order of `Counters::http`: the
+/// configured one, then the error responses.
+pub fn http_statuses(configured: u16) -> [u16; 6] {
+    [configured, 400, 405, 408, 431, 505]
+}
+
+/// Index of each error status in [`http_statuses`].
+pub mod http_index {
+    pub const OK: usize = 0;
+    pub const BAD_REQUEST: usize = 1;
+    pub const METHOD_NOT_ALLOWED: usize = 2;
+    pub const REQUEST_TIMEOUT: usize = 3;
+    pub const HEADERS_TOO_LARGE: usize = 4;
+    pub const VERSION_NOT_SUPPORTED: usize = 5;
+}
+
 /// The registry and every metric family of one server.
 pub struct Metrics {
+    http_requests: IntCounterVec,
+    /// The statuses of `Counters::http`, in http mode; empty otherwise.
+    http_statuses: Vec<u16>,
     registry: Registry,
     accepted: IntCounterVec,
     closed: IntCounterVec,
@@ -122,9 +149,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates the registry for a server with `workers` workers in `mode`.
-    pub fn new(workers: usize, mode: Mode) -> prometheus::Result<Arc<Metrics>> {
+    /// Creates the registry for a server running `config`.
+    pub fn new(config: &Config) -> prometheus::Result<Arc<Metrics>> {
+        let (workers, mode) = (config.workers, config.mode);
         let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_http_requests_total",
+                "HTTP requests answered, by response status.",
+            ),
+            &["worker", "status"],
+        )?;
+        let http_statuses: Vec<u16> = if mode == Mode::Http {
+            registry.register(Box::new(http_requests.clone()))?;
+            http_statuses(config.http.status).to_vec()
+        } else {
+            Vec::new()
+        };
         let accepted = IntCounterVec::new(
             Opts::new(
                 "edgepoll_connections_accepted_total",
@@ -219,12 +260,17 @@ impl Metrics {
             for reason in CloseReason::ALL {
                 closed.with_label_values(&[&w, reason.as_str()]);
             }
+            for status in &http_statuses {
+                http_requests.with_label_values(&[&w, &status.to_string()]);
+            }
         }
         for reason in RejectReason::ALL {
             rejected.with_label_values(&[reason.as_str()]);
         }
         let peak_pending = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         Ok(Arc::new(Metrics {
+            http_requests,
+            http_statuses,
             registry,
             accepted,
             closed,
@@ -268,8 +314,23 @@ impl Metrics {
             pauses: self.pauses.with_label_values(&[&w]),
             buffered: self.buffered.with_label_values(&[&w]),
             duration: self.duration.local(),
+            http: self
+                .http_statuses
+                .iter()
+                .map(|s| self.http_requests.with_label_values(&[&w, &s.to_string()]))
+                .collect(),
             metrics: Arc::clone(self),
         }
+    }
+
+    /// HTTP requests worker `worker` answered with `status`, as last published.
+    pub fn http_requests(&self, worker: usize, status: u16) -> u64 {
+        if !self.http_statuses.contains(&status) {
+            return 0;
+        }
+        self.http_requests
+            .with_label_values(&[&worker.to_string(), &status.to_string()])
+            .get()
     }
 
     /// Counts a rejected connection (acceptor only; once per connection, not per byte).
@@ -307,7 +368,7 @@ impl Metrics {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerStats {
     pub accepted: u64,
-    pub closed: [u64; 5],
+    pub closed: [u64; 7],
     pub active: i64,
     pub received_bytes: u64,
     pub sent_bytes: u64,
@@ -330,7 +391,7 @@ impl WorkerStats {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub accepted: u64,
-    pub closed: [u64; 5],
+    pub closed: [u64; 7],
     pub received: u64,
     pub sent: u64,
     pub pauses: u64,
@@ -340,13 +401,15 @@ pub struct Counters {
     pub buffered: i64,
     /// Largest outbound buffer seen (a level).
     pub peak_pending: usize,
+    /// HTTP responses by status, indexed like [`http_statuses`].
+    pub http: [u64; 6],
 }
 
 /// The label children one worker publishes to.
 pub struct WorkerMetrics {
     id: usize,
     accepted: IntCounter,
-    closed: [IntCounter; 5],
+    closed: [IntCounter; 7],
     active: IntGauge,
     received: IntCounter,
     sent: IntCounter,
@@ -354,6 +417,8 @@ pub struct WorkerMetrics {
     buffered: IntGauge,
     /// Buffers observations locally; `flush` adds them to the shared histogram.
     duration: LocalHistogram,
+    /// HTTP requests by status (http mode only), indexed like [`http_statuses`].
+    http: Vec<IntCounter>,
     metrics: Arc<Metrics>,
 }
 
@@ -381,6 +446,9 @@ impl WorkerMetrics {
         add(&self.received, &mut c.received);
         add(&self.sent, &mut c.sent);
         add(&self.pauses, &mut c.pauses);
+        for (counter, delta) in self.http.iter().zip(c.http.iter_mut()) {
+            add(counter, delta);
+        }
         self.buffered.set(c.buffered);
         self.metrics.peak_pending[self.id].fetch_max(c.peak_pending, Ordering::Relaxed);
         self.duration.flush();

@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::AsFd;
 
-use super::{Io, Step, READ_BUDGET};
+use super::{finish, flush_owed, send, Io, Step, READ_BUDGET};
 use crate::conn::{flags, Conn};
 use crate::metrics::CloseReason;
 use crate::sys::socket;
@@ -18,19 +18,8 @@ use crate::sys::socket;
 /// taken as "drained" and reading goes on until the 0 or the error it will return.
 pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
     let hup = conn.has(flags::HUP_SEEN);
-    if conn.outbound.is_some() {
-        match conn.flush() {
-            Ok(n) => {
-                if n > 0 {
-                    io.counters.sent += n as u64;
-                    conn.last_active_ms = io.now_ms;
-                }
-            }
-            Err(e) => return Step::Close(CloseReason::of_error(&e)),
-        }
-    }
-    if conn.has(flags::PAUSED) && conn.pending() < io.cap {
-        conn.clear(flags::PAUSED);
+    if let Err(step) = flush_owed(conn, io) {
+        return step;
     }
     if conn.has(flags::INPUT_DONE) {
         return finish(conn, io);
@@ -62,13 +51,10 @@ pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
             Ok(n) => {
                 io.counters.received += n as u64;
                 conn.last_active_ms = io.now_ms;
-                match conn.send(&io.buf[..n]) {
-                    Ok(w) => io.counters.sent += w as u64,
-                    Err(e) => return Step::Close(CloseReason::of_error(&e)),
-                }
-                let pending = conn.pending();
-                if pending > io.counters.peak_pending {
-                    io.counters.peak_pending = pending;
+                // The echo goes straight from the worker buffer; only what the socket
+                // does not take is copied into the outbound buffer.
+                if let Err(step) = send(conn, io.counters, &io.buf[..n]) {
+                    return step;
                 }
                 budget -= n;
                 if n < want && !hup {
@@ -94,42 +80,4 @@ fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
         return finish(conn, io);
     }
     Step::Idle
-}
-
-/// No more input will be echoed: flush what is owed, then close. After a peer FIN the
-/// connection closes once the last byte is written. A draining connection sends its
-/// own FIN instead and discards input until the peer closes, so that close(2) never
-/// finds unread input and answers with a RST that would destroy bytes still in flight.
-fn finish(conn: &mut Conn, io: &mut Io<'_>) -> Step {
-    if conn.pending() > 0 {
-        return Step::Idle;
-    }
-    if conn.has(flags::PEER_FIN) {
-        return if conn.has(flags::WRITE_SHUT) {
-            Step::Close(CloseReason::Shutdown)
-        } else {
-            Step::Close(CloseReason::Eof)
-        };
-    }
-    if !conn.has(flags::WRITE_SHUT) {
-        if let Err(e) = socket::shutdown_write(conn.fd.as_fd()) {
-            return Step::Close(CloseReason::of_error(&e));
-        }
-        conn.set(flags::WRITE_SHUT);
-    }
-    let mut budget = READ_BUDGET;
-    loop {
-        match socket::read(conn.fd.as_fd(), io.buf) {
-            Ok(0) => return Step::Close(CloseReason::Shutdown),
-            Ok(n) => {
-                io.counters.received += n as u64;
-                budget = budget.saturating_sub(n);
-                if budget == 0 {
-                    return Step::Again;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
-            Err(e) => return Step::Close(CloseReason::of_error(&e)),
-        }
-    }
 }

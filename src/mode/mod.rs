@@ -2,8 +2,14 @@
 //! counters; a mode only decides what bytes go where when a connection is served.
 
 pub mod echo;
+pub mod http;
 
+use std::io;
+use std::os::fd::AsFd;
+
+use crate::conn::{flags, Conn};
 use crate::metrics::{CloseReason, Counters};
+use crate::sys::socket;
 
 /// What a mode needs from its worker while it serves one connection.
 pub struct Io<'a> {
@@ -13,7 +19,7 @@ pub struct Io<'a> {
     pub cap: usize,
     /// The worker's plain counters.
     pub counters: &'a mut Counters,
-    /// Worker clock in ms, for activity stamps.
+    /// Worker clock in ms, for activity stamps and deadlines.
     pub now_ms: u64,
 }
 
@@ -36,3 +42,94 @@ pub const READ_BUDGET: usize = 4 * READ_BUFFER_SIZE;
 /// The worker's read buffer: 64 KiB moves a bulk stream in a few large syscalls and
 /// is allocated once per worker, not per connection.
 pub const READ_BUFFER_SIZE: usize = 64 * 1024;
+
+/// How long a closing connection that has sent its FIN waits for the peer to close
+/// before the server closes anyway (as nginx's lingering_timeout).
+pub const LINGER_MS: u64 = 5_000;
+
+/// Writes what the connection owes; `Err(step)` if it must close.
+pub(crate) fn flush_owed(conn: &mut Conn, io: &mut Io<'_>) -> Result<(), Step> {
+    if conn.outbound.is_some() {
+        match conn.flush() {
+            Ok(n) => {
+                if n > 0 {
+                    io.counters.sent += n as u64;
+                    conn.last_active_ms = io.now_ms;
+                }
+            }
+            Err(e) => return Err(Step::Close(CloseReason::of_error(&e))),
+        }
+    }
+    if conn.has(flags::PAUSED) && conn.pending() < io.cap {
+        conn.clear(flags::PAUSED);
+    }
+    Ok(())
+}
+
+/// Sends bytes after what is owed, counting what went out now.
+pub(crate) fn send(conn: &mut Conn, counters: &mut Counters, data: &[u8]) -> Result<(), Step> {
+    match conn.send(data) {
+        Ok(w) => {
+            counters.sent += w as u64;
+            let pending = conn.pending();
+            if pending > counters.peak_pending {
+                counters.peak_pending = pending;
+            }
+            Ok(())
+        }
+        Err(e) => Err(Step::Close(CloseReason::of_error(&e))),
+    }
+}
+
+/// Why a connection that is finishing ends, once the peer has closed too.
+fn closing_reason(conn: &Conn) -> CloseReason {
+    if conn.has(flags::PROTO_ERROR) {
+        CloseReason::ProtocolError
+    } else if conn.has(flags::DRAINING) {
+        CloseReason::Shutdown
+    } else {
+        CloseReason::Eof
+    }
+}
+
+/// No more input will be served: flush what is owed, then close. After a peer FIN
+/// the connection closes once the last byte is written. Otherwise the server sends its
+/// own FIN and discards input until the peer closes (a lingering close, bounded by
+/// [`LINGER_MS`] or the drain deadline), so that close(2) never finds unread input and
+/// answers with a RST that would destroy bytes still in flight.
+pub(crate) fn finish(conn: &mut Conn, io: &mut Io<'_>) -> Step {
+    if conn.pending() > 0 {
+        return Step::Idle;
+    }
+    if conn.has(flags::PEER_FIN) {
+        return Step::Close(closing_reason(conn));
+    }
+    if !conn.has(flags::WRITE_SHUT) {
+        if let Err(e) = socket::shutdown_write(conn.fd.as_fd()) {
+            return Step::Close(CloseReason::of_error(&e));
+        }
+        conn.set(flags::WRITE_SHUT);
+        conn.deadline_ms = io.now_ms + LINGER_MS;
+    }
+    let mut budget = READ_BUDGET;
+    loop {
+        match socket::read(conn.fd.as_fd(), io.buf) {
+            Ok(0) => return Step::Close(closing_reason(conn)),
+            Ok(n) => {
+                io.counters.received += n as u64;
+                budget = budget.saturating_sub(n);
+                if budget == 0 {
+                    return Step::Again;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
+            Err(e) => return Step::Close(CloseReason::of_error(&e)),
+        }
+    }
+}
+
+/// The connection's deadline passed: a lingering close ends here.
+pub(crate) fn lingered(conn: &Conn) -> Option<Step> {
+    conn.has(flags::WRITE_SHUT)
+        .then(|| Step::Close(closing_reason(conn)))
+}
