@@ -498,3 +498,132 @@ pub fn on_deadline(conn: &mut Conn, io: &mut Io<'_>, r: &Responder, out: &mut Ve
     out.clear();
     Step::Close(CloseReason::HeaderTimeout)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn responder() -> Responder {
+        let mut r = Responder::new(&HttpConfig::default());
+        r.refresh_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000));
+        r
+    }
+
+    /// Feeds `input` in pieces, keeping the unconsumed rest as the server does, and
+    /// returns all output and whether a close was asked for.
+    fn run(r: &Responder, pieces: &[&[u8]]) -> (Vec<u8>, bool, [u64; 6]) {
+        let mut s = Session::default();
+        let mut held: Vec<u8> = Vec::new();
+        let mut out = Vec::new();
+        let mut counts = [0u64; 6];
+        for p in pieces {
+            held.extend_from_slice(p);
+            let f = r.feed(&mut s, &held, &mut out, &mut counts);
+            assert!(f.consumed <= held.len());
+            if f.close {
+                return (out, true, counts);
+            }
+            held.drain(..f.consumed);
+        }
+        (out, false, counts)
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nServer: edgepoll\r\nContent-Type: text/plain\r\nContent-Length: 13\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\n";
+
+    #[test]
+    fn pipelined_requests_split_at_every_byte_get_the_same_bytes() {
+        let r = responder();
+        let input = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+PUT /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+HEAD / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let expected =
+            format!("{OK}\r\nHello, World!{OK}\r\nHello, World!{OK}\r\nHello, World!{OK}\r\n");
+        let (whole, close, counts) = run(&r, &[input]);
+        assert_eq!(String::from_utf8(whole).unwrap(), expected);
+        assert!(!close);
+        assert_eq!(counts[idx::OK], 4);
+        for split in 1..input.len() {
+            let (out, close, _) = run(&r, &[&input[..split], &input[split..]]);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                expected,
+                "split at {split}"
+            );
+            assert!(!close);
+        }
+        // One byte at a time, too.
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(String::from_utf8(run(&r, &bytes).0).unwrap(), expected);
+    }
+
+    #[test]
+    fn connection_semantics() {
+        let r = responder();
+        let (out, close, _) = run(
+            &r,
+            &[b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n"],
+        );
+        assert!(close, "Connection: close ends the connection");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{OK}Connection: close\r\n\r\nHello, World!")
+        );
+        let (out, close, _) = run(&r, &[b"GET / HTTP/1.0\r\n\r\n"]);
+        assert!(close, "HTTP/1.0 closes by default");
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Connection: close\r\n"));
+        let (out, close, _) = run(&r, &[b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"]);
+        assert!(!close, "HTTP/1.0 may ask for keep-alive");
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("Connection: keep-alive\r\n"));
+        let (out, _, _) = run(
+            &r,
+            &[
+                b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+                b"hi",
+            ],
+        );
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK"));
+    }
+
+    #[test]
+    fn errors_follow_the_answers_already_owed() {
+        let r = responder();
+        let (out, close, counts) = run(&r, &[b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBREW / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"]);
+        assert!(close);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "{OK}\r\nHello, World!HTTP/1.1 405 Method Not Allowed\r\n"
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("HTTP/1.1").count(),
+            2,
+            "nothing is answered after the error"
+        );
+        assert_eq!((counts[idx::OK], counts[idx::METHOD_NOT_ALLOWED]), (1, 1));
+    }
+
+    #[test]
+    fn a_growing_partial_head_is_cut_at_the_limit() {
+        let mut config = HttpConfig::default();
+        config.max_header_bytes = 100;
+        let r = Responder::new(&config);
+        let mut pieces: Vec<Vec<u8>> = vec![b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec()];
+        pieces.extend((0..20).map(|_| b"aaaaaaaaaa".to_vec()));
+        let refs: Vec<&[u8]> = pieces.iter().map(|p| p.as_slice()).collect();
+        let (out, close, counts) = run(&r, &refs);
+        assert!(close);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        assert_eq!(counts[idx::HEADERS_TOO_LARGE], 1);
+    }
+}

@@ -138,3 +138,43 @@ pub fn sum_samples(exposition: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// An http-mode server on an ephemeral loopback port, like [`echo_server`].
+pub fn http_server(workers: usize, tweak: impl FnOnce(&mut Config)) -> Server {
+    echo_server(workers, |c| {
+        c.mode = Mode::Http;
+        tweak(c);
+    })
+}
+
+/// Reads HTTP responses until `n` are complete or the peer closes; returns their
+/// statuses, the raw bytes, and whether the peer closed.
+pub fn read_responses(stream: &mut TcpStream, n: usize) -> (Vec<u16>, Vec<u8>, bool) {
+    let mut parser = edgepoll::load::http::ResponseParser::new();
+    let mut statuses = Vec::new();
+    let mut raw = Vec::new();
+    let mut pos = 0;
+    let mut buf = [0u8; 65536];
+    loop {
+        while statuses.len() < n {
+            match parser.parse(&raw[pos..]) {
+                Ok((used, Some(resp))) => {
+                    pos += used;
+                    statuses.push(resp.status);
+                }
+                Ok((used, None)) => {
+                    pos += used;
+                    break;
+                }
+                Err(e) => panic!("unparseable response: {e}"),
+            }
+        }
+        if statuses.len() >= n {
+            return (statuses, raw, false);
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return (statuses, raw, true),
+            Ok(k) => raw.extend_from_slice(&buf[..k]),
+        }
+    }
+}
