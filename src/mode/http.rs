@@ -613,8 +613,10 @@ HEAD / HTTP/1.1\r\nHost: a\r\n\r\n";
 
     #[test]
     fn a_growing_partial_head_is_cut_at_the_limit() {
-        let mut config = HttpConfig::default();
-        config.max_header_bytes = 100;
+        let config = HttpConfig {
+            max_header_bytes: 100,
+            ..HttpConfig::default()
+        };
         let r = Responder::new(&config);
         let mut pieces: Vec<Vec<u8>> = vec![b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec()];
         pieces.extend((0..20).map(|_| b"aaaaaaaaaa".to_vec()));
