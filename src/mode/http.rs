@@ -346,6 +346,26 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Feeds `reads` to a fresh session as consecutive reads, keeping each unconsumed
+/// rest as the server does. Returns every byte written and whether the connection
+/// would close. For tests and the fuzz target: the protocol without sockets.
+pub fn feed_all(r: &Responder, reads: &[&[u8]]) -> (Vec<u8>, bool, [u64; 6]) {
+    let mut session = Session::default();
+    let mut held: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    let mut counts = [0u64; 6];
+    for read in reads {
+        held.extend_from_slice(read);
+        let f = r.feed(&mut session, &held, &mut out, &mut counts);
+        assert!(f.consumed <= held.len(), "consumed more than it was given");
+        if f.close {
+            return (out, true, counts);
+        }
+        held.drain(..f.consumed);
+    }
+    (out, false, counts)
+}
+
 /// Serves an HTTP connection: flushes what is owed, then reads requests and answers
 /// them, one write per read's worth. `out` is the worker's batch buffer, empty on entry
 /// and on return.
@@ -509,23 +529,8 @@ mod tests {
         r
     }
 
-    /// Feeds `input` in pieces, keeping the unconsumed rest as the server does, and
-    /// returns all output and whether a close was asked for.
     fn run(r: &Responder, pieces: &[&[u8]]) -> (Vec<u8>, bool, [u64; 6]) {
-        let mut s = Session::default();
-        let mut held: Vec<u8> = Vec::new();
-        let mut out = Vec::new();
-        let mut counts = [0u64; 6];
-        for p in pieces {
-            held.extend_from_slice(p);
-            let f = r.feed(&mut s, &held, &mut out, &mut counts);
-            assert!(f.consumed <= held.len());
-            if f.close {
-                return (out, true, counts);
-            }
-            held.drain(..f.consumed);
-        }
-        (out, false, counts)
+        feed_all(r, pieces)
     }
 
     const OK: &str = "HTTP/1.1 200 OK\r\nServer: edgepoll\r\nContent-Type: text/plain\r\nContent-Length: 13\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\n";
