@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# edgepoll http against nginx: Debian's nginx-light, one worker, `return 200`, access
+# log off; edgepoll with one worker. Each server pinned to core 0, wrk to core 1, the
+# same wrk load: keep-alive, and pipelined 16 (a Lua script). Alternates the servers
+# run by run; reports median requests/s and median server CPU time per request (from
+# /proc/PID/stat of the process doing the work), and the ratios.
+#
+#   bash benches/http_vs_nginx.sh             # RUNS=5 DURATION=5s CONNS=50
+source "$(dirname "$0")/lib.sh"
+cd "$(dirname "$0")/.."
+source benches/peers/nginx.sh
+RUNS=${RUNS:-5}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-50}
+command -v nginx >/dev/null && command -v wrk >/dev/null ||
+    { echo "needs nginx-light and wrk: apt-get install -y nginx-light wrk" >&2; exit 1; }
+
+# run_wrk URL PID LOAD: prints "requests/s cpu_ns_per_request" for one wrk run.
+run_wrk() {
+    local url=$1 pid=$2 load=$3 script=()
+    [[ $load == pipelined16 ]] && script=(-s tests/e2e/pipeline16.lua)
+    local before after
+    before=$(cpu_seconds "$pid")
+    taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" "${script[@]}" "$url" >"$WORK/wrk.txt"
+    after=$(cpu_seconds "$pid")
+    if grep -qE 'Socket errors|Non-2xx' "$WORK/wrk.txt"; then
+        cat "$WORK/wrk.txt" >&2
+        exit 1
+    fi
+    local reqs rps
+    reqs=$(awk '/requests in/ { print $1 }' "$WORK/wrk.txt")
+    rps=$(awk '/Requests\/sec/ { print $2 }' "$WORK/wrk.txt")
+    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" 'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
+}
+
+one_run() { # SERVER LOAD
+    local server=$1 load=$2 pid url
+    if [[ $server == edgepoll ]]; then
+        start_edgepoll http --listen 127.0.0.1:0 --workers 1 --metrics-listen off
+        pid=$EP_PID
+        url="http://$EP_ADDR/"
+    else
+        local port
+        port=$(shuf -i 20000-45000 -n 1)
+        nginx_conf "$WORK" "$port"
+        taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" &
+        EP_PID=$!
+        sleep 0.5
+        # The worker process does the work; the master only waits.
+        pid=$(pgrep -P "$EP_PID" | head -1)
+        url="http://127.0.0.1:$port/"
+    fi
+    run_wrk "$url" "$pid" "$load"
+    stop_pid "$EP_PID"
+}
+
+echo "Machine: $(machine). Server on core 0, wrk 4.1 on core 1, $CONNS connections, 1 wrk thread, $DURATION x $RUNS runs each, alternating."
+for load in keepalive pipelined16; do
+    declare -a e_rps=() e_cpu=() n_rps=() n_cpu=()
+    for run in $(seq "$RUNS"); do
+        read -r rps cpu < <(one_run edgepoll "$load"); e_rps+=("$rps"); e_cpu+=("$cpu")
+        read -r rps cpu < <(one_run nginx "$load"); n_rps+=("$rps"); n_cpu+=("$cpu")
+        echo "$load run $run: edgepoll ${e_rps[-1]} req/s ${e_cpu[-1]} ns/req; nginx ${n_rps[-1]} req/s ${n_cpu[-1]} ns/req" >&2
+    done
+    me_rps=$(median "${e_rps[@]}"); mn_rps=$(median "${n_rps[@]}")
+    me_cpu=$(median "${e_cpu[@]}"); mn_cpu=$(median "${n_cpu[@]}")
+    echo
+    echo "### $load"
+    echo
+    echo "| server | requests/s (median) | server CPU ns per request (median) |"
+    echo "|---|---|---|"
+    printf '| edgepoll http | %.0f | %.0f |\n' "$me_rps" "$me_cpu"
+    printf '| nginx 1.22 | %.0f | %.0f |\n' "$mn_rps" "$mn_cpu"
+    echo "| edgepoll / nginx | $(ratio "$me_rps" "$mn_rps") | $(ratio "$me_cpu" "$mn_cpu") |"
+done
