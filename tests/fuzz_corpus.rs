@@ -7,7 +7,10 @@ use edgepoll::mode::http::{feed_all, Responder};
 
 #[test]
 fn the_http_seed_corpus_answers_the_same_at_every_split() {
-    let config = HttpConfig { max_header_bytes: 1024, ..HttpConfig::default() };
+    let config = HttpConfig {
+        max_header_bytes: 1024,
+        ..HttpConfig::default()
+    };
     let responder = Responder::new(&config);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http_request");
     let mut files = 0;

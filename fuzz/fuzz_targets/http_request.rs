@@ -11,12 +11,18 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    let config = HttpConfig { max_header_bytes: 1024, ..HttpConfig::default() };
+    let config = HttpConfig {
+        max_header_bytes: 1024,
+        ..HttpConfig::default()
+    };
     let responder = Responder::new(&config);
     let split = data[0] as usize % data.len();
     let input = &data[1..];
     let whole = feed_all(&responder, &[input]);
     let split = split.min(input.len());
     let parts = feed_all(&responder, &[&input[..split], &input[split..]]);
-    assert_eq!(whole, parts, "the answer depends on where the input was split");
+    assert_eq!(
+        whole, parts,
+        "the answer depends on where the input was split"
+    );
 });
