@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -141,7 +141,7 @@ impl Acceptor {
     fn accept_all(&mut self, i: usize) {
         loop {
             match socket::accept(self.listeners[i].fd.as_fd()) {
-                Ok((fd, _peer)) => {
+                Ok((fd, peer)) => {
                     if let Some(shed) = self.exhausted.take() {
                         tracing::info!(
                             "descriptors available again on {}; {shed} connections were shed",
@@ -151,7 +151,7 @@ impl Acceptor {
                             self.reserve = open_reserve().ok();
                         }
                     }
-                    self.hand_off(fd);
+                    self.hand_off(fd, peer.ip());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
@@ -221,21 +221,36 @@ impl Acceptor {
     }
 
     /// Gives a new connection to the next worker, or closes it over the limit.
-    fn hand_off(&mut self, fd: OwnedFd) {
+    fn hand_off(&mut self, fd: OwnedFd, ip: IpAddr) {
         if self.shared.open.load(Ordering::Relaxed) >= self.max_connections {
             // Counted before the close, as in `shed`.
             self.metrics.reject(RejectReason::MaxConnections);
             drop(fd);
             return;
         }
+        // An IPv4 client on a dual-stack socket appears as ::ffff:a.b.c.d; count it as
+        // the IPv4 address it is.
+        let ip = ip.to_canonical();
+        let per_ip = self.shared.per_ip.as_ref().map(|limit| (limit, ip));
+        if let Some((limit, ip)) = per_ip {
+            if !limit.try_open(ip) {
+                self.metrics.reject(RejectReason::PerIpLimit);
+                drop(fd);
+                return;
+            }
+        }
         // A peer that already reset makes this fail; the worker will see the reset.
         let _ = socket::set_nodelay(fd.as_fd());
         let worker = &self.workers[self.next % self.workers.len()];
         self.next = self.next.wrapping_add(1);
         self.shared.open.fetch_add(1, Ordering::Relaxed);
-        if worker.tx.send(Msg::Conn(fd)).is_err() {
+        let tracked_ip = per_ip.map(|(_, ip)| ip);
+        if worker.tx.send(Msg::Conn(fd, tracked_ip)).is_err() {
             // The worker has exited (it only does so on a fatal epoll error).
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            if let Some((limit, ip)) = per_ip {
+                limit.close(ip);
+            }
             self.metrics.reject(RejectReason::Error);
             return;
         }

@@ -61,6 +61,9 @@ pub struct Config {
     pub backlog: u32,
     /// Connections beyond this many open ones are accepted and closed at once.
     pub max_connections: usize,
+    /// Connections from one client IP beyond this many are accepted and closed at
+    /// once; None: no per-address limit.
+    pub max_connections_per_ip: Option<usize>,
     /// Outbound bytes a connection may hold before the server stops reading from it.
     pub max_pending_bytes: usize,
     /// Close connections with no traffic for this long; None: never.
@@ -190,6 +193,7 @@ impl Config {
             pin_workers: false,
             backlog: DEFAULT_BACKLOG,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: None,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             idle_timeout: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
@@ -211,6 +215,9 @@ impl Config {
         }
         if self.max_connections == 0 {
             return Err(ConfigError::Zero("max-connections"));
+        }
+        if self.max_connections_per_ip == Some(0) {
+            return Err(ConfigError::Zero("max-connections-per-ip"));
         }
         if self.max_pending_bytes == 0 {
             return Err(ConfigError::Zero("max-pending-bytes"));

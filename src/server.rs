@@ -4,8 +4,9 @@
 //! [`Server::local_addrs`] tells which ports were bound, [`Server::stats`] reads the
 //! published counters, and [`Server::shutdown`] drains and joins.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,7 +30,41 @@ pub(crate) struct Shared {
     pub open: AtomicUsize,
     /// Set when draining begins; `/readyz` answers 503 from then on.
     pub draining: AtomicBool,
+    /// Open connections per client address, with `--max-connections-per-ip`.
+    pub per_ip: Option<PerIpLimit>,
     deadline: Mutex<Option<Instant>>,
+}
+
+/// Open connections per client IP. The acceptor counts a connection in, its worker
+/// counts it out: a lock taken twice per connection, never per byte.
+pub(crate) struct PerIpLimit {
+    limit: u32,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl PerIpLimit {
+    /// Counts a new connection from `ip`, unless `ip` is at its limit.
+    pub(crate) fn try_open(&self, ip: IpAddr) -> bool {
+        let mut open = self.open.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts a connection from `ip` as closed.
+    pub(crate) fn close(&self, ip: IpAddr) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                // Forget the address, so the map holds only clients with connections.
+                open.remove(&ip);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -81,6 +116,10 @@ impl Server {
         let shared = Arc::new(Shared {
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            per_ip: config.max_connections_per_ip.map(|limit| PerIpLimit {
+                limit: limit.min(u32::MAX as usize) as u32,
+                open: Mutex::new(HashMap::new()),
+            }),
             deadline: Mutex::new(None),
         });
         let mut server = Server {

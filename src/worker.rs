@@ -30,7 +30,9 @@
 //! eventfd only when the worker said it was about to sleep, so a busy worker is not
 //! woken once per connection.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,8 +56,9 @@ const EVENTS_PER_WAIT: usize = 1024;
 
 /// What the acceptor sends a worker.
 pub(crate) enum Msg {
-    /// A new connection, already non-blocking.
-    Conn(OwnedFd),
+    /// A new connection, already non-blocking, with its client address when a
+    /// per-address limit counts it.
+    Conn(OwnedFd, Option<IpAddr>),
     /// Stop serving input, flush what is owed, and exit by the deadline.
     Drain(Instant),
 }
@@ -134,6 +137,9 @@ pub(crate) struct Worker {
     published_buffered: i64,
     shared: Arc<Shared>,
     drain_deadline: Option<Instant>,
+    /// Client addresses of this worker's connections, kept only when
+    /// `--max-connections-per-ip` is set, so that a close can be counted out.
+    peer_ips: HashMap<Token, IpAddr>,
 }
 
 impl Worker {
@@ -183,6 +189,7 @@ impl Worker {
             published_buffered: 0,
             shared,
             drain_deadline: None,
+            peer_ips: HashMap::new(),
         };
         Ok((worker, WorkerHandle { tx, waker }))
     }
@@ -288,13 +295,13 @@ impl Worker {
     fn take_messages(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
-                Msg::Conn(fd) => self.register(fd),
+                Msg::Conn(fd, ip) => self.register(fd, ip),
                 Msg::Drain(deadline) => self.begin_drain(deadline),
             }
         }
     }
 
-    fn register(&mut self, fd: OwnedFd) {
+    fn register(&mut self, fd: OwnedFd, ip: Option<IpAddr>) {
         let mut conn = Conn::new(fd, self.now_ms);
         if self.drain_deadline.is_some() {
             conn.set(flags::DRAINING | flags::READ_PENDING);
@@ -308,8 +315,14 @@ impl Worker {
             tracing::warn!(worker = self.id, "{e}; closing the new connection");
             self.slab.remove(token);
             self.shared.open.fetch_sub(1, Ordering::Relaxed);
+            if let (Some(limit), Some(ip)) = (&self.shared.per_ip, ip) {
+                limit.close(ip);
+            }
             self.metrics.reject(RejectReason::Error);
             return;
+        }
+        if let Some(ip) = ip {
+            self.peer_ips.insert(token, ip);
         }
         self.counters.accepted += 1;
         self.counters.active += 1;
@@ -474,6 +487,11 @@ impl Worker {
         let lived_ms = self.now_ms.saturating_sub(conn.opened_ms);
         self.metrics.observe_duration(lived_ms as f64 / 1000.0);
         self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.peer_ips.remove(&token) {
+            if let Some(limit) = &self.shared.per_ip {
+                limit.close(ip);
+            }
+        }
         // Dropping the socket closes it, which also removes it from the epoll set.
         drop(conn);
     }

@@ -310,3 +310,43 @@ fn port_zero_reports_the_bound_port_and_a_taken_port_is_a_clear_error() {
         "{msg}"
     );
 }
+
+#[test]
+fn connections_over_the_per_ip_limit_are_closed_and_other_addresses_are_not_affected() {
+    let server = echo_server(2, |c| {
+        c.max_connections_per_ip = Some(3);
+        c.listen = vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()];
+    });
+    let (v4, v6) = (server.local_addrs()[0], server.local_addrs()[1]);
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect(v4)).collect();
+    for s in held.iter_mut() {
+        echo_roundtrip(s, b"within the limit");
+    }
+    let mut fourth = connect(v4);
+    let _ = fourth.write_all(b"one too many");
+    let (got, _) = read_to_end(&mut fourth);
+    assert!(
+        got.is_empty(),
+        "the fourth connection from 127.0.0.1 got an echo"
+    );
+    assert_eq!(
+        server
+            .metrics()
+            .rejected(edgepoll::RejectReason::PerIpLimit),
+        1
+    );
+    // Another address has its own allowance.
+    echo_roundtrip(&mut connect(v6), b"from ::1");
+    // And 127.0.0.1 gets a slot back when one of its connections closes.
+    drop(held.pop());
+    wait_for("the close to be counted out", || {
+        server.open_connections() == 2
+    });
+    echo_roundtrip(&mut connect(v4), b"welcome back");
+    assert_eq!(
+        server
+            .metrics()
+            .rejected(edgepoll::RejectReason::PerIpLimit),
+        1
+    );
+}

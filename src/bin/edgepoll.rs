@@ -111,6 +111,11 @@ struct ServerArgs {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// Connections allowed from one client IP; beyond it new ones are accepted and
+    /// closed at once (counted as rejected, reason per_ip_limit) [default: off]
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+
     /// Outbound bytes held per connection for a peer that does not read; at the cap the
     /// server stops reading from it (e.g. 262144, 256KiB, 1MiB)
     #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_size)]
@@ -252,6 +257,7 @@ fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
         config.workers = w;
     }
     config.pin_workers = args.pin_workers;
+    config.max_connections_per_ip = args.max_connections_per_ip;
     config.backlog = args.backlog;
     config.max_pending_bytes = args.max_pending_bytes;
     config.idle_timeout = args.idle_timeout;

@@ -87,6 +87,8 @@ pub enum RejectReason {
     FdLimit,
     /// The connection could not be set up (registration failed).
     Error,
+    /// `--max-connections-per-ip` were already open from that address.
+    PerIpLimit,
 }
 
 impl RejectReason {
@@ -101,6 +103,7 @@ impl RejectReason {
             RejectReason::MaxConnections => "max_connections",
             RejectReason::FdLimit => "fd_limit",
             RejectReason::Error => "error",
+            RejectReason::PerIpLimit => "per_ip_limit",
         }
     }
 }
