@@ -66,6 +66,9 @@ pub struct Config {
     pub max_connections_per_ip: Option<usize>,
     /// Outbound bytes a connection may hold before the server stops reading from it.
     pub max_pending_bytes: usize,
+    /// Outbound bytes all connections together may hold; past it, connections that
+    /// hold buffered bytes stop reading until the total falls.
+    pub max_buffered_bytes: usize,
     /// Close connections with no traffic for this long; None: never.
     pub idle_timeout: Option<Duration>,
     /// Time open connections get to flush what is owed once draining begins.
@@ -195,6 +198,7 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: None,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            max_buffered_bytes: default_max_buffered_bytes(),
             idle_timeout: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
@@ -222,6 +226,9 @@ impl Config {
         if self.max_pending_bytes == 0 {
             return Err(ConfigError::Zero("max-pending-bytes"));
         }
+        if self.max_buffered_bytes == 0 {
+            return Err(ConfigError::Zero("max-buffered-bytes"));
+        }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err(ConfigError::Zero("idle-timeout"));
         }
@@ -234,6 +241,12 @@ impl Config {
 
 /// An upper bound that catches a typo (`--workers 10000`) before it spawns threads.
 pub const MAX_WORKERS: usize = 1024;
+
+/// A quarter of physical memory (1 GiB if it cannot be read): room for the kernel's
+/// own socket buffers and everything else on the machine.
+pub fn default_max_buffered_bytes() -> usize {
+    crate::sys::mem::physical_memory().map_or(1 << 30, |m| (m / 4) as usize)
+}
 
 /// The number of CPUs this process may run on (affinity mask and cgroup quota).
 pub fn default_workers() -> usize {

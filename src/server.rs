@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,6 +32,11 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     /// Open connections per client address, with `--max-connections-per-ip`.
     pub per_ip: Option<PerIpLimit>,
+    /// Bytes in all outbound buffers; written by a worker only when one of its buffers
+    /// grows or shrinks (the slow path), read once per loop turn.
+    pub buffered: AtomicI64,
+    /// `--max-buffered-bytes`.
+    pub max_buffered: i64,
     deadline: Mutex<Option<Instant>>,
 }
 
@@ -116,6 +121,8 @@ impl Server {
         let shared = Arc::new(Shared {
             open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            buffered: AtomicI64::new(0),
+            max_buffered: config.max_buffered_bytes.min(i64::MAX as usize) as i64,
             per_ip: config.max_connections_per_ip.map(|limit| PerIpLimit {
                 limit: limit.min(u32::MAX as usize) as u32,
                 open: Mutex::new(HashMap::new()),
@@ -218,6 +225,11 @@ impl Server {
     /// [`crate::metrics::PUBLISH_INTERVAL`] of a change).
     pub fn stats(&self) -> Vec<WorkerStats> {
         self.metrics.worker_stats()
+    }
+
+    /// Bytes held in outbound buffers now, across workers.
+    pub fn buffered_bytes(&self) -> i64 {
+        self.shared.buffered.load(Ordering::Relaxed)
     }
 
     /// Connections open now, across workers (exact, not published).

@@ -203,6 +203,8 @@ impl Worker {
                 break;
             }
             self.tick();
+            self.counters.global_room =
+                self.shared.max_buffered - self.shared.buffered.load(Ordering::Relaxed);
             self.take_messages();
             for i in 0..self.events.len() {
                 let event = self.events.get(i);
@@ -392,7 +394,11 @@ impl Worker {
         step: Step,
     ) {
         if let Some(conn) = self.slab.get_mut(token) {
-            self.counters.buffered += conn.pending() as i64 - pending_before as i64;
+            let delta = conn.pending() as i64 - pending_before as i64;
+            if delta != 0 {
+                self.counters.buffered += delta;
+                self.shared.buffered.fetch_add(delta, Ordering::Relaxed);
+            }
             // An earlier deadline needs its own wheel entry; a later one is found by
             // the entry already there, which re-arms itself.
             let deadline = conn.deadline_ms;
@@ -483,7 +489,12 @@ impl Worker {
         };
         self.counters.closed[reason as usize] += 1;
         self.counters.active -= 1;
-        self.counters.buffered -= conn.pending() as i64;
+        let held = conn.pending() as i64;
+        if held != 0 {
+            self.counters.buffered -= held;
+            self.counters.global_room += held;
+            self.shared.buffered.fetch_sub(held, Ordering::Relaxed);
+        }
         let lived_ms = self.now_ms.saturating_sub(conn.opened_ms);
         self.metrics.observe_duration(lived_ms as f64 / 1000.0);
         self.shared.open.fetch_sub(1, Ordering::Relaxed);

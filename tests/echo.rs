@@ -350,3 +350,61 @@ fn connections_over_the_per_ip_limit_are_closed_and_other_addresses_are_not_affe
         1
     );
 }
+
+#[test]
+fn the_global_buffer_bound_pauses_holders_and_everyone_gets_every_byte() {
+    const LIMIT: usize = 256 * 1024;
+    const TOTAL: usize = 8 << 20;
+    const CHUNK: usize = 64 * 1024;
+    let server = echo_server(1, |c| {
+        c.max_pending_bytes = 1 << 20;
+        c.max_buffered_bytes = LIMIT;
+    });
+    let clients: Vec<TcpStream> = (0..4).map(|_| connect(server.local_addr())).collect();
+    let writers: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(id, c)| {
+            let mut w = c.try_clone().unwrap();
+            std::thread::spawn(move || {
+                for i in 0..TOTAL / CHUNK {
+                    w.write_all(&pattern(id as u64, (i * CHUNK) as u64, CHUNK))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    // Nobody reads: the buffers fill until the global bound stops them.
+    wait_for("the holders to pause", || {
+        server.stats()[0].backpressure_pauses >= 4
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let held = server.buffered_bytes();
+    // Each connection alone could hold 1 MiB; together they stop at 256 KiB, past it
+    // by at most one small read per connection that held nothing when it was reached.
+    assert!(
+        held as usize <= LIMIT + 4 * edgepoll::mode::SMALL_READ,
+        "{held} bytes buffered"
+    );
+    assert!(
+        held as usize >= LIMIT / 2,
+        "{held} bytes buffered: the bound, not the cap, stopped them"
+    );
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(id, mut c)| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; CHUNK];
+                for i in 0..TOTAL / CHUNK {
+                    c.read_exact(&mut buf).unwrap();
+                    assert_same(&pattern(id as u64, (i * CHUNK) as u64, CHUNK), &buf);
+                }
+            })
+        })
+        .collect();
+    for t in writers.into_iter().chain(readers) {
+        t.join().unwrap();
+    }
+    wait_for("the buffers to empty", || server.buffered_bytes() == 0);
+}

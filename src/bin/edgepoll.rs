@@ -121,6 +121,12 @@ struct ServerArgs {
     #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_size)]
     max_pending_bytes: usize,
 
+    /// Outbound bytes all connections together may hold; past it, connections that hold
+    /// buffered bytes stop reading until the total falls (e.g. 4GiB) [default: a quarter
+    /// of physical memory]
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    max_buffered_bytes: Option<usize>,
+
     /// Close connections with no traffic for this long (e.g. 300, 30s, 5m) [default: off]
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
@@ -260,6 +266,9 @@ fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
     config.max_connections_per_ip = args.max_connections_per_ip;
     config.backlog = args.backlog;
     config.max_pending_bytes = args.max_pending_bytes;
+    if let Some(b) = args.max_buffered_bytes {
+        config.max_buffered_bytes = b;
+    }
     config.idle_timeout = args.idle_timeout;
     config.drain_timeout = args.drain_timeout;
     config.metrics_listen = match args.metrics_listen.as_str() {

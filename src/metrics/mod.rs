@@ -406,6 +406,10 @@ pub struct Counters {
     pub peak_pending: usize,
     /// HTTP responses by status, indexed like [`http_statuses`].
     pub http: [u64; 6],
+    /// Room left under `--max-buffered-bytes` as this worker sees it: refreshed from
+    /// the shared total every loop turn, then kept exact for this worker's own changes.
+    /// Not published.
+    pub global_room: i64,
 }
 
 /// The label children one worker publishes to.

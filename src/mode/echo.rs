@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::AsFd;
 
-use super::{finish, flush_owed, send, Io, Step, READ_BUDGET};
+use super::{finish, flush_owed, pause, read_room, send, Io, Step, READ_BUDGET};
 use crate::conn::{flags, Conn};
 use crate::metrics::CloseReason;
 use crate::sys::socket;
@@ -31,16 +31,11 @@ pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
 
     let mut budget = READ_BUDGET;
     loop {
-        let room = io.cap - conn.pending();
+        let room = read_room(conn, io);
         if room == 0 {
             // Rule 3: stop reading at the cap. Input left in the kernel will get no new
             // edge, so READ_PENDING makes the worker come back when the buffer drains.
-            if !conn.has(flags::PAUSED) {
-                conn.set(flags::PAUSED);
-                io.counters.pauses += 1;
-            }
-            conn.set(flags::READ_PENDING);
-            return Step::Idle;
+            return pause(conn, io);
         }
         let want = io.buf.len().min(room).min(budget);
         match socket::read(conn.fd.as_fd(), &mut io.buf[..want]) {

@@ -11,7 +11,7 @@ use std::io::{self, Write as _};
 use std::os::fd::AsFd;
 use std::time::SystemTime;
 
-use super::{finish, flush_owed, lingered, send, Io, Step, READ_BUDGET};
+use super::{finish, flush_owed, lingered, pause, read_room, send, Io, Step, READ_BUDGET};
 use crate::config::HttpConfig;
 use crate::conn::{flags, Conn};
 use crate::http1::{content_length, has_token, is_chunked, Chunked};
@@ -389,16 +389,11 @@ pub fn serve(
     conn.clear(flags::READ_PENDING);
     let mut budget = READ_BUDGET;
     loop {
-        if conn.pending() >= io.cap {
+        if read_room(conn, io) == 0 {
             // Rule 3: a client that pipelines without reading stops being read. The
             // responses to one read can take the buffer past the cap by at most what
             // one read's requests produce.
-            if !conn.has(flags::PAUSED) {
-                conn.set(flags::PAUSED);
-                io.counters.pauses += 1;
-            }
-            conn.set(flags::READ_PENDING);
-            return Step::Idle;
+            return pause(conn, io);
         }
         let want = io.buf.len().min(budget);
         match socket::read(conn.fd.as_fd(), &mut io.buf[..want]) {

@@ -54,6 +54,7 @@ pub(crate) fn flush_owed(conn: &mut Conn, io: &mut Io<'_>) -> Result<(), Step> {
             Ok(n) => {
                 if n > 0 {
                     io.counters.sent += n as u64;
+                    io.counters.global_room += n as i64;
                     conn.last_active_ms = io.now_ms;
                 }
             }
@@ -66,11 +67,45 @@ pub(crate) fn flush_owed(conn: &mut Conn, io: &mut Io<'_>) -> Result<(), Step> {
     Ok(())
 }
 
+/// Bytes the connection may read now; 0 means pause. Two bounds apply:
+/// `--max-pending-bytes` for the connection, and `--max-buffered-bytes` for all
+/// outbound buffers together. Under the global bound a connection that holds buffered
+/// bytes may read only what the remaining room could absorb, and none once it is gone:
+/// the holders pause first. A connection that holds nothing is never paused by it
+/// (it would get no EPOLLOUT edge to wake it), but reads at most [`SMALL_READ`] at a
+/// time past the bound, so the bound is exceeded by at most that per connection.
+pub(crate) fn read_room(conn: &Conn, io: &Io<'_>) -> usize {
+    let pending = conn.pending();
+    let global = io.counters.global_room.max(0) as usize;
+    let allowed = if pending == 0 {
+        global.max(SMALL_READ)
+    } else {
+        global
+    };
+    io.cap.saturating_sub(pending).min(allowed)
+}
+
+/// The read size of a connection that holds nothing once all outbound buffers are at
+/// `--max-buffered-bytes`.
+pub const SMALL_READ: usize = 4096;
+
+/// Marks a connection paused by backpressure (counted once per episode); the worker
+/// comes back to it when its buffer drains.
+pub(crate) fn pause(conn: &mut Conn, io: &mut Io<'_>) -> Step {
+    if !conn.has(flags::PAUSED) {
+        conn.set(flags::PAUSED);
+        io.counters.pauses += 1;
+    }
+    conn.set(flags::READ_PENDING);
+    Step::Idle
+}
+
 /// Sends bytes after what is owed, counting what went out now.
 pub(crate) fn send(conn: &mut Conn, counters: &mut Counters, data: &[u8]) -> Result<(), Step> {
     match conn.send(data) {
         Ok(w) => {
             counters.sent += w as u64;
+            counters.global_room -= (data.len() - w) as i64;
             let pending = conn.pending();
             if pending > counters.peak_pending {
                 counters.peak_pending = pending;

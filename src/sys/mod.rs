@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod epoll;
 pub mod eventfd;
+pub mod mem;
 pub mod rlimit;
 pub mod signal;
 pub mod socket;
@@ -34,6 +35,12 @@ pub(crate) trait IsMinusOne {
 }
 
 impl IsMinusOne for i32 {
+    fn is_minus_one(&self) -> bool {
+        *self == -1
+    }
+}
+
+impl IsMinusOne for i64 {
     fn is_minus_one(&self) -> bool {
         *self == -1
     }
