@@ -28,7 +28,7 @@ pub enum ChunkError {
     TrailersTooLong,
 }
 
-/// Longest chunk-size line or trailer line accepted.
+/// Longest chunk-size line or trailer line accepted, CRLF included.
 pub const MAX_LINE: usize = 4096;
 
 impl Default for Chunked {
@@ -54,6 +54,10 @@ impl Chunked {
             match self.state {
                 ChunkState::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((n, size))) => {
+                        // The same limit whether the line arrived whole or in pieces.
+                        if n > MAX_LINE {
+                            return Err(ChunkError::LineTooLong);
+                        }
                         pos += n;
                         self.state = if size == 0 {
                             ChunkState::Trailers
@@ -62,7 +66,8 @@ impl Chunked {
                         };
                     }
                     Ok(httparse::Status::Partial) => {
-                        if rest.len() > MAX_LINE {
+                        // The line will be at least one byte longer than what is here.
+                        if rest.len() >= MAX_LINE {
                             return Err(ChunkError::LineTooLong);
                         }
                         return Ok((pos, false));
@@ -95,11 +100,14 @@ impl Chunked {
                 }
                 ChunkState::Trailers => {
                     let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-                        if rest.len() > MAX_LINE {
+                        if rest.len() >= MAX_LINE {
                             return Err(ChunkError::TrailersTooLong);
                         }
                         return Ok((pos, false));
                     };
+                    if eol + 2 > MAX_LINE {
+                        return Err(ChunkError::TrailersTooLong);
+                    }
                     pos += eol + 2;
                     if eol == 0 {
                         self.state = ChunkState::Size;

@@ -1,4 +1,4 @@
-//! Replays the fuzz target's checked-in seed corpus as a regular test, with the same
+//! Replays the fuzz targets' checked-in seed corpora as a regular test, with the same
 //! property the fuzz target checks: no panic, and the same answer however the input is
 //! split between two reads.
 
@@ -25,4 +25,21 @@ fn the_http_seed_corpus_answers_the_same_at_every_split() {
         files += 1;
     }
     assert!(files >= 10, "the corpus is there");
+}
+
+#[test]
+fn the_http_response_seed_corpus_parses_the_same_at_every_split() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http_response");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        let input = &data[1..];
+        let whole = edgepoll::load::http::parse_all(&[input]);
+        for split in 0..=input.len() {
+            let parts = edgepoll::load::http::parse_all(&[&input[..split], &input[split..]]);
+            assert_eq!(whole, parts, "split at {split}");
+        }
+        files += 1;
+    }
+    assert!(files >= 5, "the corpus is there");
 }

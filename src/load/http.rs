@@ -77,9 +77,14 @@ impl ResponseParser {
                     let mut headers = [httparse::EMPTY_HEADER; 64];
                     let mut resp = httparse::Response::new(&mut headers);
                     let n = match resp.parse(rest) {
+                        // The same limit whether the head arrived whole or in pieces.
+                        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+                            return Err(ParseError::HeadTooLarge)
+                        }
                         Ok(httparse::Status::Complete(n)) => n,
                         Ok(httparse::Status::Partial) => {
-                            if rest.len() > MAX_HEAD {
+                            // The head will be at least one byte longer than this.
+                            if rest.len() >= MAX_HEAD {
                                 return Err(ParseError::HeadTooLarge);
                             }
                             return Ok((pos, None));
@@ -170,6 +175,31 @@ impl ResponseParser {
             close: self.close,
         }
     }
+}
+
+/// Parses `reads` as consecutive reads of one connection, keeping each unparsed rest,
+/// then the close. Returns the responses, or the error that stopped parsing. For tests
+/// and the fuzz target.
+pub fn parse_all(reads: &[&[u8]]) -> Result<Vec<Response>, ParseError> {
+    let mut parser = ResponseParser::new();
+    let mut held: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    for read in reads {
+        held.extend_from_slice(read);
+        loop {
+            let (n, resp) = parser.parse(&held)?;
+            assert!(n <= held.len(), "consumed more than it was given");
+            held.drain(..n);
+            match resp {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+    }
+    if let Some(r) = parser.eof() {
+        out.push(r);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

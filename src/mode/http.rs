@@ -181,7 +181,9 @@ impl Responder {
             let head_len = match req.parse(rest) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => {
-                    if rest.len() > self.max_header_bytes {
+                    // The head will be at least one byte longer than what is here, so
+                    // this is the same limit as for a head that arrives whole.
+                    if rest.len() >= self.max_header_bytes {
                         return self.error(out, counts, idx::HEADERS_TOO_LARGE, pos);
                     }
                     return Feed {
