@@ -170,3 +170,30 @@ fn pin_workers_puts_worker_i_on_core_i() {
         );
     }
 }
+
+#[test]
+fn a_low_open_file_limit_lowers_max_connections_and_says_so() {
+    let bin = env!("CARGO_BIN_EXE_edgepoll");
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 256 && exec {bin} echo --listen 127.0.0.1:0 --metrics-listen off --workers 2 --max-connections 5000"),
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let running = Running(child);
+    let warning = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("open-file limit"))
+        .expect("a line about the open-file limit");
+    // 256 descriptors, less 64 reserved and 2 per worker.
+    assert!(
+        warning.contains("open-file limit is 256: --max-connections lowered from 5000 to 188"),
+        "{warning}"
+    );
+    drop(running);
+}
