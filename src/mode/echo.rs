@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::AsFd;
 
-use super::{finish, flush_owed, pause, read_room, send, Io, Step, READ_BUDGET};
+use super::{begin, caught_up, finish, pause, read_room, send, Io, Step, READ_BUDGET};
 use crate::conn::{flags, Conn};
 use crate::metrics::CloseReason;
 use crate::sys::socket;
@@ -17,17 +17,10 @@ use crate::sys::socket;
 /// has closed (or the socket has an error: [`flags::HUP_SEEN`]), short reads are not
 /// taken as "drained" and reading goes on until the 0 or the error it will return.
 pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
-    let hup = conn.has(flags::HUP_SEEN);
-    if let Err(step) = flush_owed(conn, io) {
+    if let Some(step) = begin(conn, io, readable) {
         return step;
     }
-    if conn.has(flags::INPUT_DONE) {
-        return finish(conn, io);
-    }
-    if !(readable || hup || conn.has(flags::READ_PENDING)) {
-        return Step::Idle;
-    }
-    conn.clear(flags::READ_PENDING);
+    let hup = conn.has(flags::HUP_SEEN);
 
     let mut budget = READ_BUDGET;
     loop {
@@ -66,13 +59,4 @@ pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
             Err(e) => return Step::Close(CloseReason::of_error(&e)),
         }
     }
-}
-
-/// Input is drained for now. A draining server stops serving input here.
-fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
-    if conn.has(flags::DRAINING) {
-        conn.set(flags::INPUT_DONE);
-        return finish(conn, io);
-    }
-    Step::Idle
 }

@@ -11,7 +11,7 @@ use std::io::{self, Write as _};
 use std::os::fd::AsFd;
 use std::time::SystemTime;
 
-use super::{finish, flush_owed, lingered, pause, read_room, send, Io, Step, READ_BUDGET};
+use super::{begin, caught_up, finish, lingered, pause, read_room, send, Io, Step, READ_BUDGET};
 use crate::config::HttpConfig;
 use crate::conn::{flags, Conn};
 use crate::http1::{content_length, has_token, is_chunked, Chunked};
@@ -378,17 +378,10 @@ pub fn serve(
     r: &Responder,
     out: &mut Vec<u8>,
 ) -> Step {
-    let hup = conn.has(flags::HUP_SEEN);
-    if let Err(step) = flush_owed(conn, io) {
+    if let Some(step) = begin(conn, io, readable) {
         return step;
     }
-    if conn.has(flags::INPUT_DONE) {
-        return finish(conn, io);
-    }
-    if !(readable || hup || conn.has(flags::READ_PENDING)) {
-        return Step::Idle;
-    }
-    conn.clear(flags::READ_PENDING);
+    let hup = conn.has(flags::HUP_SEEN);
     let mut budget = READ_BUDGET;
     loop {
         if read_room(conn, io) == 0 {
@@ -484,15 +477,6 @@ fn feed_session(
         conn.session = Some(Box::new(local));
     }
     feed
-}
-
-/// Input is drained for now; a draining server stops serving here.
-fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
-    if conn.has(flags::DRAINING) {
-        conn.set(flags::INPUT_DONE);
-        return finish(conn, io);
-    }
-    Step::Idle
 }
 
 /// The connection's deadline passed: a lingering close ends, or a request head took

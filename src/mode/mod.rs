@@ -116,6 +116,33 @@ pub(crate) fn send(conn: &mut Conn, counters: &mut Counters, data: &[u8]) -> Res
     }
 }
 
+/// What every mode does first when a connection is served: flush what is owed, finish
+/// a connection whose input is done, and decide whether to read at all (an edge
+/// reported input, the peer hung up, or reading stopped early last time). `None` means
+/// go on and read; READ_PENDING is cleared for the read that follows.
+pub(crate) fn begin(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Option<Step> {
+    if let Err(step) = flush_owed(conn, io) {
+        return Some(step);
+    }
+    if conn.has(flags::INPUT_DONE) {
+        return Some(finish(conn, io));
+    }
+    if !(readable || conn.has(flags::HUP_SEEN) || conn.has(flags::READ_PENDING)) {
+        return Some(Step::Idle);
+    }
+    conn.clear(flags::READ_PENDING);
+    None
+}
+
+/// Input is drained for now. A draining server stops serving input here.
+pub(crate) fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
+    if conn.has(flags::DRAINING) {
+        conn.set(flags::INPUT_DONE);
+        return finish(conn, io);
+    }
+    Step::Idle
+}
+
 /// Why a connection that is finishing ends, once the peer has closed too.
 fn closing_reason(conn: &Conn) -> CloseReason {
     if conn.has(flags::PROTO_ERROR) {
