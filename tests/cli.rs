@@ -35,6 +35,26 @@ fn help_lists_every_flag_with_an_example() {
 }
 
 #[test]
+fn http_help_lists_its_flags() {
+    let out = edgepoll().args(["http", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--body",
+        "--body-file",
+        "--status",
+        "--content-type",
+        "--header",
+        "--max-header-bytes",
+        "--header-timeout",
+        "--max-connections-per-ip",
+        "--max-buffered-bytes",
+        "Example:",
+    ] {
+        assert!(help.contains(flag), "http --help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
 fn bad_flags_get_one_clear_line_and_exit_2() {
     for (args, expect) in [
         (
@@ -48,6 +68,18 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
         ),
         (vec!["echo", "--idle-timeout", "5 days"], "invalid duration"),
         (vec!["gopher"], "unrecognized subcommand"),
+        (
+            vec!["http", "--status", "99"],
+            "--status must be a final status code",
+        ),
+        (
+            vec!["http", "--header", "Content-Length: 5"],
+            "sets this header itself",
+        ),
+        (
+            vec!["http", "--body-file", "/nonexistent/body"],
+            "--body-file /nonexistent/body",
+        ),
     ] {
         let out = edgepoll().args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

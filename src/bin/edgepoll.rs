@@ -14,8 +14,8 @@ use edgepoll::Server;
 #[command(
     name = "edgepoll",
     version,
-    about = "An edge-triggered epoll TCP server: echo, relay and HTTP load-test targets",
-    long_about = "An edge-triggered epoll TCP server: echo, relay and HTTP load-test targets.\n\n\
+    about = "An edge-triggered epoll TCP server: echo and HTTP load-test targets (relay planned)",
+    long_about = "An edge-triggered epoll TCP server: echo and HTTP load-test targets (relay planned).\n\n\
         One acceptor thread hands connections round-robin to N workers, each with its own \
         edge-triggered epoll instance. Prometheus metrics are served on --metrics-listen. \
         SIGTERM or SIGINT drains: listeners close at once, open connections get \
