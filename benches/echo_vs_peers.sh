@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# edgepoll echo against its peers: the tokio echo server (task per connection, 16 KiB
+# buffer, the same worker count) and the floor (a bare edge-triggered loop on the same
+# sys layer). Each server pinned to core 0 with one worker, edgeload on core 1, 50
+# connections of 64-byte messages at depth 1 and depth 16. Alternates the servers run by
+# run; reports median messages/s and median server CPU per message (/proc/PID/stat).
+#
+#   bash benches/echo_vs_peers.sh             # RUNS=5 DURATION=5s
+source "$(dirname "$0")/lib.sh"
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-5}
+DURATION=${DURATION:-5s}
+
+peer_bin() { # NAME: the built peer binary
+    cargo bench --no-run --bench "$1" --message-format=json 2>/dev/null |
+        grep -o '"executable":"[^"]*'"$1"'[^"]*"' | cut -d'"' -f4 | head -1
+}
+TOKIO=$(peer_bin tokio_echo)
+FLOOR=$(peer_bin floor_echo)
+[[ -x $TOKIO && -x $FLOOR ]] || { echo "could not build the peers" >&2; exit 1; }
+
+# start_peer BIN ARGS...: starts a peer on core 0; sets EP_PID and EP_ADDR.
+start_peer() {
+    taskset -c 0 "$@" >"$WORK/peer.log" 2>&1 &
+    EP_PID=$!
+    BG_PIDS+=("$EP_PID")
+    local i
+    for i in $(seq 100); do grep -q 'listening on' "$WORK/peer.log" && break; sleep 0.05; done
+    EP_ADDR=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/peer.log")
+}
+
+one_run() { # SERVER DEPTH: prints "messages/s cpu_ns_per_message"
+    case $1 in
+        edgepoll) start_edgepoll echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off ;;
+        tokio) start_peer "$TOKIO" 127.0.0.1:0 1 ;;
+        floor) start_peer "$FLOOR" 127.0.0.1:0 ;;
+    esac
+    local before after
+    before=$(cpu_seconds "$EP_PID")
+    taskset -c 1 "$BIN_DIR/edgeload" -t1 -c50 --depth "$2" -d"$DURATION" --json "tcp://$EP_ADDR" >"$WORK/load.json"
+    after=$(cpu_seconds "$EP_PID")
+    stop_pid "$EP_PID"
+    grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
+    local reqs rps
+    reqs=$(json_field "$WORK/load.json" requests)
+    rps=$(json_field "$WORK/load.json" requests_per_sec)
+    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" 'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
+}
+
+echo "Machine: $(machine). Server (1 worker) on core 0, edgeload on core 1, 50 connections, 64-byte messages, $DURATION x $RUNS runs each, alternating."
+for depth in 1 16; do
+    declare -A rps_list=() cpu_list=()
+    for run in $(seq "$RUNS"); do
+        for server in edgepoll tokio floor; do
+            read -r rps cpu < <(one_run "$server" "$depth")
+            rps_list[$server]+="$rps "
+            cpu_list[$server]+="$cpu "
+            echo "depth $depth run $run: $server $rps msg/s $cpu ns/msg" >&2
+        done
+    done
+    echo
+    echo "### 64-byte echo, depth $depth"
+    echo
+    echo "| server | messages/s (median) | server CPU ns per message (median) | CPU vs edgepoll |"
+    echo "|---|---|---|---|"
+    # shellcheck disable=SC2086
+    ep_cpu=$(median ${cpu_list[edgepoll]})
+    for server in edgepoll tokio floor; do
+        # shellcheck disable=SC2086
+        m_rps=$(median ${rps_list[$server]})
+        # shellcheck disable=SC2086
+        m_cpu=$(median ${cpu_list[$server]})
+        printf '| %s | %.0f | %.0f | %s |\n' "$server" "$m_rps" "$m_cpu" "$(ratio "$m_cpu" "$ep_cpu")"
+    done
+done
