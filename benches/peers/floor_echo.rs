@@ -15,7 +15,9 @@ use edgepoll::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use edgepoll::sys::socket;
 
 fn main() -> io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:0".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:0".into());
     if addr == "--bench" {
         return Ok(()); // `cargo bench` runs every bench target; this one is a program.
     }
@@ -40,7 +42,9 @@ fn main() -> io::Result<()> {
                 }
                 continue;
             }
-            let Some(fd) = conns.get(&event.token) else { continue };
+            let Some(fd) = conns.get(&event.token) else {
+                continue;
+            };
             let mut close = false;
             loop {
                 match socket::read(fd.as_fd(), &mut buf) {

@@ -23,7 +23,9 @@ fn main() {
         let listener = TcpListener::bind(&addr).await.expect("bind");
         println!("listening on {}", listener.local_addr().unwrap());
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else { continue };
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = socket.set_nodelay(true);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 * 1024];
