@@ -283,3 +283,44 @@ fn bad_arguments_get_one_line_and_exit_2() {
         assert!(out.stdout.is_empty());
     }
 }
+
+#[test]
+fn reconnect_opens_a_connection_per_request() {
+    let server = echo_server(1, |_| {});
+    let url = format!("tcp://{}", server.local_addr());
+    let c = config(&url, |c| {
+        c.connections = 4;
+        c.reconnect = true;
+        c.duration = Duration::from_millis(500);
+    });
+    let r = load::run(&c, |_, _| {}).unwrap();
+    assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
+    assert!(r.requests > 50, "{}", r.requests);
+    wait_for("every connection to be counted", || {
+        server.open_connections() == 0
+            && total(&server, |s| s.closed_total()) == total(&server, |s| s.accepted)
+    });
+    // One connection per completed request, plus the probe, plus at most one per
+    // slot still waiting for its answer when the test ended.
+    let accepted = total(&server, |s| s.accepted);
+    assert!(
+        accepted > r.requests,
+        "{accepted} connections for {} requests",
+        r.requests
+    );
+    assert!(
+        accepted <= r.requests + 1 + c.connections as u64,
+        "{accepted} connections for {} requests",
+        r.requests
+    );
+    // --reconnect with pipelining is refused.
+    let bad = config(&url, |c| {
+        c.reconnect = true;
+        c.depth = 2;
+    });
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("--depth 1"));
+}

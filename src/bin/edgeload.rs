@@ -60,6 +60,11 @@ struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     timeout: Duration,
 
+    /// Close each connection after its response and open a new one: measures
+    /// connection churn (connect, one request, close)
+    #[arg(long)]
+    reconnect: bool,
+
     /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99)
     #[arg(long)]
     latency: bool,
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
     config.size = cli.size;
     config.depth = cli.depth;
     config.timeout = cli.timeout;
+    config.reconnect = cli.reconnect;
     if let Err(e) = config.validate() {
         return usage_error(&e);
     }

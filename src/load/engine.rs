@@ -493,6 +493,10 @@ impl Engine<'_> {
                 if let Some((from, _)) = conn.in_flight.pop_front() {
                     record(&mut self.stats, from, now);
                 }
+                if self.config.reconnect && conn.in_flight.is_empty() {
+                    // Connection churn: this connection has done its one exchange.
+                    return false;
+                }
             }
         }
         true
@@ -516,9 +520,10 @@ impl Engine<'_> {
                     if !self.complete_http(i, resp.status, now) {
                         return false;
                     }
-                    if resp.close {
-                        // The server closes after this one; anything pipelined behind
-                        // it is lost, which is the server's choice, not an error.
+                    if resp.close || self.config.reconnect {
+                        // The server closes after this one (anything pipelined behind
+                        // it is lost, which is the server's choice, not an error), or
+                        // --reconnect asks for a new connection per request.
                         return false;
                     }
                 }

@@ -120,6 +120,8 @@ pub struct LoadConfig {
     pub depth: usize,
     /// A request unanswered this long counts as a timeout and its connection is replaced.
     pub timeout: Duration,
+    /// Close each connection after its response and open a new one (connection churn).
+    pub reconnect: bool,
 }
 
 impl LoadConfig {
@@ -136,6 +138,7 @@ impl LoadConfig {
             size: 64,
             depth: 1,
             timeout: Duration::from_secs(2),
+            reconnect: false,
         }
     }
 
@@ -160,6 +163,9 @@ impl LoadConfig {
         }
         if self.depth == 0 {
             return bad("--depth must be at least 1");
+        }
+        if self.reconnect && self.depth != 1 {
+            return bad("--reconnect sends one request per connection; it needs --depth 1");
         }
         if self.timeout.is_zero() {
             return bad("--timeout must be greater than zero");

@@ -24,6 +24,8 @@ pub struct Report {
     /// Echo request size.
     pub size: Option<usize>,
     pub rate: Option<f64>,
+    /// A new connection per request.
+    pub reconnect: bool,
     /// Wall time the test ran.
     pub duration: Duration,
     pub requests: u64,
@@ -55,6 +57,7 @@ impl Report {
             depth: config.depth,
             size: echo.then_some(config.size),
             rate: config.rate,
+            reconnect: config.reconnect,
             duration,
             requests: total.requests,
             bytes_read: total.bytes_read,
@@ -102,7 +105,13 @@ impl Report {
         );
         let what = match self.size {
             Some(size) => format!("{size}-byte echo requests, every byte verified"),
+            None if self.reconnect => "HTTP GET".to_string(),
             None => "HTTP GET, keep-alive".to_string(),
+        };
+        let what = if self.reconnect {
+            format!("{what}, a new connection per request")
+        } else {
+            what
         };
         let _ = writeln!(
             o,
@@ -183,6 +192,7 @@ impl Report {
             "depth": self.depth,
             "size": self.size,
             "rate": self.rate,
+            "reconnect": self.reconnect,
             "duration_s": self.duration.as_secs_f64(),
             "requests": self.requests,
             "requests_per_sec": self.requests_per_sec(),
