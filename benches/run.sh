@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins
-for bench in metrics_overhead echo_vs_peers idle_scaling idle_memory loadgen_vs_wrk http_vs_nginx; do
+for bench in metrics_overhead echo_vs_peers idle_scaling idle_memory churn loadgen_vs_wrk http_vs_nginx; do
     echo
     echo "## $bench"
     echo
