@@ -73,13 +73,18 @@ impl IdleWheel {
     pub fn expire(&mut self, now_ms: u64, due: &mut Vec<Token>) {
         let end = now_ms / self.tick_ms;
         let n = self.slots.len() as u64;
-        if self.len == 0 || end >= self.next_tick + n {
-            // Nothing scheduled, or the clock passed every slot: take them all at once.
+        if self.len == 0 {
+            // Nothing scheduled: the worker calls this every loop turn, so touch no slot.
+            self.next_tick = self.next_tick.max(end + 1);
+            return;
+        }
+        if end >= self.next_tick + n {
+            // The clock passed every slot: take them all at once.
             for slot in &mut self.slots {
                 due.append(slot);
             }
             self.len = 0;
-            self.next_tick = self.next_tick.max(end + 1);
+            self.next_tick = end + 1;
             return;
         }
         while self.next_tick <= end {
