@@ -9,29 +9,16 @@ source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5s}
-TOKIO=$(cargo bench --no-run --bench tokio_echo --message-format=json 2>/dev/null |
-    grep -o '"executable":"[^"]*tokio_echo[^"]*"' | cut -d'"' -f4 | head -1)
+TOKIO=$(peer_bin tokio_echo)
 
 one_run() { # SERVER: prints "connections/s cpu_ns_per_connection"
     if [[ $1 == edgepoll ]]; then
         start_edgepoll echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off
     else
-        taskset -c 0 "$TOKIO" 127.0.0.1:0 1 >"$WORK/peer.log" 2>&1 &
-        EP_PID=$!
-        BG_PIDS+=("$EP_PID")
-        for _ in $(seq 100); do grep -q 'listening on' "$WORK/peer.log" && break; sleep 0.05; done
-        EP_ADDR=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/peer.log")
+        start_peer "$TOKIO" 127.0.0.1:0 1
     fi
-    local before after
-    before=$(cpu_seconds "$EP_PID")
-    taskset -c 1 "$BIN_DIR/edgeload" -t1 -c50 --reconnect -d"$DURATION" --json "tcp://$EP_ADDR" >"$WORK/load.json"
-    after=$(cpu_seconds "$EP_PID")
+    load_cost "$EP_PID" -t1 -c50 --reconnect -d"$DURATION" "tcp://$EP_ADDR"
     stop_pid "$EP_PID"
-    grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
-    local reqs rps
-    reqs=$(json_field "$WORK/load.json" requests)
-    rps=$(json_field "$WORK/load.json" requests_per_sec)
-    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" 'BEGIN { printf "%.0f %.0f\n", rps, (a - b) / r * 1e9 }'
 }
 
 echo "Machine: $(machine). Server (1 worker) on core 0, edgeload --reconnect on core 1, 50 slots, 64-byte echo per connection, $DURATION x $RUNS runs each, alternating."

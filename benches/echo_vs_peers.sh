@@ -11,23 +11,9 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5s}
 
-peer_bin() { # NAME: the built peer binary
-    cargo bench --no-run --bench "$1" --message-format=json 2>/dev/null |
-        grep -o '"executable":"[^"]*'"$1"'[^"]*"' | cut -d'"' -f4 | head -1
-}
 TOKIO=$(peer_bin tokio_echo)
 FLOOR=$(peer_bin floor_echo)
 [[ -x $TOKIO && -x $FLOOR ]] || { echo "could not build the peers" >&2; exit 1; }
-
-# start_peer BIN ARGS...: starts a peer on core 0; sets EP_PID and EP_ADDR.
-start_peer() {
-    taskset -c 0 "$@" >"$WORK/peer.log" 2>&1 &
-    EP_PID=$!
-    BG_PIDS+=("$EP_PID")
-    local i
-    for i in $(seq 100); do grep -q 'listening on' "$WORK/peer.log" && break; sleep 0.05; done
-    EP_ADDR=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/peer.log")
-}
 
 one_run() { # SERVER DEPTH: prints "messages/s cpu_ns_per_message"
     case $1 in
@@ -35,16 +21,8 @@ one_run() { # SERVER DEPTH: prints "messages/s cpu_ns_per_message"
         tokio) start_peer "$TOKIO" 127.0.0.1:0 1 ;;
         floor) start_peer "$FLOOR" 127.0.0.1:0 ;;
     esac
-    local before after
-    before=$(cpu_seconds "$EP_PID")
-    taskset -c 1 "$BIN_DIR/edgeload" -t1 -c50 --depth "$2" -d"$DURATION" --json "tcp://$EP_ADDR" >"$WORK/load.json"
-    after=$(cpu_seconds "$EP_PID")
+    load_cost "$EP_PID" -t1 -c50 --depth "$2" -d"$DURATION" "tcp://$EP_ADDR"
     stop_pid "$EP_PID"
-    grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
-    local reqs rps
-    reqs=$(json_field "$WORK/load.json" requests)
-    rps=$(json_field "$WORK/load.json" requests_per_sec)
-    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" 'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
 }
 
 echo "Machine: $(machine). Server (1 worker) on core 0, edgeload on core 1, 50 connections, 64-byte messages, $DURATION x $RUNS runs each, alternating."

@@ -9,10 +9,6 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 CONNS=${CONNS:-10000}
 
-peer_bin() {
-    cargo bench --no-run --bench "$1" --message-format=json 2>/dev/null |
-        grep -o '"executable":"[^"]*'"$1"'[^"]*"' | cut -d'"' -f4 | head -1
-}
 TOKIO=$(peer_bin tokio_echo)
 CLIENTS=$(peer_bin idle_clients)
 
@@ -22,11 +18,7 @@ one_run() { # SERVER: prints bytes of RSS growth per idle connection
     if [[ $1 == edgepoll ]]; then
         start_edgepoll echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off --max-connections 50000
     else
-        taskset -c 0 "$TOKIO" 127.0.0.1:0 1 >"$WORK/peer.log" 2>&1 &
-        EP_PID=$!
-        BG_PIDS+=("$EP_PID")
-        for _ in $(seq 100); do grep -q 'listening on' "$WORK/peer.log" && break; sleep 0.05; done
-        EP_ADDR=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/peer.log")
+        start_peer "$TOKIO" 127.0.0.1:0 1
     fi
     # The tokio peer takes the soft limit it was given; give both the same room.
     prlimit --pid "$EP_PID" --nofile=20000:20000 2>/dev/null || true

@@ -10,8 +10,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5s}
-CLIENTS=$(cargo bench --no-run --bench idle_clients --message-format=json 2>/dev/null |
-    grep -o '"executable":"[^"]*idle_clients[^"]*"' | cut -d'"' -f4 | head -1)
+CLIENTS=$(peer_bin idle_clients)
 
 one_run() { # IDLE: prints messages/s
     start_edgepoll echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off --max-connections 50000

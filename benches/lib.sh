@@ -62,3 +62,39 @@ stop_pid() {
 
 # json_field FILE KEY: a top-level number from edgeload's --json output.
 json_field() { grep -o "\"$2\":[0-9.e+-]*" "$1" | head -1 | cut -d: -f2; }
+
+# peer_bin NAME: builds the benchmark peer benches/peers/NAME.rs and prints its path.
+peer_bin() {
+    cargo bench --no-run --bench "$1" --message-format=json 2>/dev/null |
+        grep -o '"executable":"[^"]*'"$1"'[^"]*"' | cut -d'"' -f4 | head -1
+}
+
+# start_peer BIN ARGS...: starts a peer on core 0 and waits for its "listening on"
+# line; sets EP_PID and EP_ADDR.
+start_peer() {
+    taskset -c 0 "$@" >"$WORK/peer.log" 2>&1 &
+    EP_PID=$!
+    BG_PIDS+=("$EP_PID")
+    local i
+    for i in $(seq 100); do
+        grep -q 'listening on' "$WORK/peer.log" && break
+        sleep 0.05
+    done
+    EP_ADDR=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/peer.log")
+}
+
+# load_cost PID EDGELOAD_ARGS...: runs edgeload --json on core 1 and prints
+# "requests/s server_cpu_ns_per_request" for the server PID. Any load error fails.
+load_cost() {
+    local pid=$1 before after
+    shift
+    before=$(cpu_seconds "$pid")
+    taskset -c 1 "$BIN_DIR/edgeload" --json "$@" >"$WORK/load.json"
+    after=$(cpu_seconds "$pid")
+    grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
+    local reqs rps
+    reqs=$(json_field "$WORK/load.json" requests)
+    rps=$(json_field "$WORK/load.json" requests_per_sec)
+    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" \
+        'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
+}

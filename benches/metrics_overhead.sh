@@ -20,16 +20,12 @@ one_run() {
     else
         start_edgepoll echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off
     fi
-    local before after
-    before=$(cpu_seconds "$EP_PID")
-    taskset -c 1 "$BIN_DIR/edgeload" -t1 -c50 -d"$DURATION" --json "tcp://$EP_ADDR" >"$WORK/load.json"
-    after=$(cpu_seconds "$EP_PID")
-    [[ $1 == on ]] && kill "$scraper" && wait "$scraper" 2>/dev/null || true
+    load_cost "$EP_PID" -t1 -c50 -d"$DURATION" "tcp://$EP_ADDR"
+    if [[ $1 == on ]]; then
+        kill "$scraper"
+        wait "$scraper" 2>/dev/null || true
+    fi
     stop_pid "$EP_PID"
-    local reqs rps
-    reqs=$(json_field "$WORK/load.json" requests)
-    rps=$(json_field "$WORK/load.json" requests_per_sec)
-    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" 'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
 }
 
 declare -a off_cpu on_cpu off_rps on_rps

@@ -3,7 +3,6 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use edgepoll::CloseReason;
@@ -55,14 +54,13 @@ fn pipelined_requests_split_at_every_byte_boundary_get_exact_responses() {
         assert_eq!(statuses, vec![200; 4], "split at {split}");
         assert_eq!(blank_dates(&raw), expected, "split at {split}");
     }
-    let requests: u64 = (0..2).map(|w| server.metrics().http_requests(w, 200)).sum();
+    // Exactly four 200s per connection: nothing answered twice, nothing dropped.
     wait_for("every request counted", || {
         (0..2)
             .map(|w| server.metrics().http_requests(w, 200))
             .sum::<u64>()
             == 4 * (PIPELINE.len() as u64 - 1)
     });
-    assert!(requests <= 4 * (PIPELINE.len() as u64 - 1));
 }
 
 #[test]
@@ -303,5 +301,4 @@ fn wrk_style_load_from_edgeload_gets_only_200s() {
     assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
     assert!(r.requests > 1000);
     assert_eq!(r.status[2], r.requests);
-    let _ = TcpStream::connect(server.local_addr());
 }

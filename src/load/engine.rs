@@ -224,14 +224,7 @@ pub fn run_thread(
         if now >= next_sweep {
             engine.sweep(now);
             next_sweep = now + SWEEP;
-            let (r, e) = (engine.stats.requests, engine.stats.errors.total());
-            progress
-                .requests
-                .fetch_add(r - published.0, Ordering::Relaxed);
-            progress
-                .errors
-                .fetch_add(e - published.1, Ordering::Relaxed);
-            published = (r, e);
+            publish_progress(&engine.stats, progress, &mut published);
         }
         let mut wake = end.min(next_sweep);
         if let Some(interval) = interval {
@@ -256,14 +249,20 @@ pub fn run_thread(
         }
     }
     engine.stopping = true;
-    let (r, e) = (engine.stats.requests, engine.stats.errors.total());
+    publish_progress(&engine.stats, progress, &mut published);
+    Ok(engine.stats)
+}
+
+/// Adds what this thread did since the last call to the live totals.
+fn publish_progress(stats: &ThreadStats, progress: &Progress, published: &mut (u64, u64)) {
+    let (r, e) = (stats.requests, stats.errors.total());
     progress
         .requests
         .fetch_add(r - published.0, Ordering::Relaxed);
     progress
         .errors
         .fetch_add(e - published.1, Ordering::Relaxed);
-    Ok(engine.stats)
+    *published = (r, e);
 }
 
 impl Engine<'_> {

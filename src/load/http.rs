@@ -209,24 +209,8 @@ mod tests {
     /// Feeds `input` in pieces of `step` bytes, as a socket might deliver it, and
     /// returns the responses.
     fn feed(input: &[u8], step: usize) -> Result<Vec<Response>, ParseError> {
-        let mut parser = ResponseParser::new();
-        let mut buf = Vec::new();
-        let mut out = Vec::new();
-        for piece in input.chunks(step.max(1)) {
-            buf.extend_from_slice(piece);
-            loop {
-                let (n, resp) = parser.parse(&buf)?;
-                buf.drain(..n);
-                match resp {
-                    Some(r) => out.push(r),
-                    None => break,
-                }
-            }
-        }
-        if let Some(r) = parser.eof() {
-            out.push(r);
-        }
-        Ok(out)
+        let reads: Vec<&[u8]> = input.chunks(step.max(1)).collect();
+        parse_all(&reads)
     }
 
     const PIPELINED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello\

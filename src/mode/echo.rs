@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::AsFd;
 
-use super::{begin, caught_up, finish, pause, read_room, send, Io, Step, READ_BUDGET};
+use super::{after_read, begin, caught_up, finish, pause, read_room, send, Io, Step, READ_BUDGET};
 use crate::conn::{flags, Conn};
 use crate::metrics::CloseReason;
 use crate::sys::socket;
@@ -20,7 +20,6 @@ pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
     if let Some(step) = begin(conn, io, readable) {
         return step;
     }
-    let hup = conn.has(flags::HUP_SEEN);
 
     let mut budget = READ_BUDGET;
     loop {
@@ -44,15 +43,8 @@ pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
                 if let Err(step) = send(conn, io.counters, &io.buf[..n]) {
                     return step;
                 }
-                budget -= n;
-                if n < want && !hup {
-                    // Rule 1: a short read on a stream socket means it is drained.
-                    return caught_up(conn, io);
-                }
-                if budget == 0 {
-                    // Rule 2: budget spent; the worker serves us again after the others.
-                    conn.set(flags::READ_PENDING);
-                    return Step::Again;
+                if let Some(step) = after_read(conn, io, n, want, &mut budget) {
+                    return step;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return caught_up(conn, io),

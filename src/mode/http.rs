@@ -11,7 +11,9 @@ use std::io::{self, Write as _};
 use std::os::fd::AsFd;
 use std::time::SystemTime;
 
-use super::{begin, caught_up, finish, lingered, pause, read_room, send, Io, Step, READ_BUDGET};
+use super::{
+    after_read, begin, caught_up, finish, lingered, pause, read_room, send, Io, Step, READ_BUDGET,
+};
 use crate::config::HttpConfig;
 use crate::conn::{flags, Conn};
 use crate::http1::{content_length, has_token, is_chunked, Chunked};
@@ -381,7 +383,6 @@ pub fn serve(
     if let Some(step) = begin(conn, io, readable) {
         return step;
     }
-    let hup = conn.has(flags::HUP_SEEN);
     let mut budget = READ_BUDGET;
     loop {
         if read_room(conn, io) == 0 {
@@ -427,13 +428,8 @@ pub fn serve(
                 } else {
                     conn.deadline_ms = 0;
                 }
-                budget -= n;
-                if n < want && !hup {
-                    return caught_up(conn, io);
-                }
-                if budget == 0 {
-                    conn.set(flags::READ_PENDING);
-                    return Step::Again;
+                if let Some(step) = after_read(conn, io, n, want, &mut budget) {
+                    return step;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return caught_up(conn, io),

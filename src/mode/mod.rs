@@ -134,6 +134,28 @@ pub(crate) fn begin(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Option<
     None
 }
 
+/// After a read of `n` bytes out of `want`, applies the edge-triggered rules: a short
+/// read means the socket is drained (rule 1; not once the peer has hung up, when the
+/// FIN or error behind the data has had its only edge), and a spent budget sends the
+/// connection to the ready list (rule 2). `None` means read again.
+pub(crate) fn after_read(
+    conn: &mut Conn,
+    io: &mut Io<'_>,
+    n: usize,
+    want: usize,
+    budget: &mut usize,
+) -> Option<Step> {
+    *budget -= n;
+    if n < want && !conn.has(flags::HUP_SEEN) {
+        return Some(caught_up(conn, io));
+    }
+    if *budget == 0 {
+        conn.set(flags::READ_PENDING);
+        return Some(Step::Again);
+    }
+    None
+}
+
 /// Input is drained for now. A draining server stops serving input here.
 pub(crate) fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
     if conn.has(flags::DRAINING) {

@@ -52,21 +52,6 @@ impl Epoll {
         .map_err(|e| super::context(e, format!("epoll_ctl ADD fd {}", fd.as_raw_fd())))
     }
 
-    /// Removes `fd` from the interest list. Closing a descriptor does this by
-    /// itself; this is for descriptors that outlive their registration.
-    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let mut event = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: as in `add`; kernels before 2.6.9 required a non-null event pointer.
-        syscall!(epoll_ctl(
-            self.fd.as_raw_fd(),
-            libc::EPOLL_CTL_DEL,
-            fd.as_raw_fd(),
-            &mut event
-        ))
-        .map(drop)
-        .map_err(|e| super::context(e, format!("epoll_ctl DEL fd {}", fd.as_raw_fd())))
-    }
-
     /// Waits for events, at most `timeout` (None: forever, zero: do not block).
     /// An interrupted wait (EINTR) returns with no events rather than an error.
     pub fn wait(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
@@ -167,10 +152,6 @@ impl Events {
 
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.buf.capacity()
     }
 
     /// The `i`-th fired event. The kernel struct is packed on x86-64, so its fields
