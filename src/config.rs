@@ -10,6 +10,8 @@ pub enum Mode {
     Echo,
     /// A fixed HTTP/1.1 response to every request, keep-alive and pipelining.
     Http,
+    /// A TCP proxy: each client connection is relayed to one of the upstreams.
+    Relay,
 }
 
 impl Mode {
@@ -18,6 +20,7 @@ impl Mode {
         match self {
             Mode::Echo => "echo",
             Mode::Http => "http",
+            Mode::Relay => "relay",
         }
     }
 
@@ -26,6 +29,7 @@ impl Mode {
         match self {
             Mode::Echo => SocketAddr::from(([127, 0, 0, 1], 7000)),
             Mode::Http => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            Mode::Relay => SocketAddr::from(([127, 0, 0, 1], 7001)),
         }
     }
 }
@@ -37,6 +41,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 /// Default outbound cap per connection: enough to absorb a burst several times the
 /// socket send buffer, small enough that 10,000 stalled readers hold at most 2.5 GiB.
 pub const DEFAULT_MAX_PENDING_BYTES: usize = 256 * 1024;
+/// Default idle timeout of relay mode (echo and http have none).
+pub const DEFAULT_RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default time open connections get to flush on SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default address of the Prometheus endpoint.
@@ -77,6 +83,89 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The response and limits of http mode.
     pub http: HttpConfig,
+    /// The upstreams and their handling in relay mode.
+    pub relay: RelayConfig,
+}
+
+/// How relay mode picks an upstream for a new client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Each upstream in turn.
+    RoundRobin,
+    /// The upstream with the fewest relayed connections open now (ties in turn).
+    LeastConn,
+}
+
+impl Balance {
+    /// The name `--balance` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConn => "least-conn",
+        }
+    }
+}
+
+/// Where relay mode sends its clients, and how it treats upstreams that fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Upstream addresses, resolved at start-up; a name with several addresses
+    /// contributes each of them.
+    pub upstreams: Vec<SocketAddr>,
+    /// How an upstream is picked for a new client.
+    pub balance: Balance,
+    /// A connect not complete by then counts as failed (reason `timeout`).
+    pub connect_timeout: Duration,
+    /// An upstream whose connect failed is skipped for this long. With a single
+    /// upstream nothing is ever skipped (there would be nowhere else to go).
+    pub fail_timeout: Duration,
+    /// Upstreams tried per client before giving up on it; None: one try per upstream.
+    pub connect_retries: Option<usize>,
+    /// Move bytes with splice(2) through a pipe pair per connection pair.
+    pub splice: bool,
+    /// Begin every upstream connection with a PROXY protocol v2 header.
+    pub send_proxy_v2: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            upstreams: Vec::new(),
+            balance: Balance::RoundRobin,
+            connect_timeout: Duration::from_secs(5),
+            fail_timeout: Duration::from_secs(10),
+            connect_retries: None,
+            splice: false,
+            send_proxy_v2: false,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Upstreams tried per client.
+    pub fn tries(&self) -> usize {
+        self.connect_retries.unwrap_or(self.upstreams.len()).max(1)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::Relay(
+                "relay needs at least one --upstream HOST:PORT".into(),
+            ));
+        }
+        if let Some(a) = self.upstreams.iter().find(|a| a.port() == 0) {
+            return Err(ConfigError::Relay(format!(
+                "--upstream {a}: port 0 is not a destination"
+            )));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::Zero("connect-timeout"));
+        }
+        if self.connect_retries == Some(0) {
+            return Err(ConfigError::Zero("connect-retries"));
+        }
+        Ok(())
+    }
 }
 
 /// What http mode answers, and the limits it enforces.
@@ -199,10 +288,13 @@ impl Config {
             max_connections_per_ip: None,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_buffered_bytes: default_max_buffered_bytes(),
-            idle_timeout: None,
+            // A relayed pair whose peers both went quiet (a half-open pair whose other
+            // peer vanished) must not live forever; nginx's proxy_timeout is 10m too.
+            idle_timeout: (mode == Mode::Relay).then_some(DEFAULT_RELAY_IDLE_TIMEOUT),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
             http: HttpConfig::default(),
+            relay: RelayConfig::default(),
         }
     }
 
@@ -235,6 +327,9 @@ impl Config {
         if self.mode == Mode::Http {
             self.http.validate()?;
         }
+        if self.mode == Mode::Relay {
+            self.relay.validate()?;
+        }
         Ok(())
     }
 }
@@ -266,6 +361,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("{0}")]
     Http(String),
+    #[error("{0}")]
+    Relay(String),
 }
 
 #[cfg(test)]

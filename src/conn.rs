@@ -5,14 +5,15 @@
 //! a short write has left bytes behind.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::sys::socket;
 
 /// Identifies a registration in a worker's epoll: slot index in the low 32 bits,
-/// the slot's generation in the high 32. A slot's generation changes every time it is
-/// freed, so an event still queued for a closed connection cannot reach the
-/// connection that reuses its slot.
+/// the slot's generation in the next 31, and in the top bit the side of a relayed
+/// pair (0: the client socket, 1: its upstream socket). A slot's generation changes
+/// every time it is freed, so an event still queued for a closed connection cannot
+/// reach the connection that reuses its slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token(pub u64);
 
@@ -20,6 +21,8 @@ impl Token {
     /// The worker's own wake-up eventfd. Slot indexes never reach it, because a
     /// slab never grows past `u32::MAX - 1` slots.
     pub const WAKE: Token = Token(u64::MAX);
+
+    const UPSTREAM: u64 = 1 << 63;
 
     fn new(index: u32, generation: u32) -> Token {
         Token(((generation as u64) << 32) | index as u64)
@@ -30,9 +33,30 @@ impl Token {
     }
 
     fn generation(self) -> u32 {
-        (self.0 >> 32) as u32
+        (self.0 >> 32) as u32 & GENERATION_MASK
+    }
+
+    /// The token of the upstream socket paired with this (client) connection.
+    #[inline]
+    pub fn upstream(self) -> Token {
+        Token(self.0 | Token::UPSTREAM)
+    }
+
+    /// Whether this token names the upstream side of a pair.
+    #[inline]
+    pub fn is_upstream(self) -> bool {
+        self.0 & Token::UPSTREAM != 0 && self != Token::WAKE
+    }
+
+    /// The token of the connection itself (its client side).
+    #[inline]
+    pub fn client(self) -> Token {
+        Token(self.0 & !Token::UPSTREAM)
     }
 }
+
+/// Generations use 31 bits; the top bit of a token is the side of a pair.
+const GENERATION_MASK: u32 = 0x7fff_ffff;
 
 /// State bits of a connection.
 pub mod flags {
@@ -78,6 +102,9 @@ pub struct Conn {
     /// HTTP state between reads: a partial request head, a body being skipped.
     /// Allocated only while a request is incomplete.
     pub session: Option<Box<crate::mode::http::Session>>,
+    /// Relay: the upstream socket and both directions' buffers. Allocated when the
+    /// connection is accepted in relay mode.
+    pub relay: Option<Box<crate::mode::relay::Pair>>,
     /// Bits from [`flags`].
     pub flags: u16,
 }
@@ -91,6 +118,7 @@ impl Conn {
             last_active_ms: now_ms,
             deadline_ms: 0,
             session: None,
+            relay: None,
             flags: 0,
         }
     }
@@ -110,10 +138,12 @@ impl Conn {
         self.flags &= !flag;
     }
 
-    /// Bytes owed to the peer.
+    /// Bytes held for peers in user space: owed to the client, and for a relayed pair
+    /// also those owed to the upstream.
     #[inline]
     pub fn pending(&self) -> usize {
         self.outbound.as_ref().map_or(0, |o| o.len())
+            + self.relay.as_ref().map_or(0, |r| r.pending())
     }
 
     /// Writes as much of the outbound buffer as the socket takes, and frees the buffer
@@ -122,7 +152,7 @@ impl Conn {
         let Some(out) = self.outbound.as_mut() else {
             return Ok(0);
         };
-        let written = out.flush(&self.fd)?;
+        let written = out.flush(self.fd.as_fd())?;
         if out.is_empty() {
             self.outbound = None;
         }
@@ -204,11 +234,11 @@ impl Outbound {
 
     /// Writes until empty or until the socket stops taking bytes (a short write or
     /// EAGAIN). Returns the bytes written; errors other than EAGAIN are returned.
-    pub fn flush(&mut self, fd: &OwnedFd) -> io::Result<usize> {
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         let mut total = 0;
         while !self.is_empty() {
             let want = self.len();
-            match socket::write(fd.as_fd(), self.as_slice()) {
+            match socket::write(fd, self.as_slice()) {
                 Ok(n) => {
                     self.consume(n);
                     total += n;
@@ -288,7 +318,7 @@ impl Slab {
             return None;
         }
         let conn = slot.conn.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
+        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
         self.free.push(token.index() as u32);
         self.len -= 1;
         Some(conn)
@@ -326,6 +356,26 @@ mod tests {
         assert_eq!(slab.get_mut(b).unwrap().opened_ms, 1);
         assert_eq!(slab.len(), 1);
         assert_eq!(slab.tokens(), vec![b]);
+    }
+
+    #[test]
+    fn upstream_tokens_name_the_same_slot_and_wrap_generations() {
+        let mut slab = Slab::new();
+        let a = slab.insert(Conn::new(dummy_fd(), 0));
+        assert!(!a.is_upstream());
+        let up = a.upstream();
+        assert!(up.is_upstream());
+        assert_eq!(up.client(), a);
+        assert!(!Token::WAKE.is_upstream());
+        // Force the generation to its last value and free the slot: it wraps to 0
+        // without touching the side bit.
+        slab.slots[0].generation = GENERATION_MASK;
+        let b = Token::new(0, GENERATION_MASK);
+        assert!(slab.remove(b).is_some());
+        assert_eq!(slab.slots[0].generation, 0);
+        let c = slab.insert(Conn::new(dummy_fd(), 0));
+        assert!(!c.is_upstream());
+        assert_eq!(c.generation(), 0);
     }
 
     #[test]

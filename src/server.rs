@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub buffered: AtomicI64,
     /// `--max-buffered-bytes`.
     pub max_buffered: i64,
+    /// Relay mode: the upstreams and their failure marks, shared by the workers.
+    pub upstreams: Option<Arc<crate::mode::relay::Upstreams>>,
     deadline: Mutex<Option<Instant>>,
 }
 
@@ -128,6 +130,8 @@ impl Server {
                 open: Mutex::new(HashMap::new()),
             }),
             deadline: Mutex::new(None),
+            upstreams: (config.mode == crate::config::Mode::Relay)
+                .then(|| Arc::new(crate::mode::relay::Upstreams::new(&config.relay, &metrics))),
         });
         let mut server = Server {
             config: config.clone(),

@@ -44,6 +44,7 @@ use crate::config::{Config, Mode};
 use crate::conn::{flags, Conn, Slab, Token};
 use crate::metrics::{CloseReason, Counters, RejectReason, WorkerMetrics, PUBLISH_INTERVAL};
 use crate::mode::http::Responder;
+use crate::mode::relay::{self, Edge, Relay};
 use crate::mode::{echo, http, Io, Step, LINGER_MS, READ_BUFFER_SIZE};
 use crate::server::Shared;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
@@ -102,6 +103,7 @@ pub(crate) struct WorkerHandle {
 enum ModeState {
     Echo,
     Http(Box<Responder>),
+    Relay(Box<Relay>),
 }
 
 pub(crate) struct Worker {
@@ -157,17 +159,21 @@ impl Worker {
         let idle_timeout_ms = config.idle_timeout.map(|d| (d.as_millis() as u64).max(1));
         let worker = Worker {
             id,
-            mode: match config.mode {
-                Mode::Echo => ModeState::Echo,
-                Mode::Http => ModeState::Http(Box::new(Responder::new(&config.http))),
+            mode: match (config.mode, shared.upstreams.as_ref()) {
+                (Mode::Relay, Some(ups)) => {
+                    ModeState::Relay(Box::new(Relay::new(Arc::clone(ups), id)))
+                }
+                (Mode::Http, _) => ModeState::Http(Box::new(Responder::new(&config.http))),
+                _ => ModeState::Echo,
             },
             out: Vec::new(),
-            deadlines: IdleWheel::new(
-                config
+            deadlines: IdleWheel::new(match config.mode {
+                Mode::Relay => config.relay.connect_timeout,
+                _ => config
                     .http
                     .header_timeout
                     .max(Duration::from_millis(LINGER_MS)),
-            ),
+            }),
             epoll,
             events: Events::with_capacity(EVENTS_PER_WAIT),
             slab: Slab::new(),
@@ -214,9 +220,14 @@ impl Worker {
                     let _ = self.waker.eventfd.drain();
                     continue;
                 }
-                let readable = event.is_readable();
-                let hup = event.is_read_closed() || event.is_error();
-                self.serve(token, readable, hup);
+                let edge = Edge {
+                    upstream: token.is_upstream(),
+                    readable: event.is_readable(),
+                    writable: event.is_writable(),
+                    hup: event.is_read_closed(),
+                    error: event.is_error(),
+                };
+                self.serve(token.client(), Some(edge));
             }
             self.serve_ready();
             self.expire_idle();
@@ -337,6 +348,24 @@ impl Worker {
             conn_deadline(&mut self.slab, token, deadline);
             self.deadlines.schedule(token, deadline);
         }
+        if let ModeState::Relay(r) = &mut self.mode {
+            let Some(conn) = self.slab.get_mut(token) else {
+                unreachable!("a token just issued names its connection");
+            };
+            let mut io = Io {
+                buf: &mut self.buf,
+                cap: self.cap,
+                counters: &mut self.counters,
+                now_ms: self.now_ms,
+            };
+            let mut ctx = relay::Ctx {
+                relay: r,
+                epoll: &self.epoll,
+                token,
+            };
+            let step = relay::open(conn, &mut io, &mut ctx);
+            self.after_serve(token, 0, 0, step);
+        }
         if self.drain_deadline.is_some() {
             self.push_ready(token);
         }
@@ -361,13 +390,33 @@ impl Worker {
         }
     }
 
-    /// Serves one connection and acts on the outcome.
-    fn serve(&mut self, token: Token, readable: bool, hup: bool) {
+    /// Serves one connection after an edge on it (or on its upstream socket), or from
+    /// the ready list (`edge` None), and acts on the outcome.
+    fn serve(&mut self, token: Token, edge: Option<Edge>) {
         // Rule 5: a stale token finds no connection.
         let Some(conn) = self.slab.get_mut(token) else {
             return;
         };
-        if hup {
+        if let ModeState::Relay(r) = &mut self.mode {
+            let before = conn.pending();
+            let deadline_before = conn.deadline_ms;
+            let mut io = Io {
+                buf: &mut self.buf,
+                cap: self.cap,
+                counters: &mut self.counters,
+                now_ms: self.now_ms,
+            };
+            let mut ctx = relay::Ctx {
+                relay: r,
+                epoll: &self.epoll,
+                token,
+            };
+            let step = relay::serve(conn, &mut io, &mut ctx, edge);
+            self.after_serve(token, before, deadline_before, step);
+            return;
+        }
+        let readable = edge.is_some_and(|e| e.readable);
+        if edge.is_some_and(|e| e.hup || e.error) {
             conn.set(flags::HUP_SEEN);
         }
         let before = conn.pending();
@@ -381,6 +430,8 @@ impl Worker {
         let step = match &self.mode {
             ModeState::Echo => echo::serve(conn, &mut io, readable),
             ModeState::Http(r) => http::serve(conn, &mut io, readable, r, &mut self.out),
+            // Served by the branch above.
+            ModeState::Relay(_) => Step::Idle,
         };
         self.after_serve(token, before, deadline_before, step);
     }
@@ -421,7 +472,7 @@ impl Worker {
         for &token in &serving {
             if let Some(conn) = self.slab.get_mut(token) {
                 conn.clear(flags::IN_READY);
-                self.serve(token, false, false);
+                self.serve(token, None);
             }
         }
         serving.clear();
@@ -451,10 +502,18 @@ impl Worker {
                 counters: &mut self.counters,
                 now_ms: self.now_ms,
             };
-            let step = match &self.mode {
+            let step = match &mut self.mode {
                 ModeState::Http(r) => http::on_deadline(conn, &mut io, r, &mut self.out),
                 // Echo sets a deadline only for a lingering close.
                 ModeState::Echo => crate::mode::lingered(conn).unwrap_or(Step::Idle),
+                ModeState::Relay(r) => {
+                    let mut ctx = relay::Ctx {
+                        relay: r,
+                        epoll: &self.epoll,
+                        token,
+                    };
+                    relay::on_deadline(conn, &mut io, &mut ctx)
+                }
             };
             self.after_serve(token, before, 0, step);
         }
@@ -512,6 +571,8 @@ impl Worker {
         c.accepted != 0
             || c.received != 0
             || c.sent != 0
+            || c.up_received != 0
+            || c.up_sent != 0
             || c.pauses != 0
             || c.closed.iter().any(|&n| n != 0)
             || c.http.iter().any(|&n| n != 0)

@@ -14,8 +14,8 @@ use edgepoll::Server;
 #[command(
     name = "edgepoll",
     version,
-    about = "An edge-triggered epoll TCP server: echo and HTTP load-test targets (relay planned)",
-    long_about = "An edge-triggered epoll TCP server: echo and HTTP load-test targets (relay planned).\n\n\
+    about = "An edge-triggered epoll TCP server: echo, TCP relay and HTTP load-test targets",
+    long_about = "An edge-triggered epoll TCP server: echo, TCP relay and HTTP load-test targets.\n\n\
         One acceptor thread hands connections round-robin to N workers, each with its own \
         edge-triggered epoll instance. Prometheus metrics are served on --metrics-listen. \
         SIGTERM or SIGINT drains: listeners close at once, open connections get \
@@ -40,6 +40,87 @@ enum Command {
         after_help = "Example:\n  edgepoll http --listen 0.0.0.0:8080 --body-file index.html --content-type text/html --header 'Cache-Control: no-store'"
     )]
     Http(HttpArgs),
+    /// Relay every client connection to an upstream (a TCP proxy), with backpressure
+    /// both ways, half-close forwarding and upstream failover.
+    #[command(
+        after_help = "Example:\n  edgepoll relay --listen 0.0.0.0:6380 --upstream 10.0.0.5:6379 --upstream 10.0.0.6:6379 --balance least-conn --idle-timeout 10m"
+    )]
+    Relay(RelayArgs),
+}
+
+/// Flags of relay mode.
+#[derive(Args)]
+struct RelayArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+}
+
+/// The upstreams of relay mode and their handling.
+#[derive(Args)]
+struct UpstreamArgs {
+    /// Upstream to relay to, IP:PORT or HOST:PORT (resolved at start-up; a name with
+    /// several addresses adds each); repeat for several
+    #[arg(short, long = "upstream", value_name = "ADDR", required = true, value_parser = parse_listen)]
+    upstreams: Vec<Vec<SocketAddr>>,
+
+    /// How a client's upstream is picked
+    #[arg(long, value_enum, default_value = "round-robin")]
+    balance: BalanceArg,
+
+    /// An upstream connect not complete by then fails (reason timeout)
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// An upstream whose connect failed is skipped for this long (0: never skipped);
+    /// a lone upstream is never skipped
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
+    fail_timeout: Duration,
+
+    /// Upstreams tried per client before it is closed [default: the number of upstreams]
+    #[arg(long, value_name = "N")]
+    connect_retries: Option<usize>,
+
+    /// Move bytes with splice(2) through a pipe pair per connection pair, without
+    /// copying them through user space (4 more descriptors per pair)
+    #[arg(long)]
+    splice: bool,
+
+    /// Begin each upstream connection with a PROXY protocol v2 header carrying the
+    /// client's address
+    #[arg(long)]
+    send_proxy_v2: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BalanceArg {
+    /// Each upstream in turn
+    RoundRobin,
+    /// The upstream with the fewest open connections
+    LeastConn,
+}
+
+impl UpstreamArgs {
+    fn apply(self, r: &mut config::RelayConfig) {
+        let mut upstreams: Vec<SocketAddr> = Vec::new();
+        for addr in self.upstreams.into_iter().flatten() {
+            if !upstreams.contains(&addr) {
+                upstreams.push(addr);
+            }
+        }
+        r.upstreams = upstreams;
+        r.balance = match self.balance {
+            BalanceArg::RoundRobin => config::Balance::RoundRobin,
+            BalanceArg::LeastConn => config::Balance::LeastConn,
+        };
+        r.connect_timeout = self.connect_timeout;
+        r.fail_timeout = self.fail_timeout;
+        r.connect_retries = self.connect_retries;
+        r.splice = self.splice;
+        r.send_proxy_v2 = self.send_proxy_v2;
+    }
 }
 
 /// Flags of http mode.
@@ -127,7 +208,8 @@ struct ServerArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     max_buffered_bytes: Option<usize>,
 
-    /// Close connections with no traffic for this long (e.g. 300, 30s, 5m) [default: off]
+    /// Close connections (relayed pairs) with no traffic either way for this long
+    /// (e.g. 300, 30s, 5m) [default: off for echo and http, 10m for relay]
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
 
@@ -185,17 +267,23 @@ fn main() -> ExitCode {
 const USAGE_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let (mode, args, http) = match cli.mode {
-        Command::Echo(args) => (Mode::Echo, args, None),
-        Command::Http(http) => (Mode::Http, http.server, Some(http.response)),
+    let (mode, args, http, relay) = match cli.mode {
+        Command::Echo(args) => (Mode::Echo, args, None, None),
+        Command::Http(http) => (Mode::Http, http.server, Some(http.response), None),
+        Command::Relay(relay) => (Mode::Relay, relay.server, None, Some(relay.upstream)),
     };
-    let config = build_config(mode, args).and_then(|mut config| {
+    let config = (|| {
+        let mut config = Config::new(mode);
+        if let Some(relay) = relay {
+            relay.apply(&mut config.relay);
+        }
+        build_config(&mut config, args)?;
         if let Some(response) = http {
             response.apply(&mut config.http)?;
-            config.validate()?;
         }
-        Ok(config)
-    });
+        config.validate()?;
+        Ok::<Config, anyhow::Error>(config)
+    })();
     let config = match config {
         Ok(c) => c,
         Err(e) => {
@@ -219,6 +307,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         listen.join(", "),
         if workers == 1 { "" } else { "s" },
     );
+    if mode == Mode::Relay {
+        let r = &server.config().relay;
+        let ups: Vec<String> = r.upstreams.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{})",
+            ups.join(", "),
+            r.balance.name(),
+            r.connect_timeout,
+            r.tries(),
+            if r.tries() == 1 { "y" } else { "ies" },
+            if r.splice { ", splice" } else { "" },
+            if r.send_proxy_v2 { ", PROXY v2" } else { "" },
+        );
+    }
     let sig = loop {
         if let Some(sig) = signals.wait(Duration::from_secs(1))? {
             break sig;
@@ -248,8 +350,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
-    let mut config = Config::new(mode);
+/// Applies the flags every mode shares, and fits `--max-connections` to the
+/// open-file limit.
+fn build_config(config: &mut Config, args: ServerArgs) -> anyhow::Result<()> {
     if !args.listen.is_empty() {
         let mut listen: Vec<SocketAddr> = Vec::new();
         for addr in args.listen.into_iter().flatten() {
@@ -269,7 +372,9 @@ fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
     if let Some(b) = args.max_buffered_bytes {
         config.max_buffered_bytes = b;
     }
-    config.idle_timeout = args.idle_timeout;
+    if args.idle_timeout.is_some() {
+        config.idle_timeout = args.idle_timeout;
+    }
     config.drain_timeout = args.drain_timeout;
     config.metrics_listen = match args.metrics_listen.as_str() {
         "off" | "none" | "" => None,
@@ -284,9 +389,8 @@ fn build_config(mode: Mode, args: ServerArgs) -> anyhow::Result<Config> {
     config.max_connections = args
         .max_connections
         .unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
-    fit_open_file_limit(&mut config, explicit);
-    config.validate()?;
-    Ok(config)
+    fit_open_file_limit(config, explicit);
+    Ok(())
 }
 
 /// Raises the soft open-file limit to the hard one, and lowers `--max-connections` to
@@ -307,7 +411,13 @@ fn fit_open_file_limit(config: &mut Config, explicit: bool) {
         }
     }
     let reserved = RESERVED_FDS + 2 * config.workers as u64;
-    let capacity = limit.saturating_sub(reserved).max(1);
+    // A relayed client holds its upstream socket too, and with --splice two pipes.
+    let per_connection = match (config.mode, config.relay.splice) {
+        (Mode::Relay, true) => 6,
+        (Mode::Relay, false) => 2,
+        _ => 1,
+    };
+    let capacity = (limit.saturating_sub(reserved) / per_connection).max(1);
     if (config.max_connections as u64) > capacity {
         let msg = format!(
             "open-file limit is {limit}: --max-connections lowered from {} to {capacity}",

@@ -14,8 +14,8 @@ use std::time::Duration;
 use prometheus::core::Collector;
 use prometheus::local::LocalHistogram;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::{Config, Mode};
@@ -23,6 +23,9 @@ use crate::config::{Config, Mode};
 /// How often a busy worker publishes its counters. A worker about to sleep publishes
 /// at once, so an idle server's counters are exact.
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Number of [`CloseReason`]s.
+pub const CLOSE_REASONS: usize = 8;
 
 /// Why a connection was closed; the `reason` label of `edgepoll_connections_closed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,10 +44,12 @@ pub enum CloseReason {
     HeaderTimeout,
     /// The peer broke the protocol (an HTTP error response was sent, then the close).
     ProtocolError,
+    /// Relay: no upstream could be connected for this client.
+    UpstreamError,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 7] = [
+    pub const ALL: [CloseReason; CLOSE_REASONS] = [
         CloseReason::Eof,
         CloseReason::Reset,
         CloseReason::Error,
@@ -52,6 +57,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::HeaderTimeout,
         CloseReason::ProtocolError,
+        CloseReason::UpstreamError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +69,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::HeaderTimeout => "header_timeout",
             CloseReason::ProtocolError => "protocol_error",
+            CloseReason::UpstreamError => "upstream_error",
         }
     }
 
@@ -115,6 +122,64 @@ const DURATION_BUCKETS: [f64; 16] = [
     14400.0,
 ];
 
+/// Upstream connect-time buckets, from 100 µs (loopback) to 10 s.
+const CONNECT_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Why an upstream connect failed; the `reason` label of
+/// `edgepoll_upstream_connect_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectError {
+    /// The upstream answered with a reset (nothing listens there).
+    Refused,
+    /// No answer within `--connect-timeout`.
+    Timeout,
+    /// No route to the host or network.
+    Unreachable,
+    /// Anything else (out of descriptors, out of ephemeral ports, ...).
+    Error,
+}
+
+impl ConnectError {
+    pub const ALL: [ConnectError; 4] = [
+        ConnectError::Refused,
+        ConnectError::Timeout,
+        ConnectError::Unreachable,
+        ConnectError::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectError::Refused => "refused",
+            ConnectError::Timeout => "timeout",
+            ConnectError::Unreachable => "unreachable",
+            ConnectError::Error => "error",
+        }
+    }
+
+    /// Classifies a failed connect.
+    pub fn of(err: &std::io::Error) -> ConnectError {
+        use std::io::ErrorKind;
+        match err.kind() {
+            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => ConnectError::Refused,
+            ErrorKind::TimedOut => ConnectError::Timeout,
+            ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => ConnectError::Unreachable,
+            _ => ConnectError::Error,
+        }
+    }
+}
+
+/// The handles relay mode keeps for one upstream. Updated once per connection, never
+/// per byte.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    pub errors: [IntCounter; 4],
+    pub connect: Histogram,
+    pub active: IntGauge,
+}
+
 /// The statuses http mode can answer with, in the order of `Counters::http`: the
 /// configured one, then the error responses.
 pub fn http_statuses(configured: u16) -> [u16; 6] {
@@ -146,6 +211,13 @@ pub struct Metrics {
     pauses: IntCounterVec,
     buffered: IntGaugeVec,
     duration: Histogram,
+    /// Relay mode only (registered then): bytes to and from upstreams, per worker.
+    up_received: IntCounterVec,
+    up_sent: IntCounterVec,
+    /// Relay mode only: per-upstream connect errors, connect time, open connections.
+    upstream_errors: IntCounterVec,
+    upstream_connect: HistogramVec,
+    upstream_active: IntGaugeVec,
     /// Largest outbound buffer any one connection of worker i has held (library stats
     /// only: it shows that the cap holds).
     peak_pending: Vec<AtomicUsize>,
@@ -169,6 +241,54 @@ impl Metrics {
         } else {
             Vec::new()
         };
+        let up_received = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_received_bytes_total",
+                "Relay: bytes read from upstreams (the upstream-to-client direction).",
+            ),
+            &["worker"],
+        )?;
+        let up_sent = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_sent_bytes_total",
+                "Relay: bytes written to upstreams (the client-to-upstream direction).",
+            ),
+            &["worker"],
+        )?;
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_connect_errors_total",
+                "Relay: upstream connects that failed, by upstream and reason.",
+            ),
+            &["upstream", "reason"],
+        )?;
+        let upstream_connect = HistogramVec::new(
+            HistogramOpts::new(
+                "edgepoll_upstream_connect_duration_seconds",
+                "Relay: time from the start of an upstream connect to its success.",
+            )
+            .buckets(CONNECT_BUCKETS.to_vec()),
+            &["upstream"],
+        )?;
+        let upstream_active = IntGaugeVec::new(
+            Opts::new(
+                "edgepoll_upstream_connections_active",
+                "Relay: upstream connections open or connecting now.",
+            ),
+            &["upstream"],
+        )?;
+        if mode == Mode::Relay {
+            let relay: Vec<Box<dyn Collector>> = vec![
+                Box::new(up_received.clone()),
+                Box::new(up_sent.clone()),
+                Box::new(upstream_errors.clone()),
+                Box::new(upstream_connect.clone()),
+                Box::new(upstream_active.clone()),
+            ];
+            for c in relay {
+                registry.register(c)?;
+            }
+        }
         let accepted = IntCounterVec::new(
             Opts::new(
                 "edgepoll_connections_accepted_total",
@@ -260,6 +380,8 @@ impl Metrics {
             sent.with_label_values(&[&w]);
             pauses.with_label_values(&[&w]);
             buffered.with_label_values(&[&w]);
+            up_received.with_label_values(&[&w]);
+            up_sent.with_label_values(&[&w]);
             for reason in CloseReason::ALL {
                 closed.with_label_values(&[&w, reason.as_str()]);
             }
@@ -284,6 +406,11 @@ impl Metrics {
             pauses,
             buffered,
             duration,
+            up_received,
+            up_sent,
+            upstream_errors,
+            upstream_connect,
+            upstream_active,
             peak_pending,
         }))
     }
@@ -317,6 +444,8 @@ impl Metrics {
             pauses: self.pauses.with_label_values(&[&w]),
             buffered: self.buffered.with_label_values(&[&w]),
             duration: self.duration.local(),
+            up_received: self.up_received.with_label_values(&[&w]),
+            up_sent: self.up_sent.with_label_values(&[&w]),
             http: self
                 .http_statuses
                 .iter()
@@ -334,6 +463,38 @@ impl Metrics {
         self.http_requests
             .with_label_values(&[&worker.to_string(), &status.to_string()])
             .get()
+    }
+
+    /// The handles relay mode updates for the upstream labelled `upstream`, with every
+    /// error reason created at zero.
+    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            errors: ConnectError::ALL.map(|r| {
+                self.upstream_errors
+                    .with_label_values(&[upstream, r.as_str()])
+            }),
+            connect: self.upstream_connect.with_label_values(&[upstream]),
+            active: self.upstream_active.with_label_values(&[upstream]),
+        }
+    }
+
+    /// Failed connects to `upstream` for `reason` so far.
+    pub fn upstream_connect_errors(&self, upstream: &str, reason: ConnectError) -> u64 {
+        self.upstream_errors
+            .with_label_values(&[upstream, reason.as_str()])
+            .get()
+    }
+
+    /// Connections to `upstream` open or connecting now.
+    pub fn upstream_active(&self, upstream: &str) -> i64 {
+        self.upstream_active.with_label_values(&[upstream]).get()
+    }
+
+    /// Successful connects to `upstream` so far (the histogram's count).
+    pub fn upstream_connects(&self, upstream: &str) -> u64 {
+        self.upstream_connect
+            .with_label_values(&[upstream])
+            .get_sample_count()
     }
 
     /// Counts a rejected connection (acceptor only; once per connection, not per byte).
@@ -355,6 +516,8 @@ impl Metrics {
                     sent_bytes: self.sent.with_label_values(&[&w]).get(),
                     backpressure_pauses: self.pauses.with_label_values(&[&w]).get(),
                     buffered_bytes: self.buffered.with_label_values(&[&w]).get(),
+                    upstream_received_bytes: self.up_received.with_label_values(&[&w]).get(),
+                    upstream_sent_bytes: self.up_sent.with_label_values(&[&w]).get(),
                     peak_pending_bytes: self.peak_pending[id].load(Ordering::Relaxed),
                 }
             })
@@ -371,12 +534,15 @@ impl Metrics {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerStats {
     pub accepted: u64,
-    pub closed: [u64; 7],
+    pub closed: [u64; CLOSE_REASONS],
     pub active: i64,
     pub received_bytes: u64,
     pub sent_bytes: u64,
     pub backpressure_pauses: u64,
     pub buffered_bytes: i64,
+    /// Relay: bytes read from and written to upstreams.
+    pub upstream_received_bytes: u64,
+    pub upstream_sent_bytes: u64,
     pub peak_pending_bytes: usize,
 }
 
@@ -394,9 +560,12 @@ impl WorkerStats {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub accepted: u64,
-    pub closed: [u64; 7],
+    pub closed: [u64; CLOSE_REASONS],
     pub received: u64,
     pub sent: u64,
+    /// Relay: bytes read from and written to upstreams.
+    pub up_received: u64,
+    pub up_sent: u64,
     pub pauses: u64,
     /// Connections open now (a level, not a delta).
     pub active: i64,
@@ -416,7 +585,7 @@ pub struct Counters {
 pub struct WorkerMetrics {
     id: usize,
     accepted: IntCounter,
-    closed: [IntCounter; 7],
+    closed: [IntCounter; CLOSE_REASONS],
     active: IntGauge,
     received: IntCounter,
     sent: IntCounter,
@@ -424,6 +593,8 @@ pub struct WorkerMetrics {
     buffered: IntGauge,
     /// Buffers observations locally; `flush` adds them to the shared histogram.
     duration: LocalHistogram,
+    up_received: IntCounter,
+    up_sent: IntCounter,
     /// HTTP requests by status (http mode only), indexed like [`http_statuses`].
     http: Vec<IntCounter>,
     metrics: Arc<Metrics>,
@@ -452,6 +623,8 @@ impl WorkerMetrics {
         // also sees the bytes that connection moved.
         add(&self.received, &mut c.received);
         add(&self.sent, &mut c.sent);
+        add(&self.up_received, &mut c.up_received);
+        add(&self.up_sent, &mut c.up_sent);
         add(&self.pauses, &mut c.pauses);
         for (counter, delta) in self.http.iter().zip(c.http.iter_mut()) {
             add(counter, delta);

@@ -3,6 +3,8 @@
 
 pub mod echo;
 pub mod http;
+pub mod proxy;
+pub mod relay;
 
 use std::io;
 use std::os::fd::AsFd;
@@ -75,7 +77,11 @@ pub(crate) fn flush_owed(conn: &mut Conn, io: &mut Io<'_>) -> Result<(), Step> {
 /// (it would get no EPOLLOUT edge to wake it), but reads at most [`SMALL_READ`] at a
 /// time past the bound, so the bound is exceeded by at most that per connection.
 pub(crate) fn read_room(conn: &Conn, io: &Io<'_>) -> usize {
-    let pending = conn.pending();
+    room(conn.pending(), io)
+}
+
+/// [`read_room`] for a buffer that holds `pending` bytes.
+pub(crate) fn room(pending: usize, io: &Io<'_>) -> usize {
     let global = io.counters.global_room.max(0) as usize;
     let allowed = if pending == 0 {
         global.max(SMALL_READ)

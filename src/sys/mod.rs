@@ -14,6 +14,7 @@ pub mod mem;
 pub mod rlimit;
 pub mod signal;
 pub mod socket;
+pub mod splice;
 pub mod thread;
 
 use std::io;

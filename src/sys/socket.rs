@@ -184,6 +184,22 @@ pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     from_raw(&storage).ok_or_else(|| io::Error::other("getsockname: not an inet socket"))
 }
 
+/// The address of the peer a socket is connected to.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes of address into `storage`.
+    syscall!(getpeername(
+        fd.as_raw_fd(),
+        storage.as_mut_ptr() as *mut libc::sockaddr,
+        &mut len
+    ))
+    .map_err(|e| super::context(e, format!("getpeername fd {}", fd.as_raw_fd())))?;
+    // SAFETY: zeroed storage is valid; getpeername filled its prefix.
+    let storage = unsafe { storage.assume_init() };
+    from_raw(&storage).ok_or_else(|| io::Error::other("getpeername: not an inet socket"))
+}
+
 fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: passes a valid int and its size.
     syscall!(setsockopt(
