@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# relay mode in front of real services: redis-benchmark through the relay to
+# redis-server (and a value written through it read back directly), wrk through it
+# to nginx, and iperf3 through it both ways, copying and with --splice.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source tests/e2e/lib.sh
+
+# metric NAME_AND_LABELS: one sample from the relay's scrape (0 if absent).
+metric() {
+    curl -sf "http://$EP_METRICS/metrics" | awk -v s="$1" 'index($0, s " ") == 1 { v = $2 } END { print v + 0 }'
+}
+
+# relay_clean [REASONS]: the relay saw no connect errors and closed no pair for one of
+# REASONS (default: reset, error or upstream_error).
+relay_clean() {
+    local reasons=${1:-reset|error|upstream_error} scrape errors bad
+    sleep 0.2 # the workers publish every 100 ms
+    scrape=$(curl -sf "http://$EP_METRICS/metrics")
+    errors=$(awk '/^edgepoll_upstream_connect_errors_total/ { s += $2 } END { print s + 0 }' <<<"$scrape")
+    bad=$(awk -v r="reason=\"($reasons)\"" '/^edgepoll_connections_closed_total/ && $0 ~ r { s += $2 } END { print s + 0 }' <<<"$scrape")
+    [[ $errors == 0 ]] || fail "$errors upstream connect errors"
+    [[ $bad == 0 ]] || fail "$bad pairs closed for $reasons"
+}
+
+echo "== relay: redis-benchmark through edgepoll to redis-server"
+redis_port=$(free_port)
+start_bg redis redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no
+wait_for 10 "redis to answer" redis-cli -p "$redis_port" ping
+start_edgepoll relay relay --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 \
+    --upstream "127.0.0.1:$redis_port"
+relay_port=${EP_ADDR##*:}
+for pipeline in 1 16; do
+    redis-benchmark -h 127.0.0.1 -p "$relay_port" -c 50 -n 50000 -P "$pipeline" \
+        -t set,get,incr,lpush,lpop --csv >"$WORK/redis-$pipeline.csv" 2>"$WORK/redis-$pipeline.err"
+    if grep -qi 'error' "$WORK/redis-$pipeline.csv" "$WORK/redis-$pipeline.err"; then
+        cat "$WORK/redis-$pipeline.csv" "$WORK/redis-$pipeline.err"
+        fail "redis-benchmark -P $pipeline reported errors"
+    fi
+    tests=$(grep -c '^"' "$WORK/redis-$pipeline.csv")
+    ((tests >= 6)) || { cat "$WORK/redis-$pipeline.csv"; fail "redis-benchmark -P $pipeline ran $tests tests"; }
+    set_rps=$(awk -F'"' '$2 == "SET" { print $4 }' "$WORK/redis-$pipeline.csv")
+    log "redis-benchmark -P $pipeline through the relay: $((tests - 1)) tests, 0 errors, SET $set_rps req/s"
+done
+value="written-through-edgepoll-$RANDOM"
+[[ $(redis-cli -p "$relay_port" set e2e:key "$value") == OK ]] || fail "SET through the relay"
+[[ $(redis-cli -p "$redis_port" get e2e:key) == "$value" ]] || fail "the value read back directly differs"
+log "a value written through the relay reads back directly from redis"
+relay_clean
+wait_for 10 "every pair to close" test "$(metric 'edgepoll_upstream_connections_active{upstream="127.0.0.1:'"$redis_port"'"}')" = 0
+log "upstream connections back to 0, no connect errors, no resets"
+stop_gracefully "$EP_PID"
+
+echo "== relay: wrk through edgepoll to nginx"
+nginx_port=$(free_port)
+source benches/peers/nginx.sh
+nginx_conf "$WORK" "$nginx_port"
+start_bg nginx nginx -c "$WORK/nginx.conf" -p "$WORK"
+wait_for 10 "nginx to listen" curl -sf "http://127.0.0.1:$nginx_port/"
+start_edgepoll relay-http relay --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 \
+    --upstream "127.0.0.1:$nginx_port"
+wrk -t1 -c50 -d3s "http://$EP_ADDR/" >"$WORK/wrk.txt"
+if grep -qE 'Socket errors|Non-2xx' "$WORK/wrk.txt"; then
+    cat "$WORK/wrk.txt"
+    fail "wrk through the relay: socket errors or non-2xx responses"
+fi
+requests=$(awk '/requests in/ { print $1 }' "$WORK/wrk.txt")
+((requests > 0)) || fail "wrk through the relay completed no requests"
+log "wrk through the relay to nginx: $requests requests, 0 socket errors, 0 non-2xx"
+# wrk closes its connections at the end with responses in flight; the resets that
+# causes are passed on to nginx, and are wrk's own.
+relay_clean 'error|upstream_error'
+stop_gracefully "$EP_PID"
+
+echo "== relay: iperf3 through edgepoll, both directions, copying and spliced"
+iperf_port=$(free_port)
+start_bg iperf3 iperf3 --server --bind 127.0.0.1 --port "$iperf_port"
+wait_for 10 "iperf3 to listen" bash -c "exec 3<>/dev/tcp/127.0.0.1/$iperf_port"
+for variant in copy splice; do
+    flags=()
+    [[ $variant == splice ]] && flags=(--splice)
+    start_edgepoll "relay-$variant" relay --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+        --workers 1 --upstream "127.0.0.1:$iperf_port" "${flags[@]}"
+    for direction in forward reverse; do
+        args=()
+        [[ $direction == reverse ]] && args=(--reverse)
+        iperf3 --client 127.0.0.1 --port "${EP_ADDR##*:}" --time 2 --json "${args[@]}" \
+            >"$WORK/iperf-$variant-$direction.json" || {
+            cat "$WORK/iperf-$variant-$direction.json"
+            fail "iperf3 $direction through the $variant relay failed"
+        }
+        read -r bytes gbits < <(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+if "error" in r: sys.exit("iperf3: " + r["error"])
+s = r["end"]["sum_received"]
+print(int(s["bytes"]), round(s["bits_per_second"] / 1e9, 2))' "$WORK/iperf-$variant-$direction.json")
+        ((bytes > 0)) || fail "iperf3 $direction through the $variant relay moved nothing"
+        log "iperf3 $direction, $variant: $bytes bytes received, $gbits Gbit/s"
+    done
+    # iperf3 closes its data connections with bytes unread at the end of a test, so
+    # their peers get a reset, which the relay passes on: resets are iperf3's own.
+    relay_clean 'error|upstream_error'
+    stop_gracefully "$EP_PID"
+done
+echo "relay: ok"
