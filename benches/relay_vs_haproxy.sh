@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# edgepoll relay against HAProxy (Debian's package, tcp mode, one thread), and both
+# against the direct connection. Each relay is pinned to core 0; the upstream
+# (redis-server, iperf3 -s) and the load (redis-benchmark, iperf3 -c) share core 1.
+# Contenders alternate run by run; medians of RUNS runs and ratios of medians.
+#
+# - redis-benchmark -c 50, GET and SET, pipeline 1: requests/s and the relay's CPU
+#   time per request (from /proc/PID/stat before and after).
+# - iperf3 -t 5, one stream, forward: Gbit/s and the relay's CPU time per GB.
+#
+#   bash benches/relay_vs_haproxy.sh          # RUNS=5 REQUESTS=200000 SECONDS_IPERF=5
+source "$(dirname "$0")/lib.sh"
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-5}
+REQUESTS=${REQUESTS:-200000}
+SECONDS_IPERF=${SECONDS_IPERF:-5}
+for tool in haproxy redis-server redis-benchmark iperf3; do
+    command -v "$tool" >/dev/null ||
+        { echo "needs $tool: apt-get install -y haproxy redis-server redis-tools iperf3" >&2; exit 1; }
+done
+
+free_port() { shuf -i 20000-45000 -n 1; }
+
+# start_relay KIND UPSTREAM_PORT: starts a relay on core 0; sets RELAY_PID (the
+# process doing the work) and RELAY_PORT. KIND: edgepoll, edgepoll-splice, haproxy,
+# direct (no relay: RELAY_PORT is the upstream's).
+start_relay() {
+    local kind=$1 up=$2
+    RELAY_PID=""
+    case $kind in
+        direct) RELAY_PORT=$up ;;
+        edgepoll | edgepoll-splice)
+            local extra=()
+            [[ $kind == edgepoll-splice ]] && extra=(--splice)
+            start_edgepoll relay --listen 127.0.0.1:0 --workers 1 --metrics-listen off \
+                --upstream "127.0.0.1:$up" "${extra[@]}"
+            RELAY_PID=$EP_PID
+            RELAY_PORT=${EP_ADDR##*:}
+            ;;
+        haproxy)
+            RELAY_PORT=$(free_port)
+            cat >"$WORK/haproxy.cfg" <<CFG
+global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend fe
+    bind 127.0.0.1:$RELAY_PORT
+    default_backend be
+backend be
+    server up 127.0.0.1:$up
+CFG
+            taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+            RELAY_PID=$!
+            BG_PIDS+=("$RELAY_PID")
+            local i
+            for i in $(seq 100); do
+                (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break
+                sleep 0.05
+            done
+            ;;
+    esac
+}
+
+stop_relay() { [[ -n $RELAY_PID ]] && stop_pid "$RELAY_PID"; RELAY_PID=""; }
+
+relay_cpu() { if [[ -n $RELAY_PID ]]; then cpu_seconds "$RELAY_PID"; else echo 0; fi; }
+
+# redis_run KIND: prints "requests/s cpu_ns_per_request".
+redis_run() {
+    start_relay "$1" "$REDIS_PORT"
+    local before after
+    before=$(relay_cpu)
+    taskset -c 1 redis-benchmark -h 127.0.0.1 -p "$RELAY_PORT" -c 50 -n "$REQUESTS" \
+        -t get,set --csv >"$WORK/redis.csv" 2>"$WORK/redis.err"
+    after=$(relay_cpu)
+    stop_relay
+    if grep -qi error "$WORK/redis.csv" "$WORK/redis.err"; then cat "$WORK/redis.err" >&2; exit 1; fi
+    # Two tests of REQUESTS each; their rates are averaged as a harmonic mean.
+    awk -F'"' -v b="$before" -v a="$after" -v n="$REQUESTS" '
+        NR > 1 { t += n / $4; k++ }
+        END { printf "%.0f %.1f\n", k * n / t, (a - b) / (k * n) * 1e9 }' "$WORK/redis.csv"
+}
+
+# iperf_run KIND: prints "gbit_per_s cpu_s_per_GB".
+iperf_run() {
+    start_relay "$1" "$IPERF_PORT"
+    local before after
+    before=$(relay_cpu)
+    taskset -c 1 iperf3 --client 127.0.0.1 --port "$RELAY_PORT" --time "$SECONDS_IPERF" --json \
+        >"$WORK/iperf.json"
+    after=$(relay_cpu)
+    stop_relay
+    python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+s = r["end"]["sum_received"]
+gb = s["bytes"] / 1e9
+print("%.2f %.3f" % (s["bits_per_second"] / 1e9, (float(sys.argv[3]) - float(sys.argv[2])) / gb))
+' "$WORK/iperf.json" "$before" "$after"
+}
+
+REDIS_PORT=$(free_port)
+taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    >"$WORK/redis.log" 2>&1 &
+BG_PIDS+=("$!")
+IPERF_PORT=$(free_port)
+taskset -c 1 iperf3 --server --bind 127.0.0.1 --port "$IPERF_PORT" >"$WORK/iperf-server.log" 2>&1 &
+BG_PIDS+=("$!")
+sleep 0.5
+
+KINDS=(edgepoll edgepoll-splice haproxy direct)
+echo "Machine: $(machine). Relay on core 0; upstream and load on core 1. $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3), redis $(redis-server --version | sed -E 's/.*v=([^ ]+).*/\1/'), iperf $(iperf3 --version | head -1 | cut -d' ' -f2)."
+
+declare -A rps cpu gbit cpugb
+for run in $(seq "$RUNS"); do
+    for kind in "${KINDS[@]}"; do
+        read -r r c < <(redis_run "$kind")
+        rps[$kind]+="$r "; cpu[$kind]+="$c "
+        read -r g cg < <(iperf_run "$kind")
+        gbit[$kind]+="$g "; cpugb[$kind]+="$cg "
+        echo "run $run $kind: redis $r req/s $c ns/req; iperf3 $g Gbit/s $cg CPU s/GB" >&2
+    done
+done
+
+m() { median $1; }
+echo
+echo "### redis-benchmark (-c 50, GET and SET, pipeline 1)"
+echo
+echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy |"
+echo "|---|---|---|---|---|"
+h_rps=$(m "${rps[haproxy]}"); h_cpu=$(m "${cpu[haproxy]}")
+for kind in "${KINDS[@]}"; do
+    r=$(m "${rps[$kind]}"); c=$(m "${cpu[$kind]}")
+    if [[ $kind == direct ]]; then
+        printf '| direct (no relay) | %.0f | - | %s | - |\n' "$r" "$(ratio "$r" "$h_rps")"
+    else
+        printf '| %s | %.0f | %.0f | %s | %s |\n' "$kind" "$r" "$c" "$(ratio "$r" "$h_rps")" "$(ratio "$c" "$h_cpu")"
+    fi
+done
+echo
+echo "### iperf3 (one stream, ${SECONDS_IPERF} s, client to server)"
+echo
+echo "| path | Gbit/s (median) | relay CPU s per GB (median) | throughput vs HAProxy | CPU per GB vs HAProxy |"
+echo "|---|---|---|---|---|"
+h_g=$(m "${gbit[haproxy]}"); h_cg=$(m "${cpugb[haproxy]}")
+for kind in "${KINDS[@]}"; do
+    g=$(m "${gbit[$kind]}"); cg=$(m "${cpugb[$kind]}")
+    if [[ $kind == direct ]]; then
+        printf '| direct (no relay) | %s | - | %s | - |\n' "$g" "$(ratio "$g" "$h_g")"
+    else
+        printf '| %s | %s | %s | %s | %s |\n' "$kind" "$g" "$cg" "$(ratio "$g" "$h_g")" "$(ratio "$cg" "$h_cg")"
+    fi
+done
