@@ -1,6 +1,6 @@
 //! Connections: the per-worker slab, tokens with generations, and the outbound buffer.
 //!
-//! An idle connection costs a slab slot (`Slot`, 56 bytes on x86-64) and one timer
+//! An idle connection costs a slab slot (`Slot`, 64 bytes on x86-64) and one timer
 //! entry (8 bytes) when an idle timeout is set. Its outbound buffer exists only while
 //! a short write has left bytes behind.
 

@@ -55,6 +55,66 @@ fn http_help_lists_its_flags() {
 }
 
 #[test]
+fn relay_help_lists_its_flags() {
+    let out = edgepoll().args(["relay", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--upstream",
+        "--balance",
+        "least-conn",
+        "--connect-timeout",
+        "--fail-timeout",
+        "--connect-retries",
+        "--splice",
+        "--send-proxy-v2",
+        "--idle-timeout",
+        "Example:",
+    ] {
+        assert!(help.contains(flag), "relay --help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn relay_resolves_and_logs_its_upstreams_and_fits_pairs_to_the_open_file_limit() {
+    let bin = env!("CARGO_BIN_EXE_edgepoll");
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n 256 && exec {bin} relay --listen 127.0.0.1:0 --metrics-listen off --workers 2 --upstream localhost:6399 --upstream 127.0.0.1:6398 --splice --max-connections 5000"),
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let running = Running(child);
+    let mut seen = Vec::new();
+    for line in lines.by_ref().map(|l| l.unwrap()) {
+        let done = line.contains("relaying to");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = seen.join("\n");
+    // 256 descriptors, less 64 reserved and 2 per worker, over 6 per spliced pair.
+    assert!(
+        text.contains("--max-connections lowered from 5000 to 31"),
+        "{text}"
+    );
+    let relaying = seen.last().unwrap();
+    assert!(relaying.contains("relaying to"), "{text}");
+    // The name was resolved at start-up; both upstreams are listed.
+    assert!(relaying.contains("127.0.0.1:6399"), "{relaying}");
+    assert!(relaying.contains("127.0.0.1:6398"), "{relaying}");
+    assert!(
+        relaying.contains("round-robin") && relaying.contains("splice"),
+        "{relaying}"
+    );
+    drop(running);
+}
+
+#[test]
 fn bad_flags_get_one_clear_line_and_exit_2() {
     for (args, expect) in [
         (
@@ -79,6 +139,31 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
         (
             vec!["http", "--body-file", "/nonexistent/body"],
             "--body-file /nonexistent/body",
+        ),
+        (vec!["relay"], "--upstream <ADDR>"),
+        (
+            vec!["relay", "--upstream", "127.0.0.1:0"],
+            "port 0 is not a destination",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--balance",
+                "random",
+            ],
+            "invalid value 'random'",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--connect-retries",
+                "0",
+            ],
+            "--connect-retries must be greater than zero",
         ),
     ] {
         let out = edgepoll().args(&args).output().unwrap();

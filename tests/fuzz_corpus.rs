@@ -43,3 +43,19 @@ fn the_http_response_seed_corpus_parses_the_same_at_every_split() {
     }
     assert!(files >= 5, "the corpus is there");
 }
+
+#[test]
+fn the_proxy_v2_seed_corpus_round_trips() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/proxy_v2");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        edgepoll::mode::proxy::check(&data);
+        // Every prefix too: truncated input must not panic the reader either.
+        for cut in 0..data.len() {
+            edgepoll::mode::proxy::check(&data[..cut]);
+        }
+        files += 1;
+    }
+    assert!(files >= 10, "the corpus is there");
+}

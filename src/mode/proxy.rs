@@ -131,6 +131,53 @@ pub fn parse(buf: &[u8]) -> Result<(Header, usize), ParseError> {
     }
 }
 
+/// The property the `proxy_v2` fuzz target checks and `cargo test` replays on its seed
+/// corpus; panics if it fails. Any bytes given to [`parse`] never panic it, and a
+/// length it returns lies within them. Bytes long enough to name two addresses
+/// (1 selector byte, 16 + 16 address bytes, 2 + 2 port bytes) are encoded and must
+/// parse back to the same addresses, IPv4 mapped into IPv6 when the families differ.
+pub fn check(data: &[u8]) {
+    if let Ok((_, n)) = parse(data) {
+        assert!(n <= data.len(), "parse claimed {n} of {} bytes", data.len());
+    }
+    if data.len() < 37 {
+        return;
+    }
+    let addr = |v6: bool, ip: &[u8], port: &[u8]| -> SocketAddr {
+        let port = u16::from_be_bytes([port[0], port[1]]);
+        if v6 {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&ip[..16]);
+            SocketAddr::from((octets, port))
+        } else {
+            SocketAddr::from(([ip[0], ip[1], ip[2], ip[3]], port))
+        }
+    };
+    let src = addr(data[0] & 1 != 0, &data[1..17], &data[33..35]);
+    let dst = addr(data[0] & 2 != 0, &data[17..33], &data[35..37]);
+    let mut out = Vec::new();
+    encode(src, dst, &mut out);
+    assert!(out.len() <= MAX_LEN);
+    let (header, n) = parse(&out).expect("an encoded header parses");
+    assert_eq!(n, out.len());
+    let same_family = src.is_ipv4() == dst.is_ipv4();
+    let expect = |a: SocketAddr| match (same_family, a.ip()) {
+        (false, IpAddr::V4(v4)) => SocketAddr::from((v4.to_ipv6_mapped(), a.port())),
+        _ => a,
+    };
+    assert_eq!(
+        header,
+        Header::Proxy {
+            src: expect(src),
+            dst: expect(dst)
+        }
+    );
+    // Every strict prefix is incomplete, never misread.
+    for cut in 0..out.len() {
+        assert_eq!(parse(&out[..cut]), Err(ParseError::Incomplete));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
