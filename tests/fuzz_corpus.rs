@@ -12,7 +12,8 @@ fn the_http_seed_corpus_answers_the_same_at_every_split() {
         ..HttpConfig::default()
     };
     let responder = Responder::new(&config);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http_request");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/http_request");
     let mut files = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let data = std::fs::read(entry.unwrap().path()).unwrap();
@@ -29,7 +30,8 @@ fn the_http_seed_corpus_answers_the_same_at_every_split() {
 
 #[test]
 fn the_http_response_seed_corpus_parses_the_same_at_every_split() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/http_response");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/http_response");
     let mut files = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let data = std::fs::read(entry.unwrap().path()).unwrap();
@@ -46,7 +48,7 @@ fn the_http_response_seed_corpus_parses_the_same_at_every_split() {
 
 #[test]
 fn the_proxy_v2_seed_corpus_round_trips() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/proxy_v2");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/proxy_v2");
     let mut files = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let data = std::fs::read(entry.unwrap().path()).unwrap();
