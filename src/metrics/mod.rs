@@ -32,7 +32,8 @@ pub const CLOSE_REASONS: usize = 8;
 pub enum CloseReason {
     /// The peer closed cleanly and was owed nothing more.
     Eof,
-    /// The peer reset the connection (ECONNRESET, EPIPE).
+    /// The peer reset the connection (ECONNRESET, EPIPE, ECONNABORTED, or ENOTCONN
+    /// from a shutdown after the reset).
     Reset,
     /// Any other socket error.
     Error,
@@ -73,12 +74,16 @@ impl CloseReason {
         }
     }
 
-    /// Classifies a read or write error.
+    /// Classifies a read, write or shutdown error. By kind rather than errno, so that
+    /// errors that carry context (and so no raw errno) classify the same. ENOTCONN is
+    /// what shutdown(2) says once the peer has reset the connection.
     pub fn of_error(err: &std::io::Error) -> CloseReason {
-        match err.raw_os_error() {
-            Some(libc::ECONNRESET) | Some(libc::EPIPE) | Some(libc::ECONNABORTED) => {
-                CloseReason::Reset
-            }
+        use std::io::ErrorKind;
+        match err.kind() {
+            ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::NotConnected => CloseReason::Reset,
             _ => CloseReason::Error,
         }
     }
@@ -637,5 +642,28 @@ impl WorkerMetrics {
         for (counter, delta) in self.closed.iter().zip(c.closed.iter_mut()) {
             add(counter, delta);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn resets_classify_as_reset_even_with_context_attached() {
+        let raw = io::Error::from_raw_os_error(libc::ECONNRESET);
+        assert_eq!(CloseReason::of_error(&raw), CloseReason::Reset);
+        // sys::context keeps the kind but not the errno.
+        let wrapped = crate::sys::context(
+            io::Error::from_raw_os_error(libc::ENOTCONN),
+            "shutdown SHUT_WR fd 7",
+        );
+        assert_eq!(wrapped.raw_os_error(), None);
+        assert_eq!(CloseReason::of_error(&wrapped), CloseReason::Reset);
+        let pipe = io::Error::from_raw_os_error(libc::EPIPE);
+        assert_eq!(CloseReason::of_error(&pipe), CloseReason::Reset);
+        let other = io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(CloseReason::of_error(&other), CloseReason::Error);
     }
 }

@@ -489,6 +489,7 @@ fn pump_pair(conn: &mut Conn, io: &mut Io<'_>) -> io::Result<Step> {
 
 /// Ends a pair on an error: both sockets are closed with a reset.
 fn abort(conn: &mut Conn, err: &io::Error) -> Step {
+    tracing::debug!("relayed pair aborted: {err}");
     let _ = socket::set_linger_zero(conn.fd.as_fd());
     if let Some(up) = conn.relay.as_ref().and_then(|p| p.upstream.as_ref()) {
         let _ = socket::set_linger_zero(up.as_fd());

@@ -52,6 +52,25 @@ impl Epoll {
         .map_err(|e| super::context(e, format!("epoll_ctl ADD fd {}", fd.as_raw_fd())))
     }
 
+    /// Changes the interest of a registered `fd`. edgepoll never needs this (its
+    /// sockets are edge-triggered and registered once); the `pollers` benchmark uses
+    /// it to show what a level-triggered loop pays.
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, interest: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: interest,
+            u64: token,
+        };
+        // SAFETY: as in `add`: valid descriptors and an initialised event.
+        syscall!(epoll_ctl(
+            self.fd.as_raw_fd(),
+            libc::EPOLL_CTL_MOD,
+            fd.as_raw_fd(),
+            &mut event
+        ))
+        .map(drop)
+        .map_err(|e| super::context(e, format!("epoll_ctl MOD fd {}", fd.as_raw_fd())))
+    }
+
     /// Waits for events, at most `timeout` (None: forever, zero: do not block).
     /// An interrupted wait (EINTR) returns with no events rather than an error.
     pub fn wait(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {

@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod epoll;
 pub mod eventfd;
 pub mod mem;
+pub mod poll;
 pub mod rlimit;
 pub mod signal;
 pub mod socket;
