@@ -142,6 +142,19 @@ pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
         .map_err(|e| super::context(e, format!("setsockopt TCP_NODELAY fd {}", fd.as_raw_fd())))
 }
 
+/// Sets the socket's send buffer (SO_SNDBUF; the kernel doubles the value for its
+/// bookkeeping and disables autotuning for this socket). The `pollers` benchmark uses
+/// a small one to make writes short, as a slow reader does.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        bytes.min(i32::MAX as usize) as i32,
+    )
+    .map_err(|e| super::context(e, format!("setsockopt SO_SNDBUF fd {}", fd.as_raw_fd())))
+}
+
 /// Makes the next close send RST instead of FIN (SO_LINGER with a zero timeout).
 /// Used to abort a connection, and by tests to play a peer that resets.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
