@@ -23,7 +23,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use edgepoll::sys::epoll::{Epoll, Events};
@@ -139,7 +139,6 @@ fn round_trip_ns(kind: Poller, k: usize, batch: Duration) -> io::Result<Option<f
             epoll.add(server.as_fd(), u64::MAX, interest)?;
         }
     }
-    let server_fd = server.as_raw_fd();
     let mut one = |client: &mut TcpStream, server: &mut TcpStream| -> io::Result<()> {
         client.write_all(&[7])?;
         loop {
@@ -167,7 +166,6 @@ fn round_trip_ns(kind: Poller, k: usize, batch: Duration) -> io::Result<Option<f
             Err(e) => Err(e),
         }
     };
-    debug_assert!(server_fd >= 0);
     // Warm up, then time batches of a fixed duration.
     for _ in 0..200 {
         one(&mut client, &mut server)?;
