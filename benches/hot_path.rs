@@ -1,16 +1,19 @@
 //! Micro-benchmarks of the pieces on or near the per-message path:
-//! publishing a worker's counters, the outbound buffer, the echo pattern used by
-//! edgeload, and its HTTP response parser.
+//! publishing a worker's counters, the outbound buffer, http mode's request handling
+//! and response encoding, the PROXY v2 header, the echo pattern used by edgeload, and
+//! its HTTP response parser.
 //!
 //!     cargo bench --bench hot_path
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use edgepoll::config::HttpConfig;
 use edgepoll::conn::Outbound;
 use edgepoll::load::http::ResponseParser;
 use edgepoll::load::pattern::Pattern;
 use edgepoll::metrics::{Counters, Metrics};
+use edgepoll::mode::http::{Responder, Session};
 use edgepoll::{Config, Mode};
 
 fn publish(c: &mut Criterion) {
@@ -90,5 +93,64 @@ fn http_response(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, publish, outbound, pattern, http_response);
+fn http_request(c: &mut Criterion) {
+    let responder = Responder::new(&HttpConfig::default());
+    // What wrk sends, 16 pipelined: parse each head, answer each into one batch.
+    let one: &[u8] = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n";
+    let sixteen = one.repeat(16);
+    let mut g = c.benchmark_group("http_request");
+    g.throughput(Throughput::Elements(16));
+    g.bench_function("feed_16_pipelined", |b| {
+        let mut session = Session::default();
+        let mut out = Vec::with_capacity(16 * 256);
+        let mut counts = [0u64; 6];
+        b.iter(|| {
+            out.clear();
+            let f = responder.feed(&mut session, black_box(&sixteen), &mut out, &mut counts);
+            assert_eq!(f.consumed, sixteen.len());
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("feed_one", |b| {
+        let mut session = Session::default();
+        let mut out = Vec::with_capacity(256);
+        let mut counts = [0u64; 6];
+        b.iter(|| {
+            out.clear();
+            responder.feed(&mut session, black_box(one), &mut out, &mut counts)
+        })
+    });
+    g.finish();
+    // The Date line, rewritten once a second per worker.
+    let mut responder = Responder::new(&HttpConfig::default());
+    let mut t = std::time::SystemTime::now();
+    c.bench_function("http_response/refresh_date", |b| {
+        b.iter(|| {
+            t += std::time::Duration::from_secs(1);
+            responder.refresh_date(black_box(t));
+        })
+    });
+}
+
+fn proxy_header(c: &mut Criterion) {
+    let src: std::net::SocketAddr = "192.0.2.1:51000".parse().unwrap();
+    let dst: std::net::SocketAddr = "198.51.100.7:7001".parse().unwrap();
+    let mut out = Vec::with_capacity(64);
+    c.bench_function("proxy_v2/encode_ipv4", |b| {
+        b.iter(|| {
+            out.clear();
+            edgepoll::mode::proxy::encode(black_box(src), black_box(dst), &mut out);
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    publish,
+    outbound,
+    http_request,
+    proxy_header,
+    pattern,
+    http_response
+);
 criterion_main!(benches);
