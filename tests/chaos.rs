@@ -151,20 +151,68 @@ fn client(id: u64, addr: SocketAddr, until: Instant, tally: &Tally) {
     }
 }
 
-#[test]
-fn chaos_soak_loses_nothing_and_leaks_nothing() {
-    let secs: u64 = std::env::var("EDGEPOLL_SOAK_SECS")
+/// The soaks count the process's descriptors and memory, so they must not overlap.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn soak_secs() -> u64 {
+    std::env::var("EDGEPOLL_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(3)
+}
+
+#[test]
+fn chaos_soak_loses_nothing_and_leaks_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let server = echo_server(2, |c| {
         c.idle_timeout = Some(Duration::from_secs(5));
         c.max_pending_bytes = 128 * 1024;
     });
+    soak("chaos soak", &server, &[]);
+}
+
+#[test]
+fn chaos_soak_through_the_relay_loses_nothing_and_leaks_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Each relayed connection holds four descriptors in this process (the client, the
+    // relay's two sockets, the echo server's socket).
+    if let Ok((soft, hard)) = edgepoll::sys::rlimit::nofile() {
+        if soft < hard {
+            edgepoll::sys::rlimit::set_nofile_soft(hard).unwrap();
+        }
+    }
+    let upstream = echo_server(2, |c| {
+        c.idle_timeout = Some(Duration::from_secs(5));
+        c.max_pending_bytes = 128 * 1024;
+    });
+    let mut config = edgepoll::Config::new(edgepoll::Mode::Relay);
+    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.workers = 2;
+    config.metrics_listen = None;
+    config.idle_timeout = Some(Duration::from_secs(5));
+    config.max_pending_bytes = 128 * 1024;
+    config.relay.upstreams = vec![upstream.local_addr()];
+    let relay = edgepoll::Server::start(config).unwrap();
+    soak("chaos soak through the relay", &relay, &[&upstream]);
+    let label = upstream.local_addr().to_string();
+    assert_eq!(relay.metrics().upstream_active(&label), 0);
+    let errors: u64 = edgepoll::metrics::ConnectError::ALL
+        .iter()
+        .map(|&r| relay.metrics().upstream_connect_errors(&label, r))
+        .sum();
+    assert_eq!(errors, 0, "upstream connects failed");
+}
+
+/// Runs the clients against `server` (and, behind it, `behind`), then checks that
+/// nothing was lost or leaked.
+fn soak(label: &str, server: &edgepoll::Server, behind: &[&edgepoll::Server]) {
+    let secs = soak_secs();
     let addr = server.local_addr();
     // Warm up, then take the baselines.
     echo_roundtrip(&mut connect(addr), b"warm");
-    wait_for("the warm-up close", || server.open_connections() == 0);
+    wait_for("the warm-up close", || {
+        server.open_connections() == 0 && behind.iter().all(|b| b.open_connections() == 0)
+    });
     let fds_before = open_fds();
     let rss_before = resident_bytes();
 
@@ -185,19 +233,21 @@ fn chaos_soak_loses_nothing_and_leaks_nothing() {
 
     // Still answering.
     echo_roundtrip(&mut connect(addr), b"still here after the storm");
-    wait_for("every connection to be closed", || {
-        server.open_connections() == 0
-    });
-    wait_for("the active gauge to publish 0", || {
-        server.stats().iter().map(|s| s.active).sum::<i64>() == 0
-    });
-    wait_for("outbound buffers to empty", || server.buffered_bytes() == 0);
+    for s in std::iter::once(server).chain(behind.iter().copied()) {
+        wait_for("every connection to be closed", || {
+            s.open_connections() == 0
+        });
+        wait_for("the active gauge to publish 0", || {
+            s.stats().iter().map(|w| w.active).sum::<i64>() == 0
+        });
+        wait_for("outbound buffers to empty", || s.buffered_bytes() == 0);
+    }
     let fds_after = open_fds();
     let rss_after = resident_bytes();
     let t = &tally;
-    let accepted = total(&server, |s| s.accepted);
+    let accepted = total(server, |s| s.accepted);
     eprintln!(
-        "chaos soak: {secs} s, {CLIENTS} clients, {accepted} connections accepted; verified {} bytes in {} exchanges and {} half-closes, {} corrupted; faults: {} resets, {} never-read, {} idle, {} garbage, {} churn; fds {} -> {}; RSS {} -> {} KiB",
+        "{label}: {secs} s, {CLIENTS} clients, {accepted} connections accepted; verified {} bytes in {} exchanges and {} half-closes, {} corrupted; faults: {} resets, {} never-read, {} idle, {} garbage, {} churn; fds {} -> {}; RSS {} -> {} KiB",
         t.verified_bytes.load(Ordering::Relaxed),
         t.exchanges.load(Ordering::Relaxed),
         t.half_closes.load(Ordering::Relaxed),
