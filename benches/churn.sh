@@ -24,8 +24,8 @@ one_run() { # SERVER: prints "connections/s cpu_ns_per_connection"
 echo "Machine: $(machine). Server (1 worker) on core 0, edgeload --reconnect on core 1, 50 slots, 64-byte echo per connection, $DURATION x $RUNS runs each, alternating."
 declare -a e_rps e_cpu t_rps t_cpu
 for run in $(seq "$RUNS"); do
-    read -r r c < <(one_run edgepoll); e_rps+=("$r"); e_cpu+=("$c")
-    read -r r c < <(one_run tokio); t_rps+=("$r"); t_cpu+=("$c")
+    read -r r c _ < <(one_run edgepoll); e_rps+=("$r"); e_cpu+=("$c")
+    read -r r c _ < <(one_run tokio); t_rps+=("$r"); t_cpu+=("$c")
     echo "run $run: edgepoll ${e_rps[-1]} conn/s ${e_cpu[-1]} ns/conn; tokio ${t_rps[-1]} conn/s ${t_cpu[-1]} ns/conn" >&2
 done
 me=$(median "${e_rps[@]}"); mt=$(median "${t_rps[@]}")

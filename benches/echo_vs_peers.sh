@@ -27,20 +27,22 @@ one_run() { # SERVER DEPTH: prints "messages/s cpu_ns_per_message"
 
 echo "Machine: $(machine). Server (1 worker) on core 0, edgeload on core 1, 50 connections, 64-byte messages, $DURATION x $RUNS runs each, alternating."
 for depth in 1 16; do
-    declare -A rps_list=() cpu_list=()
+    declare -A rps_list=() cpu_list=() p50_list=() p99_list=()
     for run in $(seq "$RUNS"); do
         for server in edgepoll tokio floor; do
-            read -r rps cpu < <(one_run "$server" "$depth")
+            read -r rps cpu p50 p99 < <(one_run "$server" "$depth")
             rps_list[$server]+="$rps "
             cpu_list[$server]+="$cpu "
+            p50_list[$server]+="$p50 "
+            p99_list[$server]+="$p99 "
             echo "depth $depth run $run: $server $rps msg/s $cpu ns/msg" >&2
         done
     done
     echo
     echo "### 64-byte echo, depth $depth"
     echo
-    echo "| server | messages/s (median) | server CPU ns per message (median) | CPU vs edgepoll |"
-    echo "|---|---|---|---|"
+    echo "| server | messages/s (median) | server CPU ns per message (median) | CPU vs edgepoll | p50 latency µs (median) | p99 latency µs (median) |"
+    echo "|---|---|---|---|---|---|"
     # shellcheck disable=SC2086
     ep_cpu=$(median ${cpu_list[edgepoll]})
     for server in edgepoll tokio floor; do
@@ -48,6 +50,10 @@ for depth in 1 16; do
         m_rps=$(median ${rps_list[$server]})
         # shellcheck disable=SC2086
         m_cpu=$(median ${cpu_list[$server]})
-        printf '| %s | %.0f | %.0f | %s |\n' "$server" "$m_rps" "$m_cpu" "$(ratio "$m_cpu" "$ep_cpu")"
+        # shellcheck disable=SC2086
+        m_p50=$(median ${p50_list[$server]})
+        # shellcheck disable=SC2086
+        m_p99=$(median ${p99_list[$server]})
+        printf '| %s | %.0f | %.0f | %s | %.0f | %.0f |\n' "$server" "$m_rps" "$m_cpu" "$(ratio "$m_cpu" "$ep_cpu")" "$m_p50" "$m_p99"
     done
 done

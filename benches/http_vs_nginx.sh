@@ -15,13 +15,14 @@ CONNS=${CONNS:-50}
 command -v nginx >/dev/null && command -v wrk >/dev/null ||
     { echo "needs nginx-light and wrk: apt-get install -y nginx-light wrk" >&2; exit 1; }
 
-# run_wrk URL PID LOAD: prints "requests/s cpu_ns_per_request" for one wrk run.
+# run_wrk URL PID LOAD: prints "requests/s cpu_ns_per_request p50_us p99_us" for one
+# wrk run.
 run_wrk() {
     local url=$1 pid=$2 load=$3 script=()
     [[ $load == pipelined16 ]] && script=(-s tests/e2e/pipeline16.lua)
     local before after
     before=$(cpu_seconds "$pid")
-    taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" "${script[@]}" "$url" >"$WORK/wrk.txt"
+    taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${script[@]}" "$url" >"$WORK/wrk.txt"
     after=$(cpu_seconds "$pid")
     if grep -qE 'Socket errors|Non-2xx' "$WORK/wrk.txt"; then
         cat "$WORK/wrk.txt" >&2
@@ -30,7 +31,17 @@ run_wrk() {
     local reqs rps
     reqs=$(awk '/requests in/ { print $1 }' "$WORK/wrk.txt")
     rps=$(awk '/Requests\/sec/ { print $2 }' "$WORK/wrk.txt")
-    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" 'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
+    # wrk --latency prints "50%  245.00us" ... "99%    1.20ms": convert to µs.
+    local p50 p99
+    p50=$(awk '$1 == "50%" { print $2 }' "$WORK/wrk.txt" | to_us)
+    p99=$(awk '$1 == "99%" { print $2 }' "$WORK/wrk.txt" | to_us)
+    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" -v p50="$p50" -v p99="$p99" \
+        'BEGIN { printf "%.0f %.1f %s %s\n", rps, (a - b) / r * 1e9, p50, p99 }'
+}
+
+# to_us: a wrk duration on stdin (245.00us, 1.20ms, 2.00s) in microseconds.
+to_us() {
+    awk '{ v = $1 + 0; if ($1 ~ /ms$/) v *= 1000; else if ($1 ~ /[0-9]s$/) v *= 1000000; printf "%.0f", v }'
 }
 
 one_run() { # SERVER LOAD
@@ -56,10 +67,12 @@ one_run() { # SERVER LOAD
 
 echo "Machine: $(machine). Server on core 0, wrk 4.1 on core 1, $CONNS connections, 1 wrk thread, $DURATION x $RUNS runs each, alternating."
 for load in keepalive pipelined16; do
-    declare -a e_rps=() e_cpu=() n_rps=() n_cpu=()
+    declare -a e_rps=() e_cpu=() n_rps=() n_cpu=() e_p50=() e_p99=() n_p50=() n_p99=()
     for run in $(seq "$RUNS"); do
-        read -r rps cpu < <(one_run edgepoll "$load"); e_rps+=("$rps"); e_cpu+=("$cpu")
-        read -r rps cpu < <(one_run nginx "$load"); n_rps+=("$rps"); n_cpu+=("$cpu")
+        read -r rps cpu p50 p99 < <(one_run edgepoll "$load")
+        e_rps+=("$rps"); e_cpu+=("$cpu"); e_p50+=("$p50"); e_p99+=("$p99")
+        read -r rps cpu p50 p99 < <(one_run nginx "$load")
+        n_rps+=("$rps"); n_cpu+=("$cpu"); n_p50+=("$p50"); n_p99+=("$p99")
         echo "$load run $run: edgepoll ${e_rps[-1]} req/s ${e_cpu[-1]} ns/req; nginx ${n_rps[-1]} req/s ${n_cpu[-1]} ns/req" >&2
     done
     me_rps=$(median "${e_rps[@]}"); mn_rps=$(median "${n_rps[@]}")
@@ -67,9 +80,9 @@ for load in keepalive pipelined16; do
     echo
     echo "### $load"
     echo
-    echo "| server | requests/s (median) | server CPU ns per request (median) |"
-    echo "|---|---|---|"
-    printf '| edgepoll http | %.0f | %.0f |\n' "$me_rps" "$me_cpu"
-    printf '| nginx 1.22 | %.0f | %.0f |\n' "$mn_rps" "$mn_cpu"
-    echo "| edgepoll / nginx | $(ratio "$me_rps" "$mn_rps") | $(ratio "$me_cpu" "$mn_cpu") |"
+    echo "| server | requests/s (median) | server CPU ns per request (median) | p50 latency µs (median) | p99 latency µs (median) |"
+    echo "|---|---|---|---|---|"
+    printf '| edgepoll http | %.0f | %.0f | %.0f | %.0f |\n' "$me_rps" "$me_cpu" "$(median "${e_p50[@]}")" "$(median "${e_p99[@]}")"
+    printf '| nginx 1.22 | %.0f | %.0f | %.0f | %.0f |\n' "$mn_rps" "$mn_cpu" "$(median "${n_p50[@]}")" "$(median "${n_p99[@]}")"
+    echo "| edgepoll / nginx | $(ratio "$me_rps" "$mn_rps") | $(ratio "$me_cpu" "$mn_cpu") | | |"
 done

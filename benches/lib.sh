@@ -84,7 +84,8 @@ start_peer() {
 }
 
 # load_cost PID EDGELOAD_ARGS...: runs edgeload --json on core 1 and prints
-# "requests/s server_cpu_ns_per_request" for the server PID. Any load error fails.
+# "requests/s server_cpu_ns_per_request p50_us p99_us" for the server PID. Any load
+# error fails.
 load_cost() {
     local pid=$1 before after
     shift
@@ -92,9 +93,11 @@ load_cost() {
     taskset -c 1 "$BIN_DIR/edgeload" --json "$@" >"$WORK/load.json"
     after=$(cpu_seconds "$pid")
     grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
-    local reqs rps
-    reqs=$(json_field "$WORK/load.json" requests)
-    rps=$(json_field "$WORK/load.json" requests_per_sec)
-    awk -v b="$before" -v a="$after" -v r="$reqs" -v rps="$rps" \
-        'BEGIN { printf "%.0f %.1f\n", rps, (a - b) / r * 1e9 }'
+    python3 - "$WORK/load.json" "$before" "$after" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+cpu = float(sys.argv[3]) - float(sys.argv[2])
+p = r["latency_us"]["percentiles"]
+print("%.0f %.1f %s %s" % (r["requests_per_sec"], cpu / r["requests"] * 1e9, p["50"], p["99"]))
+PY
 }

@@ -30,9 +30,9 @@ one_run() {
 
 declare -a off_cpu on_cpu off_rps on_rps
 for run in $(seq "$RUNS"); do
-    read -r rps cpu < <(one_run off)
+    read -r rps cpu _ < <(one_run off)
     off_rps+=("$rps"); off_cpu+=("$cpu")
-    read -r rps cpu < <(one_run on)
+    read -r rps cpu _ < <(one_run on)
     on_rps+=("$rps"); on_cpu+=("$cpu")
     echo "run $run: off ${off_rps[-1]} msg/s ${off_cpu[-1]} ns CPU/msg; on ${on_rps[-1]} msg/s ${on_cpu[-1]} ns CPU/msg" >&2
 done

@@ -69,7 +69,7 @@ stop_relay() { [[ -n $RELAY_PID ]] && stop_pid "$RELAY_PID"; RELAY_PID=""; }
 
 relay_cpu() { if [[ -n $RELAY_PID ]]; then cpu_seconds "$RELAY_PID"; else echo 0; fi; }
 
-# redis_run KIND: prints "requests/s cpu_ns_per_request".
+# redis_run KIND: prints "requests/s cpu_ns_per_request get_p50_us get_p99_us".
 redis_run() {
     start_relay "$1" "$REDIS_PORT"
     local before after
@@ -79,10 +79,13 @@ redis_run() {
     after=$(relay_cpu)
     stop_relay
     if grep -qi error "$WORK/redis.csv" "$WORK/redis.err"; then cat "$WORK/redis.err" >&2; exit 1; fi
-    # Two tests of REQUESTS each; their rates are averaged as a harmonic mean.
+    # Two tests of REQUESTS each; their rates are averaged as a harmonic mean. Columns:
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
+    # "p99_latency_ms","max_latency_ms"; the latency reported is GET's.
     awk -F'"' -v b="$before" -v a="$after" -v n="$REQUESTS" '
         NR > 1 { t += n / $4; k++ }
-        END { printf "%.0f %.1f\n", k * n / t, (a - b) / (k * n) * 1e9 }' "$WORK/redis.csv"
+        $2 == "GET" { p50 = $10 * 1000; p99 = $14 * 1000 }
+        END { printf "%.0f %.1f %.0f %.0f\n", k * n / t, (a - b) / (k * n) * 1e9, p50, p99 }' "$WORK/redis.csv"
 }
 
 # iperf_run KIND: prints "gbit_per_s cpu_s_per_GB".
@@ -115,11 +118,11 @@ sleep 0.5
 KINDS=(edgepoll edgepoll-splice haproxy direct)
 echo "Machine: $(machine). Relay on core 0; upstream and load on core 1. $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3), redis $(redis-server --version | sed -E 's/.*v=([^ ]+).*/\1/'), iperf $(iperf3 --version | head -1 | cut -d' ' -f2)."
 
-declare -A rps cpu gbit cpugb
+declare -A rps cpu gbit cpugb p50 p99
 for run in $(seq "$RUNS"); do
     for kind in "${KINDS[@]}"; do
-        read -r r c < <(redis_run "$kind")
-        rps[$kind]+="$r "; cpu[$kind]+="$c "
+        read -r r c l50 l99 < <(redis_run "$kind")
+        rps[$kind]+="$r "; cpu[$kind]+="$c "; p50[$kind]+="$l50 "; p99[$kind]+="$l99 "
         read -r g cg < <(iperf_run "$kind")
         gbit[$kind]+="$g "; cpugb[$kind]+="$cg "
         echo "run $run $kind: redis $r req/s $c ns/req; iperf3 $g Gbit/s $cg CPU s/GB" >&2
@@ -130,15 +133,16 @@ m() { median $1; }
 echo
 echo "### redis-benchmark (-c 50, GET and SET, pipeline 1)"
 echo
-echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy |"
-echo "|---|---|---|---|---|"
+echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy | GET p50 / p99 µs (median) |"
+echo "|---|---|---|---|---|---|"
 h_rps=$(m "${rps[haproxy]}"); h_cpu=$(m "${cpu[haproxy]}")
 for kind in "${KINDS[@]}"; do
     r=$(m "${rps[$kind]}"); c=$(m "${cpu[$kind]}")
+    lat="$(m "${p50[$kind]}") / $(m "${p99[$kind]}")"
     if [[ $kind == direct ]]; then
-        printf '| direct (no relay) | %.0f | - | %s | - |\n' "$r" "$(ratio "$r" "$h_rps")"
+        printf '| direct (no relay) | %.0f | - | %s | - | %s |\n' "$r" "$(ratio "$r" "$h_rps")" "$lat"
     else
-        printf '| %s | %.0f | %.0f | %s | %s |\n' "$kind" "$r" "$c" "$(ratio "$r" "$h_rps")" "$(ratio "$c" "$h_cpu")"
+        printf '| %s | %.0f | %.0f | %s | %s | %s |\n' "$kind" "$r" "$c" "$(ratio "$r" "$h_rps")" "$(ratio "$c" "$h_cpu")" "$lat"
     fi
 done
 echo

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 source benches/lib.sh
 cargo build --release --bins
 
-ALL=(metrics_overhead echo_vs_peers echo_instructions idle_scaling idle_memory churn
+ALL=(metrics_overhead echo_vs_peers instructions idle_scaling idle_memory churn
     loadgen_vs_wrk http_vs_nginx relay_vs_haproxy pollers)
 if (($# > 0)); then BENCHES=("$@"); else BENCHES=("${ALL[@]}"); fi
 
