@@ -98,6 +98,6 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = float(sys.argv[3]) - float(sys.argv[2])
 p = r["latency_us"]["percentiles"]
-print("%.0f %.1f %s %s" % (r["requests_per_sec"], cpu / r["requests"] * 1e9, p["50"], p["99"]))
+print("%.0f %.1f %s %s" % (r["requests_per_sec"], cpu / r["requests"] * 1e9, p["p50"], p["p99"]))
 PY
 }
