@@ -18,9 +18,10 @@
 //!
 //! # Layout
 //!
-//! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets, signals,
-//!   rlimits, timer slack, a counting allocator for tests), as thin safe wrappers
-//!   returning `io::Result`.
+//! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets, splice and
+//!   pipes, signals, rlimits, timer slack, poll and select for the benchmark that
+//!   compares them, a counting allocator for tests), as thin safe wrappers returning
+//!   `io::Result`.
 //! - [`config`]: the validated configuration the command line builds.
 //! - [`server`]: starts the acceptor, the workers and the metrics endpoint; the handle
 //!   tests use.
@@ -30,7 +31,10 @@
 //!   mode, publishing counters.
 //! - [`conn`]: the connection slab, tokens with generations, the outbound buffer.
 //! - [`timer`]: the idle-timeout wheel.
-//! - [`mode`]: protocol handlers; `echo` so far.
+//! - [`mode`]: protocol handlers: `echo`, `http` (a fixed response, keep-alive and
+//!   pipelining), `relay` (a TCP proxy: pairs, upstream selection and failover,
+//!   splice) and `proxy` (the PROXY protocol v2 header).
+//! - [`http1`]: the chunked-body decoder and header helpers http mode uses.
 //! - [`metrics`]: the Prometheus registry, per-worker counters and the `/metrics`,
 //!   `/healthz`, `/readyz` endpoint.
 //! - [`load`]: the engine behind `edgeload`: per-thread epoll loops, the verified

@@ -24,6 +24,16 @@
 //!    was closed earlier in the same batch) and is ignored: the generation in the token
 //!    no longer matches.
 //!
+//! # Relayed pairs
+//!
+//! In relay mode a connection owns a second socket, its upstream, registered in the
+//! same epoll once with the same interest and the connection's token plus a side bit
+//! ([`Token::upstream`](crate::conn::Token::upstream)). An event on either socket
+//! serves the pair as a whole (`mode::relay`), the generation check of rule 5 covers
+//! both, and the rules above hold for each direction: a direction reads its source
+//! until a short read, pauses at the cap, and resumes when its destination's EPOLLOUT
+//! edge lets its buffer drain.
+//!
 //! # Hand-off
 //!
 //! The acceptor sends new sockets over a channel and wakes the worker through an

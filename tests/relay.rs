@@ -410,3 +410,45 @@ fn a_drain_relays_every_byte_in_flight_before_the_pairs_close() {
     wait_for("the drain to finish", || relay.is_finished());
     assert_eq!(total(&relay, |s| s.closed_for(CloseReason::Eof)), 1);
 }
+
+#[test]
+fn an_ipv6_client_reaches_an_ipv6_upstream_with_a_v6_proxy_header() {
+    let Ok(listener) = TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    };
+    let up = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut got = vec![0u8; 52 + 4];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(b"pong").unwrap();
+        got
+    });
+    let mut config = Config::new(Mode::Relay);
+    config.listen = vec!["[::1]:0".parse().unwrap()];
+    config.workers = 1;
+    config.metrics_listen = None;
+    config.relay.upstreams = vec![up];
+    config.relay.send_proxy_v2 = true;
+    let relay = Server::start(config).unwrap();
+    let mut client = connect(relay.local_addr());
+    client.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    client.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong");
+    let got = t.join().unwrap();
+    // Family byte 0x21: TCP over IPv6; 36 address bytes follow.
+    assert_eq!(&got[12..16], &[0x21, 0x21, 0x00, 0x24]);
+    let (header, len) = edgepoll::mode::proxy::parse(&got).unwrap();
+    assert_eq!(len, 52);
+    assert_eq!(
+        header,
+        edgepoll::mode::proxy::Header::Proxy {
+            src: client.local_addr().unwrap(),
+            dst: relay.local_addr(),
+        }
+    );
+    assert_eq!(&got[52..], b"ping");
+}
