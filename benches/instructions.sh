@@ -32,6 +32,8 @@ REDIS_PORT=$(shuf -i 20000-45000 -n 1)
 taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     >"$WORK/redis.log" 2>&1 &
 BG_PIDS+=("$!")
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+redis-cli -p "$REDIS_PORT" ping >/dev/null || { cat "$WORK/redis.log" >&2; exit 1; }
 
 # under_callgrind PORT CMD...: starts CMD on core 0 under callgrind and waits until
 # 127.0.0.1:PORT accepts (PORT 0: until CMD prints "listening on ADDR"); sets VG_PID
@@ -105,7 +107,10 @@ one_run() {
             requests=$((${duration%s} * 2000))
             taskset -c 1 redis-benchmark -h 127.0.0.1 -p "${VG_ADDR##*:}" -c 50 -n "$requests" -t get --csv \
                 >"$WORK/redis.csv" 2>"$WORK/redis.err"
-            if grep -qi error "$WORK/redis.csv" "$WORK/redis.err"; then cat "$WORK/redis.err" >&2; exit 1; fi
+            if grep -qi error "$WORK/redis.csv" "$WORK/redis.err" || ! grep -q '^"GET"' "$WORK/redis.csv"; then
+                cat "$WORK/redis.err" >&2
+                exit 1
+            fi
             ;;
     esac
     stop_callgrind

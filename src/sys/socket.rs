@@ -92,15 +92,24 @@ pub fn connect_nonblocking(addr: SocketAddr) -> io::Result<OwnedFd> {
 }
 
 /// Reads into `buf`. `Ok(0)` is the peer's FIN; EINTR is retried.
+///
+/// A raw `recvfrom` system call rather than glibc's `recv`: glibc's is a thread
+/// cancellation point and brackets the call with enable/disable-asynccancel, about 60
+/// instructions a call, which callgrind put at a fifth of edgepoll's user-space cost
+/// per echoed message. edgepoll never cancels threads.
 #[inline]
 pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-        match syscall!(recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            0
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`; the null
+        // address and length say no source address is wanted.
+        match syscall!(syscall(
+            libc::SYS_recvfrom,
+            fd.as_raw_fd() as libc::c_long,
+            buf.as_mut_ptr() as libc::c_long,
+            buf.len() as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long
         )) {
             Ok(n) => return Ok(n as usize),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -109,16 +118,21 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes from `buf` without raising SIGPIPE; EINTR is retried.
+/// Writes from `buf` without raising SIGPIPE; EINTR is retried. A raw `sendto`, for
+/// the reason [`read`] gives.
 #[inline]
 pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     loop {
-        // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`.
-        match syscall!(send(
-            fd.as_raw_fd(),
-            buf.as_ptr() as *const libc::c_void,
-            buf.len(),
-            libc::MSG_NOSIGNAL
+        // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`; a null address
+        // of length 0 sends on the connected socket.
+        match syscall!(syscall(
+            libc::SYS_sendto,
+            fd.as_raw_fd() as libc::c_long,
+            buf.as_ptr() as libc::c_long,
+            buf.len() as libc::c_long,
+            libc::MSG_NOSIGNAL as libc::c_long,
+            0 as libc::c_long,
+            0 as libc::c_long
         )) {
             Ok(n) => return Ok(n as usize),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
