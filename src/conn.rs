@@ -162,6 +162,7 @@ impl Conn {
     /// Sends `data`: straight to the socket when nothing is queued before it, and what
     /// the socket does not take into the outbound buffer. Returns bytes written now.
     /// The caller keeps `pending() + data.len()` within its cap.
+    #[inline]
     pub fn send(&mut self, data: &[u8]) -> io::Result<usize> {
         if let Some(out) = self.outbound.as_mut() {
             out.push(data);

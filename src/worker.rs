@@ -447,6 +447,7 @@ impl Worker {
     }
 
     /// Books what serving changed: buffered bytes, a new deadline, the next step.
+    #[inline]
     fn after_serve(
         &mut self,
         token: Token,

@@ -16,6 +16,7 @@ use crate::sys::socket;
 /// read, the budget or the cap. `readable` says an edge reported input. Once the peer
 /// has closed (or the socket has an error: [`flags::HUP_SEEN`]), short reads are not
 /// taken as "drained" and reading goes on until the 0 or the error it will return.
+#[inline]
 pub fn serve(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Step {
     if let Some(step) = begin(conn, io, readable) {
         return step;

@@ -50,6 +50,7 @@ pub const READ_BUFFER_SIZE: usize = 64 * 1024;
 pub const LINGER_MS: u64 = 5_000;
 
 /// Writes what the connection owes; `Err(step)` if it must close.
+#[inline]
 pub(crate) fn flush_owed(conn: &mut Conn, io: &mut Io<'_>) -> Result<(), Step> {
     if conn.outbound.is_some() {
         match conn.flush() {
@@ -76,11 +77,13 @@ pub(crate) fn flush_owed(conn: &mut Conn, io: &mut Io<'_>) -> Result<(), Step> {
 /// the holders pause first. A connection that holds nothing is never paused by it
 /// (it would get no EPOLLOUT edge to wake it), but reads at most [`SMALL_READ`] at a
 /// time past the bound, so the bound is exceeded by at most that per connection.
+#[inline]
 pub(crate) fn read_room(conn: &Conn, io: &Io<'_>) -> usize {
     room(conn.pending(), io)
 }
 
 /// [`read_room`] for a buffer that holds `pending` bytes.
+#[inline]
 pub(crate) fn room(pending: usize, io: &Io<'_>) -> usize {
     let global = io.counters.global_room.max(0) as usize;
     let allowed = if pending == 0 {
@@ -97,6 +100,7 @@ pub const SMALL_READ: usize = 4096;
 
 /// Marks a connection paused by backpressure (counted once per episode); the worker
 /// comes back to it when its buffer drains.
+#[inline]
 pub(crate) fn pause(conn: &mut Conn, io: &mut Io<'_>) -> Step {
     if !conn.has(flags::PAUSED) {
         conn.set(flags::PAUSED);
@@ -107,6 +111,7 @@ pub(crate) fn pause(conn: &mut Conn, io: &mut Io<'_>) -> Step {
 }
 
 /// Sends bytes after what is owed, counting what went out now.
+#[inline]
 pub(crate) fn send(conn: &mut Conn, counters: &mut Counters, data: &[u8]) -> Result<(), Step> {
     match conn.send(data) {
         Ok(w) => {
@@ -126,6 +131,7 @@ pub(crate) fn send(conn: &mut Conn, counters: &mut Counters, data: &[u8]) -> Res
 /// a connection whose input is done, and decide whether to read at all (an edge
 /// reported input, the peer hung up, or reading stopped early last time). `None` means
 /// go on and read; READ_PENDING is cleared for the read that follows.
+#[inline]
 pub(crate) fn begin(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Option<Step> {
     if let Err(step) = flush_owed(conn, io) {
         return Some(step);
@@ -144,6 +150,7 @@ pub(crate) fn begin(conn: &mut Conn, io: &mut Io<'_>, readable: bool) -> Option<
 /// read means the socket is drained (rule 1; not once the peer has hung up, when the
 /// FIN or error behind the data has had its only edge), and a spent budget sends the
 /// connection to the ready list (rule 2). `None` means read again.
+#[inline]
 pub(crate) fn after_read(
     conn: &mut Conn,
     io: &mut Io<'_>,
@@ -163,6 +170,7 @@ pub(crate) fn after_read(
 }
 
 /// Input is drained for now. A draining server stops serving input here.
+#[inline]
 pub(crate) fn caught_up(conn: &mut Conn, io: &mut Io<'_>) -> Step {
     if conn.has(flags::DRAINING) {
         conn.set(flags::INPUT_DONE);
