@@ -192,10 +192,12 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn from_slice(data: &[u8]) -> Outbound {
-        Outbound {
-            buf: data.to_vec(),
-            pos: 0,
-        }
+        Outbound::from_vec(data.to_vec())
+    }
+
+    /// Bytes already in a vector, owed in full.
+    pub fn from_vec(buf: Vec<u8>) -> Outbound {
+        Outbound { buf, pos: 0 }
     }
 
     /// Bytes not yet written.

@@ -233,7 +233,6 @@ impl Worker {
                 let edge = Edge {
                     upstream: token.is_upstream(),
                     readable: event.is_readable(),
-                    writable: event.is_writable(),
                     hup: event.is_read_closed(),
                     error: event.is_error(),
                 };
@@ -407,24 +406,8 @@ impl Worker {
         let Some(conn) = self.slab.get_mut(token) else {
             return;
         };
-        if let ModeState::Relay(r) = &mut self.mode {
-            let before = conn.pending();
-            let deadline_before = conn.deadline_ms;
-            let mut io = Io {
-                buf: &mut self.buf,
-                cap: self.cap,
-                counters: &mut self.counters,
-                now_ms: self.now_ms,
-            };
-            let mut ctx = relay::Ctx {
-                relay: r,
-                epoll: &self.epoll,
-                token,
-            };
-            let step = relay::serve(conn, &mut io, &mut ctx, edge);
-            self.after_serve(token, before, deadline_before, step);
-            return;
-        }
+        // Echo and http read the edge's flags from the connection; relay reads them
+        // per socket of its pair.
         let readable = edge.is_some_and(|e| e.readable);
         if edge.is_some_and(|e| e.hup || e.error) {
             conn.set(flags::HUP_SEEN);
@@ -437,11 +420,17 @@ impl Worker {
             counters: &mut self.counters,
             now_ms: self.now_ms,
         };
-        let step = match &self.mode {
+        let step = match &mut self.mode {
             ModeState::Echo => echo::serve(conn, &mut io, readable),
             ModeState::Http(r) => http::serve(conn, &mut io, readable, r, &mut self.out),
-            // Served by the branch above.
-            ModeState::Relay(_) => Step::Idle,
+            ModeState::Relay(r) => {
+                let mut ctx = relay::Ctx {
+                    relay: r,
+                    epoll: &self.epoll,
+                    token,
+                };
+                relay::serve(conn, &mut io, &mut ctx, edge)
+            }
         };
         self.after_serve(token, before, deadline_before, step);
     }

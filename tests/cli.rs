@@ -13,81 +13,99 @@ fn edgepoll() -> Command {
     Command::new(env!("CARGO_BIN_EXE_edgepoll"))
 }
 
-#[test]
-fn help_lists_every_flag_with_an_example() {
-    let out = edgepoll().args(["echo", "--help"]).output().unwrap();
+/// `edgepoll MODE --help` succeeds and names every one of `flags`.
+#[track_caller]
+fn assert_help_lists(mode: &str, flags: &[&str]) {
+    let out = edgepoll().args([mode, "--help"]).output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for flag in [
-        "--listen",
-        "--workers",
-        "--pin-workers",
-        "--backlog",
-        "--max-connections",
-        "--max-pending-bytes",
-        "--idle-timeout",
-        "--drain-timeout",
-        "--metrics-listen",
-        "Example:",
-    ] {
-        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    for flag in flags {
+        assert!(help.contains(flag), "{mode} --help lacks {flag}:\n{help}");
     }
 }
 
-#[test]
-fn http_help_lists_its_flags() {
-    let out = edgepoll().args(["http", "--help"]).output().unwrap();
-    let help = String::from_utf8(out.stdout).unwrap();
-    for flag in [
-        "--body",
-        "--body-file",
-        "--status",
-        "--content-type",
-        "--header",
-        "--max-header-bytes",
-        "--header-timeout",
-        "--max-connections-per-ip",
-        "--max-buffered-bytes",
-        "Example:",
-    ] {
-        assert!(help.contains(flag), "http --help lacks {flag}:\n{help}");
-    }
-}
-
-#[test]
-fn relay_help_lists_its_flags() {
-    let out = edgepoll().args(["relay", "--help"]).output().unwrap();
-    let help = String::from_utf8(out.stdout).unwrap();
-    for flag in [
-        "--upstream",
-        "--balance",
-        "least-conn",
-        "--connect-timeout",
-        "--fail-timeout",
-        "--connect-retries",
-        "--splice",
-        "--send-proxy-v2",
-        "--idle-timeout",
-        "Example:",
-    ] {
-        assert!(help.contains(flag), "relay --help lacks {flag}:\n{help}");
-    }
-}
-
-#[test]
-fn relay_resolves_and_logs_its_upstreams_and_fits_pairs_to_the_open_file_limit() {
+/// Runs `edgepoll ARGS` with the open-file limit at `nofile`, its log on a pipe.
+fn spawn_with_nofile(
+    nofile: u32,
+    args: &str,
+) -> (
+    Running,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+) {
     let bin = env!("CARGO_BIN_EXE_edgepoll");
     let mut child = Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n 256 && exec {bin} relay --listen 127.0.0.1:0 --metrics-listen off --workers 2 --upstream localhost:6399 --upstream 127.0.0.1:6398 --splice --max-connections 5000"),
-        ])
+        .args(["-c", &format!("ulimit -n {nofile} && exec {bin} {args}")])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let running = Running(child);
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    (Running(child), lines)
+}
+
+#[test]
+fn help_lists_every_flag_with_an_example() {
+    assert_help_lists(
+        "echo",
+        &[
+            "--listen",
+            "--workers",
+            "--pin-workers",
+            "--backlog",
+            "--max-connections",
+            "--max-pending-bytes",
+            "--idle-timeout",
+            "--drain-timeout",
+            "--metrics-listen",
+            "Example:",
+        ],
+    );
+}
+
+#[test]
+fn http_help_lists_its_flags() {
+    assert_help_lists(
+        "http",
+        &[
+            "--body",
+            "--body-file",
+            "--status",
+            "--content-type",
+            "--header",
+            "--max-header-bytes",
+            "--header-timeout",
+            "--max-connections-per-ip",
+            "--max-buffered-bytes",
+            "Example:",
+        ],
+    );
+}
+
+#[test]
+fn relay_help_lists_its_flags() {
+    assert_help_lists(
+        "relay",
+        &[
+            "--upstream",
+            "--balance",
+            "least-conn",
+            "--connect-timeout",
+            "--fail-timeout",
+            "--connect-retries",
+            "--splice",
+            "--send-proxy-v2",
+            "--idle-timeout",
+            "Example:",
+        ],
+    );
+}
+
+#[test]
+fn relay_resolves_and_logs_its_upstreams_and_fits_pairs_to_the_open_file_limit() {
+    let (running, mut lines) = spawn_with_nofile(
+        256,
+        "relay --listen 127.0.0.1:0 --metrics-listen off --workers 2 --upstream localhost:6399 --upstream 127.0.0.1:6398 --splice --max-connections 5000",
+    );
     let mut seen = Vec::new();
     for line in lines.by_ref().map(|l| l.unwrap()) {
         let done = line.contains("relaying to");
@@ -290,18 +308,10 @@ fn pin_workers_puts_worker_i_on_core_i() {
 
 #[test]
 fn a_low_open_file_limit_lowers_max_connections_and_says_so() {
-    let bin = env!("CARGO_BIN_EXE_edgepoll");
-    let mut child = Command::new("sh")
-        .args([
-            "-c",
-            &format!("ulimit -n 256 && exec {bin} echo --listen 127.0.0.1:0 --metrics-listen off --workers 2 --max-connections 5000"),
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let running = Running(child);
+    let (running, mut lines) = spawn_with_nofile(
+        256,
+        "echo --listen 127.0.0.1:0 --metrics-listen off --workers 2 --max-connections 5000",
+    );
     let warning = lines
         .by_ref()
         .map(|l| l.unwrap())

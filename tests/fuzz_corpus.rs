@@ -5,6 +5,17 @@
 use edgepoll::config::HttpConfig;
 use edgepoll::mode::http::{feed_all, Responder};
 
+/// The seed inputs of fuzz target `target`, checked in under tests/fuzz/corpus.
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz/corpus")
+        .join(target);
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+        .collect()
+}
+
 #[test]
 fn the_http_seed_corpus_answers_the_same_at_every_split() {
     let config = HttpConfig {
@@ -12,52 +23,41 @@ fn the_http_seed_corpus_answers_the_same_at_every_split() {
         ..HttpConfig::default()
     };
     let responder = Responder::new(&config);
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/http_request");
-    let mut files = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let data = std::fs::read(entry.unwrap().path()).unwrap();
+    let seeds = corpus("http_request");
+    assert!(seeds.len() >= 10, "the corpus is there");
+    for data in &seeds {
         let input = &data[1..];
         let whole = feed_all(&responder, &[input]);
         for split in 0..=input.len() {
             let parts = feed_all(&responder, &[&input[..split], &input[split..]]);
             assert_eq!(whole, parts, "split at {split}");
         }
-        files += 1;
     }
-    assert!(files >= 10, "the corpus is there");
 }
 
 #[test]
 fn the_http_response_seed_corpus_parses_the_same_at_every_split() {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/http_response");
-    let mut files = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let data = std::fs::read(entry.unwrap().path()).unwrap();
+    let seeds = corpus("http_response");
+    assert!(seeds.len() >= 5, "the corpus is there");
+    for data in &seeds {
         let input = &data[1..];
         let whole = edgepoll::load::http::parse_all(&[input]);
         for split in 0..=input.len() {
             let parts = edgepoll::load::http::parse_all(&[&input[..split], &input[split..]]);
             assert_eq!(whole, parts, "split at {split}");
         }
-        files += 1;
     }
-    assert!(files >= 5, "the corpus is there");
 }
 
 #[test]
 fn the_proxy_v2_seed_corpus_round_trips() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/corpus/proxy_v2");
-    let mut files = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let data = std::fs::read(entry.unwrap().path()).unwrap();
-        edgepoll::mode::proxy::check(&data);
+    let seeds = corpus("proxy_v2");
+    assert!(seeds.len() >= 10, "the corpus is there");
+    for data in &seeds {
+        edgepoll::mode::proxy::check(data);
         // Every prefix too: truncated input must not panic the reader either.
         for cut in 0..data.len() {
             edgepoll::mode::proxy::check(&data[..cut]);
         }
-        files += 1;
     }
-    assert!(files >= 10, "the corpus is there");
 }

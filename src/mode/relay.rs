@@ -225,6 +225,20 @@ impl Half {
         self.pending.as_ref().map_or(0, |p| p.len())
     }
 
+    /// Everything read and not yet written on: copied bytes and bytes in the pipe.
+    fn owed(&self) -> usize {
+        self.pending() + self.in_pipe as usize
+    }
+
+    /// After the source's FIN: forwards it once nothing read before it is owed.
+    fn forward_fin(&mut self, dst: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        if let (Some(dst), 0, false) = (dst, self.owed(), self.has(half::SHUT)) {
+            socket::shutdown_write(dst)?;
+            self.flags |= half::SHUT;
+        }
+        Ok(())
+    }
+
     /// The source's FIN has reached the destination.
     fn is_done(&self) -> bool {
         self.has(half::SHUT)
@@ -273,7 +287,6 @@ impl Drop for Pair {
 pub struct Edge {
     pub upstream: bool,
     pub readable: bool,
-    pub writable: bool,
     /// EPOLLRDHUP or EPOLLHUP.
     pub hup: bool,
     /// EPOLLERR.
@@ -300,7 +313,7 @@ pub fn open(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
                 let mut header = Vec::with_capacity(super::proxy::MAX_LEN);
                 super::proxy::encode(src, dst, &mut header);
                 io.counters.global_room -= header.len() as i64;
-                pair.c2u.pending = Some(Box::new(Outbound::from_slice(&header)));
+                pair.c2u.pending = Some(Box::new(Outbound::from_vec(header)));
             }
             // The client is already gone (ENOTCONN).
             Err(e) => return Step::Close(CloseReason::of_error(&e)),
@@ -534,12 +547,8 @@ fn pump(
     if let Some(dst) = dst {
         flush(h, dst, dir, io, moved)?;
     }
-    let owed = h.pending() + h.in_pipe as usize;
     if h.has(half::EOF) {
-        if let (Some(dst), 0, false) = (dst, owed, h.has(half::SHUT)) {
-            socket::shutdown_write(dst)?;
-            h.flags |= half::SHUT;
-        }
+        h.forward_fin(dst)?;
         return Ok(false);
     }
     if !h.has(half::READY) {
@@ -548,7 +557,7 @@ fn pump(
     let mut budget = READ_BUDGET;
     loop {
         let splicing = h.pipe.is_some() && h.pending.is_none() && dst.is_some();
-        let owed = h.pending() + h.in_pipe as usize;
+        let owed = h.owed();
         let room = if splicing {
             // The pipe is the buffer: read the source only into an empty pipe, so
             // that EAGAIN can only mean the socket has nothing (see `splice`).
@@ -585,11 +594,7 @@ fn pump(
             Ok(0) => {
                 h.flags |= half::EOF;
                 h.flags &= !half::READY;
-                let owed = h.pending() + h.in_pipe as usize;
-                if let (Some(dst), 0) = (dst, owed) {
-                    socket::shutdown_write(dst)?;
-                    h.flags |= half::SHUT;
-                }
+                h.forward_fin(dst)?;
                 return Ok(false);
             }
             Ok(n) => {

@@ -197,34 +197,39 @@ pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
 
 /// The address a socket is bound to (the real port after binding port 0).
 pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes of address into `storage`.
-    syscall!(getsockname(
-        fd.as_raw_fd(),
-        storage.as_mut_ptr() as *mut libc::sockaddr,
-        &mut len
-    ))
-    .map_err(|e| super::context(e, format!("getsockname fd {}", fd.as_raw_fd())))?;
-    // SAFETY: zeroed storage is valid; getsockname filled its prefix.
-    let storage = unsafe { storage.assume_init() };
-    from_raw(&storage).ok_or_else(|| io::Error::other("getsockname: not an inet socket"))
+    socket_name(fd, libc::getsockname, "getsockname")
 }
 
 /// The address of the peer a socket is connected to.
 pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    socket_name(fd, libc::getpeername, "getpeername")
+}
+
+/// getsockname(2) or getpeername(2), which share their signature.
+fn socket_name(
+    fd: BorrowedFd<'_>,
+    call: unsafe extern "C" fn(
+        libc::c_int,
+        *mut libc::sockaddr,
+        *mut libc::socklen_t,
+    ) -> libc::c_int,
+    name: &str,
+) -> io::Result<SocketAddr> {
     let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes of address into `storage`.
-    syscall!(getpeername(
-        fd.as_raw_fd(),
-        storage.as_mut_ptr() as *mut libc::sockaddr,
-        &mut len
-    ))
-    .map_err(|e| super::context(e, format!("getpeername fd {}", fd.as_raw_fd())))?;
-    // SAFETY: zeroed storage is valid; getpeername filled its prefix.
+    // SAFETY: `call` is getsockname or getpeername, and the kernel writes at most `len`
+    // bytes of address into `storage`.
+    let ret = unsafe {
+        call(
+            fd.as_raw_fd(),
+            storage.as_mut_ptr() as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    super::cvt(ret).map_err(|e| super::context(e, format!("{name} fd {}", fd.as_raw_fd())))?;
+    // SAFETY: zeroed storage is valid; the call filled its prefix.
     let storage = unsafe { storage.assume_init() };
-    from_raw(&storage).ok_or_else(|| io::Error::other("getpeername: not an inet socket"))
+    from_raw(&storage).ok_or_else(|| io::Error::other(format!("{name}: not an inet socket")))
 }
 
 fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
