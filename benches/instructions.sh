@@ -23,6 +23,7 @@ for tool in valgrind nginx wrk haproxy redis-server redis-benchmark; do
         { echo "needs $tool: apt-get install -y valgrind nginx-light wrk haproxy redis-server redis-tools" >&2; exit 1; }
 done
 source benches/peers/nginx.sh
+source benches/peers/haproxy.sh
 
 TOKIO=$(peer_bin tokio_echo)
 FLOOR=$(peer_bin floor_echo)
@@ -85,8 +86,7 @@ one_run() {
         edgepoll-relay) under_callgrind 0 "$BIN_DIR/edgepoll" relay --listen 127.0.0.1:0 --workers 1 \
             --metrics-listen off --upstream "127.0.0.1:$REDIS_PORT" ;;
         haproxy)
-            printf 'global\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\nfrontend fe\n    bind 127.0.0.1:%s\n    default_backend be\nbackend be\n    server up 127.0.0.1:%s\n' \
-                "$port" "$REDIS_PORT" >"$WORK/haproxy.cfg"
+            haproxy_conf "$WORK/haproxy.cfg" "$port" "$REDIS_PORT"
             under_callgrind "$port" haproxy -db -f "$WORK/haproxy.cfg"
             ;;
     esac

@@ -39,16 +39,21 @@ machine() {
     echo "${cpu:-unknown CPU}, $(nproc) cores, Linux $(uname -r), $(date -u +%Y-%m-%d)"
 }
 
+# await_line FILE PATTERN: waits up to 5 s for a line matching PATTERN in FILE.
+await_line() {
+    local i
+    for i in $(seq 100); do
+        grep -q "$2" "$1" && return
+        sleep 0.05
+    done
+}
+
 # start_edgepoll ARGS...: starts edgepoll pinned to core 0; sets EP_PID, EP_ADDR, EP_METRICS.
 start_edgepoll() {
     RUST_LOG=info taskset -c 0 "$BIN_DIR/edgepoll" "$@" >"$WORK/edgepoll.log" 2>&1 &
     EP_PID=$!
     BG_PIDS+=("$EP_PID")
-    local i
-    for i in $(seq 100); do
-        grep -q ' listening on ' "$WORK/edgepoll.log" && break
-        sleep 0.05
-    done
+    await_line "$WORK/edgepoll.log" ' listening on '
     local line
     line=$(grep ' listening on ' "$WORK/edgepoll.log") || { cat "$WORK/edgepoll.log"; exit 1; }
     EP_ADDR=$(sed -E 's/.* listening on ([^ ,]+).*/\1/' <<<"$line")
@@ -75,11 +80,7 @@ start_peer() {
     taskset -c 0 "$@" >"$WORK/peer.log" 2>&1 &
     EP_PID=$!
     BG_PIDS+=("$EP_PID")
-    local i
-    for i in $(seq 100); do
-        grep -q 'listening on' "$WORK/peer.log" && break
-        sleep 0.05
-    done
+    await_line "$WORK/peer.log" 'listening on'
     EP_ADDR=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/peer.log")
 }
 

@@ -11,6 +11,7 @@
 #   bash benches/relay_vs_haproxy.sh          # RUNS=5 REQUESTS=200000 SECONDS_IPERF=5
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
+source benches/peers/haproxy.sh
 RUNS=${RUNS:-5}
 REQUESTS=${REQUESTS:-200000}
 SECONDS_IPERF=${SECONDS_IPERF:-5}
@@ -39,20 +40,7 @@ start_relay() {
             ;;
         haproxy)
             RELAY_PORT=$(free_port)
-            cat >"$WORK/haproxy.cfg" <<CFG
-global
-    nbthread 1
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1m
-    timeout server 1m
-frontend fe
-    bind 127.0.0.1:$RELAY_PORT
-    default_backend be
-backend be
-    server up 127.0.0.1:$up
-CFG
+            haproxy_conf "$WORK/haproxy.cfg" "$RELAY_PORT" "$up"
             taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
             RELAY_PID=$!
             BG_PIDS+=("$RELAY_PID")
@@ -130,32 +118,37 @@ for run in $(seq "$RUNS"); do
 done
 
 m() { median $1; }
+
+# row KIND FORMAT VALUES COSTS [EXTRA]: one table row of medians for KIND, with its
+# value and cost as ratios to HAProxy's; the direct path has no relay, so no cost.
+# VALUES and COSTS name the associative arrays holding the runs.
+row() {
+    local kind=$1 fmt=$2 extra=${5:+ $5 |}
+    local -n values=$3 costs=$4
+    local v c
+    v=$(m "${values[$kind]}")
+    if [[ $kind == direct ]]; then
+        printf "| direct (no relay) | $fmt | - | %s | - |%s\n" "$v" "$(ratio "$v" "$(m "${values[haproxy]}")")" "$extra"
+    else
+        c=$(m "${costs[$kind]}")
+        printf "| %s | $fmt | $fmt | %s | %s |%s\n" "$kind" "$v" "$c" \
+            "$(ratio "$v" "$(m "${values[haproxy]}")")" "$(ratio "$c" "$(m "${costs[haproxy]}")")" "$extra"
+    fi
+}
+
 echo
 echo "### redis-benchmark (-c 50, GET and SET, pipeline 1)"
 echo
 echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy | GET p50 / p99 µs (median) |"
 echo "|---|---|---|---|---|---|"
-h_rps=$(m "${rps[haproxy]}"); h_cpu=$(m "${cpu[haproxy]}")
 for kind in "${KINDS[@]}"; do
-    r=$(m "${rps[$kind]}"); c=$(m "${cpu[$kind]}")
-    lat="$(m "${p50[$kind]}") / $(m "${p99[$kind]}")"
-    if [[ $kind == direct ]]; then
-        printf '| direct (no relay) | %.0f | - | %s | - | %s |\n' "$r" "$(ratio "$r" "$h_rps")" "$lat"
-    else
-        printf '| %s | %.0f | %.0f | %s | %s | %s |\n' "$kind" "$r" "$c" "$(ratio "$r" "$h_rps")" "$(ratio "$c" "$h_cpu")" "$lat"
-    fi
+    row "$kind" %.0f rps cpu "$(m "${p50[$kind]}") / $(m "${p99[$kind]}")"
 done
 echo
 echo "### iperf3 (one stream, ${SECONDS_IPERF} s, client to server)"
 echo
 echo "| path | Gbit/s (median) | relay CPU s per GB (median) | throughput vs HAProxy | CPU per GB vs HAProxy |"
 echo "|---|---|---|---|---|"
-h_g=$(m "${gbit[haproxy]}"); h_cg=$(m "${cpugb[haproxy]}")
 for kind in "${KINDS[@]}"; do
-    g=$(m "${gbit[$kind]}"); cg=$(m "${cpugb[$kind]}")
-    if [[ $kind == direct ]]; then
-        printf '| direct (no relay) | %s | - | %s | - |\n' "$g" "$(ratio "$g" "$h_g")"
-    else
-        printf '| %s | %s | %s | %s | %s |\n' "$kind" "$g" "$cg" "$(ratio "$g" "$h_g")" "$(ratio "$cg" "$h_cg")"
-    fi
+    row "$kind" %s gbit cpugb
 done

@@ -22,10 +22,7 @@ stop_gracefully "$EP_PID"
 
 echo "== edgeload: http:// against nginx, keep-alive and depth 16"
 port=$(free_port)
-source benches/peers/nginx.sh
-nginx_conf "$WORK" "$port"
-start_bg nginx nginx -c "$WORK/nginx.conf" -p "$WORK"
-wait_for 10 "nginx to listen" curl -sf "http://127.0.0.1:$port/"
+start_nginx "$port"
 for depth in 1 16; do
     "$BIN_DIR/edgeload" -c 10 -d 2s --depth "$depth" --json "http://127.0.0.1:$port/" >"$WORK/http.json"
     grep -q '"total":0' "$WORK/http.json" || { cat "$WORK/http.json"; fail "errors against nginx at depth $depth"; }

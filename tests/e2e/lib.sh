@@ -54,6 +54,15 @@ wait_for() {
     done
 }
 
+# start_nginx PORT: Debian's nginx-light as benches/peers/nginx.sh configures it, on
+# 127.0.0.1:PORT, stopped when the script exits.
+start_nginx() {
+    source benches/peers/nginx.sh
+    nginx_conf "$WORK" "$1"
+    start_bg nginx nginx -c "$WORK/nginx.conf" -p "$WORK"
+    wait_for 10 "nginx to listen" curl -sf "http://127.0.0.1:$1/"
+}
+
 # start_edgepoll NAME ARGS...: starts edgepoll on ephemeral ports and sets
 # EP_PID, EP_ADDR (host:port) and EP_METRICS (host:port) from its start-up line.
 start_edgepoll() {

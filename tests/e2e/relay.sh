@@ -53,10 +53,7 @@ stop_gracefully "$EP_PID"
 
 echo "== relay: wrk through edgepoll to nginx"
 nginx_port=$(free_port)
-source benches/peers/nginx.sh
-nginx_conf "$WORK" "$nginx_port"
-start_bg nginx nginx -c "$WORK/nginx.conf" -p "$WORK"
-wait_for 10 "nginx to listen" curl -sf "http://127.0.0.1:$nginx_port/"
+start_nginx "$nginx_port"
 start_edgepoll relay-http relay --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 \
     --upstream "127.0.0.1:$nginx_port"
 wrk -t1 -c50 -d3s "http://$EP_ADDR/" >"$WORK/wrk.txt"

@@ -1,0 +1,22 @@
+# HAProxy as a peer: Debian's package, tcp mode, one thread. Source it; it only defines
+# functions. Used by the relay benchmarks.
+# shellcheck shell=bash
+
+# haproxy_conf FILE PORT UPSTREAM_PORT: writes a one-thread tcp-mode configuration that
+# relays 127.0.0.1:PORT to 127.0.0.1:UPSTREAM_PORT.
+haproxy_conf() {
+    cat >"$1" <<CFG
+global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+frontend fe
+    bind 127.0.0.1:$2
+    default_backend be
+backend be
+    server up 127.0.0.1:$3
+CFG
+}
