@@ -12,7 +12,7 @@ RUNS=${RUNS:-5}
 DURATION=${DURATION:-5s}
 
 TOKIO=$(peer_bin tokio_echo)
-FLOOR=$(peer_bin floor_echo)
+FLOOR=$(peer_bin floor)
 [[ -x $TOKIO && -x $FLOOR ]] || { echo "could not build the peers" >&2; exit 1; }
 
 one_run() { # SERVER DEPTH: prints "messages/s cpu_ns_per_message"

@@ -26,7 +26,7 @@ source benches/peers/nginx.sh
 source benches/peers/haproxy.sh
 
 TOKIO=$(peer_bin tokio_echo)
-FLOOR=$(peer_bin floor_echo)
+FLOOR=$(peer_bin floor)
 [[ -x $TOKIO && -x $FLOOR ]] || { echo "could not build the peers" >&2; exit 1; }
 
 REDIS_PORT=$(shuf -i 20000-45000 -n 1)

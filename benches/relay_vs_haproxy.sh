@@ -8,6 +8,11 @@
 #   time per request (from /proc/PID/stat before and after).
 # - iperf3 -t 5, one stream, forward: Gbit/s and the relay's CPU time per GB.
 #
+# The floor (benches/peers/floor.rs --relay: one epoll loop, one read and one write
+# per message, nothing else) runs under redis-benchmark too: its CPU per request is
+# what the kernel costs any epoll relay under that load, and so the least a relay's
+# ratio to HAProxy can be. It drops what a short write leaves, so it sits out iperf3.
+#
 #   bash benches/relay_vs_haproxy.sh          # RUNS=5 REQUESTS=200000 SECONDS_IPERF=5
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
@@ -24,7 +29,7 @@ free_port() { shuf -i 20000-45000 -n 1; }
 
 # start_relay KIND UPSTREAM_PORT: starts a relay on core 0; sets RELAY_PID (the
 # process doing the work) and RELAY_PORT. KIND: edgepoll, edgepoll-splice, haproxy,
-# direct (no relay: RELAY_PORT is the upstream's).
+# floor, direct (no relay: RELAY_PORT is the upstream's).
 start_relay() {
     local kind=$1 up=$2
     RELAY_PID=""
@@ -35,6 +40,11 @@ start_relay() {
             [[ $kind == edgepoll-splice ]] && extra=(--splice)
             start_edgepoll relay --listen 127.0.0.1:0 --workers 1 --metrics-listen off \
                 --upstream "127.0.0.1:$up" "${extra[@]}"
+            RELAY_PID=$EP_PID
+            RELAY_PORT=${EP_ADDR##*:}
+            ;;
+        floor)
+            start_peer "$FLOOR" 127.0.0.1:0 --relay "127.0.0.1:$up"
             RELAY_PID=$EP_PID
             RELAY_PORT=${EP_ADDR##*:}
             ;;
@@ -103,7 +113,8 @@ taskset -c 1 iperf3 --server --bind 127.0.0.1 --port "$IPERF_PORT" >"$WORK/iperf
 BG_PIDS+=("$!")
 sleep 0.5
 
-KINDS=(edgepoll edgepoll-splice haproxy direct)
+KINDS=(edgepoll edgepoll-splice haproxy floor direct)
+FLOOR=$(peer_bin floor)
 echo "Machine: $(machine). Relay on core 0; upstream and load on core 1. $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3), redis $(redis-server --version | sed -E 's/.*v=([^ ]+).*/\1/'), iperf $(iperf3 --version | head -1 | cut -d' ' -f2)."
 
 declare -A rps cpu gbit cpugb p50 p99
@@ -111,9 +122,11 @@ for run in $(seq "$RUNS"); do
     for kind in "${KINDS[@]}"; do
         read -r r c l50 l99 < <(redis_run "$kind")
         rps[$kind]+="$r "; cpu[$kind]+="$c "; p50[$kind]+="$l50 "; p99[$kind]+="$l99 "
+        echo "run $run $kind: redis $r req/s $c ns/req" >&2
+        [[ $kind == floor ]] && continue
         read -r g cg < <(iperf_run "$kind")
         gbit[$kind]+="$g "; cpugb[$kind]+="$cg "
-        echo "run $run $kind: redis $r req/s $c ns/req; iperf3 $g Gbit/s $cg CPU s/GB" >&2
+        echo "run $run $kind: iperf3 $g Gbit/s $cg CPU s/GB" >&2
     done
 done
 
@@ -150,5 +163,5 @@ echo
 echo "| path | Gbit/s (median) | relay CPU s per GB (median) | throughput vs HAProxy | CPU per GB vs HAProxy |"
 echo "|---|---|---|---|---|"
 for kind in "${KINDS[@]}"; do
-    row "$kind" %s gbit cpugb
+    [[ $kind == floor ]] || row "$kind" %s gbit cpugb
 done
