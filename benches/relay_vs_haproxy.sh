@@ -4,8 +4,10 @@
 # (redis-server, iperf3 -s) and the load (redis-benchmark, iperf3 -c) share core 1.
 # Contenders alternate run by run; medians of RUNS runs and ratios of medians.
 #
-# - redis-benchmark -c 50, GET and SET, pipeline 1: requests/s and the relay's CPU
-#   time per request (from /proc/PID/stat before and after).
+# - redis-benchmark -c 50, GET and SET, pipeline 1: requests/s, the relay's CPU
+#   time per request (from /proc/PID/stat before and after), and the load core's:
+#   redis-server's and redis-benchmark's CPU time together, per request. Core 1 is the
+#   one that saturates, so its cost per request sets the requests/s.
 # - iperf3 -t 5, one stream, forward: Gbit/s and the relay's CPU time per GB.
 #
 # The floor (benches/peers/floor.rs --relay: one epoll loop, one read and one write
@@ -67,23 +69,29 @@ stop_relay() { [[ -n $RELAY_PID ]] && stop_pid "$RELAY_PID"; RELAY_PID=""; }
 
 relay_cpu() { if [[ -n $RELAY_PID ]]; then cpu_seconds "$RELAY_PID"; else echo 0; fi; }
 
-# redis_run KIND: prints "requests/s cpu_ns_per_request get_p50_us get_p99_us".
+# redis_run KIND: prints "requests/s cpu_ns_per_request get_p50_us get_p99_us
+# load_cpu_ns_per_request".
 redis_run() {
     start_relay "$1" "$REDIS_PORT"
-    local before after
+    local before after redis_before redis_after TIMEFORMAT='%U %S'
     before=$(relay_cpu)
-    taskset -c 1 redis-benchmark -h 127.0.0.1 -p "$RELAY_PORT" -c 50 -n "$REQUESTS" \
-        -t get,set --csv >"$WORK/redis.csv" 2>"$WORK/redis.err"
+    redis_before=$(cpu_seconds "$REDIS_PID")
+    { time taskset -c 1 redis-benchmark -h 127.0.0.1 -p "$RELAY_PORT" -c 50 -n "$REQUESTS" \
+        -t get,set --csv >"$WORK/redis.csv" 2>"$WORK/redis.err"; } 2>"$WORK/redis.time"
     after=$(relay_cpu)
+    redis_after=$(cpu_seconds "$REDIS_PID")
     stop_relay
     if grep -qi error "$WORK/redis.csv" "$WORK/redis.err"; then cat "$WORK/redis.err" >&2; exit 1; fi
     # Two tests of REQUESTS each; their rates are averaged as a harmonic mean. Columns:
     # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
     # "p99_latency_ms","max_latency_ms"; the latency reported is GET's.
-    awk -F'"' -v b="$before" -v a="$after" -v n="$REQUESTS" '
+    # bash's `time` prints the benchmark's user and system seconds.
+    local load
+    load=$(awk -v rb="$redis_before" -v ra="$redis_after" '{ print $1 + $2 + ra - rb }' "$WORK/redis.time")
+    awk -F'"' -v b="$before" -v a="$after" -v n="$REQUESTS" -v load="$load" '
         NR > 1 { t += n / $4; k++ }
         $2 == "GET" { p50 = $10 * 1000; p99 = $14 * 1000 }
-        END { printf "%.0f %.1f %.0f %.0f\n", k * n / t, (a - b) / (k * n) * 1e9, p50, p99 }' "$WORK/redis.csv"
+        END { printf "%.0f %.1f %.0f %.0f %.1f\n", k * n / t, (a - b) / (k * n) * 1e9, p50, p99, load / (k * n) * 1e9 }' "$WORK/redis.csv"
 }
 
 # iperf_run KIND: prints "gbit_per_s cpu_s_per_GB".
@@ -107,7 +115,8 @@ print("%.2f %.3f" % (s["bits_per_second"] / 1e9, (float(sys.argv[3]) - float(sys
 REDIS_PORT=$(free_port)
 taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     >"$WORK/redis.log" 2>&1 &
-BG_PIDS+=("$!")
+REDIS_PID=$!
+BG_PIDS+=("$REDIS_PID")
 IPERF_PORT=$(free_port)
 taskset -c 1 iperf3 --server --bind 127.0.0.1 --port "$IPERF_PORT" >"$WORK/iperf-server.log" 2>&1 &
 BG_PIDS+=("$!")
@@ -117,12 +126,13 @@ KINDS=(edgepoll edgepoll-splice haproxy floor direct)
 FLOOR=$(peer_bin floor)
 echo "Machine: $(machine). Relay on core 0; upstream and load on core 1. $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3), redis $(redis-server --version | sed -E 's/.*v=([^ ]+).*/\1/'), iperf $(iperf3 --version | head -1 | cut -d' ' -f2)."
 
-declare -A rps cpu gbit cpugb p50 p99
+declare -A rps cpu gbit cpugb p50 p99 load
 for run in $(seq "$RUNS"); do
     for kind in "${KINDS[@]}"; do
-        read -r r c l50 l99 < <(redis_run "$kind")
+        read -r r c l50 l99 lc < <(redis_run "$kind")
         rps[$kind]+="$r "; cpu[$kind]+="$c "; p50[$kind]+="$l50 "; p99[$kind]+="$l99 "
-        echo "run $run $kind: redis $r req/s $c ns/req" >&2
+        load[$kind]+="$lc "
+        echo "run $run $kind: redis $r req/s $c ns/req, load core $lc ns/req" >&2
         [[ $kind == floor ]] && continue
         read -r g cg < <(iperf_run "$kind")
         gbit[$kind]+="$g "; cpugb[$kind]+="$cg "
@@ -132,11 +142,12 @@ done
 
 m() { median $1; }
 
-# row KIND FORMAT VALUES COSTS [EXTRA]: one table row of medians for KIND, with its
+# row KIND FORMAT VALUES COSTS [EXTRA...]: one table row of medians for KIND, with its
 # value and cost as ratios to HAProxy's; the direct path has no relay, so no cost.
 # VALUES and COSTS name the associative arrays holding the runs.
 row() {
-    local kind=$1 fmt=$2 extra=${5:+ $5 |}
+    local kind=$1 fmt=$2 extra="" x
+    for x in "${@:5}"; do extra+=" $x |"; done
     local -n values=$3 costs=$4
     local v c
     v=$(m "${values[$kind]}")
@@ -152,10 +163,10 @@ row() {
 echo
 echo "### redis-benchmark (-c 50, GET and SET, pipeline 1)"
 echo
-echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy | GET p50 / p99 µs (median) |"
-echo "|---|---|---|---|---|---|"
+echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy | GET p50 / p99 µs (median) | load core CPU ns per request (median) |"
+echo "|---|---|---|---|---|---|---|"
 for kind in "${KINDS[@]}"; do
-    row "$kind" %.0f rps cpu "$(m "${p50[$kind]}") / $(m "${p99[$kind]}")"
+    row "$kind" %.0f rps cpu "$(m "${p50[$kind]}") / $(m "${p99[$kind]}")" "$(printf %.0f "$(m "${load[$kind]}")")"
 done
 echo
 echo "### iperf3 (one stream, ${SECONDS_IPERF} s, client to server)"
