@@ -61,7 +61,7 @@ one_run() { # SERVER LOAD
         url="http://$EP_ADDR/"
     else
         local port
-        port=$(shuf -i 20000-45000 -n 1)
+        port=$(free_port)
         nginx_conf "$WORK" "$port"
         taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" &
         EP_PID=$!

@@ -29,7 +29,7 @@ TOKIO=$(peer_bin tokio_echo)
 FLOOR=$(peer_bin floor)
 [[ -x $TOKIO && -x $FLOOR ]] || { echo "could not build the peers" >&2; exit 1; }
 
-REDIS_PORT=$(shuf -i 20000-45000 -n 1)
+REDIS_PORT=$(free_port)
 taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     >"$WORK/redis.log" 2>&1 &
 BG_PIDS+=("$!")
@@ -71,7 +71,7 @@ stop_callgrind() {
 # one_run SERVER DEPTH DURATION: prints "instructions requests".
 one_run() {
     local server=$1 depth=$2 duration=$3 port
-    port=$(shuf -i 20000-45000 -n 1)
+    port=$(free_port)
     case $server in
         edgepoll) under_callgrind 0 "$BIN_DIR/edgepoll" echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off ;;
         tokio) under_callgrind 0 "$TOKIO" 127.0.0.1:0 1 ;;

@@ -39,6 +39,8 @@ machine() {
     echo "${cpu:-unknown CPU}, $(nproc) cores, Linux $(uname -r), $(date -u +%Y-%m-%d)"
 }
 
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
+
 # await_line FILE PATTERN: waits up to 5 s for a line matching PATTERN in FILE.
 await_line() {
     local i

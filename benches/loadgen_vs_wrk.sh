@@ -13,7 +13,7 @@ CONNS=${CONNS:-50}
 command -v nginx >/dev/null && command -v wrk >/dev/null ||
     { echo "needs nginx-light and wrk: apt-get install -y nginx-light wrk" >&2; exit 1; }
 
-port=$(shuf -i 20000-45000 -n 1)
+port=$(free_port)
 source benches/peers/nginx.sh
 nginx_conf "$WORK" "$port"
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" &

@@ -27,8 +27,6 @@ for tool in haproxy redis-server redis-benchmark iperf3; do
         { echo "needs $tool: apt-get install -y haproxy redis-server redis-tools iperf3" >&2; exit 1; }
 done
 
-free_port() { shuf -i 20000-45000 -n 1; }
-
 # start_relay KIND UPSTREAM_PORT: starts a relay on core 0; sets RELAY_PID (the
 # process doing the work) and RELAY_PORT. KIND: edgepoll, edgepoll-splice, haproxy,
 # floor, direct (no relay: RELAY_PORT is the upstream's).
@@ -58,9 +56,12 @@ start_relay() {
             BG_PIDS+=("$RELAY_PID")
             local i
             for i in $(seq 100); do
-                (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && break
+                (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && return
                 sleep 0.05
             done
+            # redis-benchmark retries a refused connection for ever: stop here instead.
+            cat "$WORK/haproxy.log" >&2
+            exit 1
             ;;
     esac
 }

@@ -31,17 +31,7 @@ start_bg() {
     LAST_PID=$!
 }
 
-# free_port: a loopback TCP port nobody listens on now.
-free_port() {
-    local p
-    for p in $(shuf -i 20000-45000 -n 200); do
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return
-        fi
-    done
-    fail "no free port found"
-}
+source benches/ports.sh
 
 # wait_for SECONDS DESCRIPTION CMD...: polls CMD every 0.2 s until it succeeds.
 wait_for() {
