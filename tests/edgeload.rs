@@ -119,17 +119,17 @@ fn echo_against_edgepoll_counts_add_up_with_zero_errors() {
         c.size = 100;
     });
     let r = load::run(&c, |_, _| {}).unwrap();
-    assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
-    assert!(r.requests > 100, "{} requests", r.requests);
+    assert_eq!(r.stats.errors.total(), 0, "{:?}", r.stats.errors);
+    assert!(r.stats.requests > 100, "{} requests", r.stats.requests);
     // Every completed request is `size` bytes back; at most depth*connections more are
     // in flight at the end.
     let in_flight_max = (c.connections * c.depth * c.size) as u64;
-    assert!(r.bytes_read >= r.requests * 100);
-    assert!(r.bytes_read - r.requests * 100 <= in_flight_max);
-    assert!(r.bytes_written - r.bytes_read <= in_flight_max);
-    assert_eq!(r.latency.len(), r.requests);
+    assert!(r.stats.bytes_read >= r.stats.requests * 100);
+    assert!(r.stats.bytes_read - r.stats.requests * 100 <= in_flight_max);
+    assert!(r.stats.bytes_written - r.stats.bytes_read <= in_flight_max);
+    assert_eq!(r.stats.latency.len(), r.stats.requests);
     wait_for("the server to count what edgeload wrote", || {
-        total(&server, |s| s.received_bytes) == r.bytes_written
+        total(&server, |s| s.received_bytes) == r.stats.bytes_written
     });
     // The 8 load connections, plus the one probe that checks the target is reachable.
     assert_eq!(total(&server, |s| s.accepted), 8 + 1);
@@ -163,13 +163,14 @@ fn a_server_that_flips_bytes_is_caught_and_the_exit_status_says_so() {
     // connection holds a flip, so each connection counts floor(its requests / 2).
     let c = config(&url, |c| c.size = 500);
     let r = load::run(&c, |_, _| {}).unwrap();
-    assert!(r.requests > 10);
-    let expected = r.requests / 2;
+    assert!(r.stats.requests > 10);
+    let expected = r.stats.requests / 2;
     assert!(
-        r.errors.mismatch <= expected && expected - r.errors.mismatch <= c.connections as u64,
+        r.stats.errors.mismatch <= expected
+            && expected - r.stats.errors.mismatch <= c.connections as u64,
         "{} of {}",
-        r.errors.mismatch,
-        r.requests
+        r.stats.errors.mismatch,
+        r.stats.requests
     );
 }
 
@@ -183,13 +184,13 @@ fn constant_rate_is_kept_within_five_percent() {
         c.duration = Duration::from_secs(3);
     });
     let r = load::run(&c, |_, _| {}).unwrap();
-    assert_eq!(r.errors.total(), 0);
+    assert_eq!(r.stats.errors.total(), 0);
     let expected = 3000.0;
-    let off = (r.requests as f64 - expected).abs() / expected;
+    let off = (r.stats.requests as f64 - expected).abs() / expected;
     assert!(
         off < 0.05,
         "{} requests, expected about {expected}",
-        r.requests
+        r.stats.requests
     );
 }
 
@@ -205,9 +206,9 @@ fn http_with_every_framing_split_and_pipelined() {
         |_, _| {},
     )
     .unwrap();
-    assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
-    assert!(r.requests > 100, "{}", r.requests);
-    assert_eq!(r.status[2], r.requests, "every response is 2xx");
+    assert_eq!(r.stats.errors.total(), 0, "{:?}", r.stats.errors);
+    assert!(r.stats.requests > 100, "{}", r.stats.requests);
+    assert_eq!(r.stats.status[2], r.stats.requests, "every response is 2xx");
 }
 
 #[test]
@@ -215,10 +216,13 @@ fn http_errors_and_server_closes_are_counted_not_fatal() {
     let addr = spawn_server(failing_http);
     let url = format!("http://{addr}/x");
     let r = load::run(&config(&url, |c| c.connections = 2), |_, _| {}).unwrap();
-    assert!(r.requests > 10);
-    assert_eq!(r.status[5], r.requests);
-    assert_eq!(r.errors.non_2xx, r.requests);
-    assert_eq!(r.errors.read, 0, "a Connection: close is not a read error");
+    assert!(r.stats.requests > 10);
+    assert_eq!(r.stats.status[5], r.stats.requests);
+    assert_eq!(r.stats.errors.non_2xx, r.stats.requests);
+    assert_eq!(
+        r.stats.errors.read, 0,
+        "a Connection: close is not a read error"
+    );
 }
 
 #[test]
@@ -294,8 +298,8 @@ fn reconnect_opens_a_connection_per_request() {
         c.duration = Duration::from_millis(500);
     });
     let r = load::run(&c, |_, _| {}).unwrap();
-    assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
-    assert!(r.requests > 50, "{}", r.requests);
+    assert_eq!(r.stats.errors.total(), 0, "{:?}", r.stats.errors);
+    assert!(r.stats.requests > 50, "{}", r.stats.requests);
     wait_for("every connection to be counted", || {
         server.open_connections() == 0
             && total(&server, |s| s.closed_total()) == total(&server, |s| s.accepted)
@@ -304,14 +308,14 @@ fn reconnect_opens_a_connection_per_request() {
     // slot still waiting for its answer when the test ended.
     let accepted = total(&server, |s| s.accepted);
     assert!(
-        accepted > r.requests,
+        accepted > r.stats.requests,
         "{accepted} connections for {} requests",
-        r.requests
+        r.stats.requests
     );
     assert!(
-        accepted <= r.requests + 1 + c.connections as u64,
+        accepted <= r.stats.requests + 1 + c.connections as u64,
         "{accepted} connections for {} requests",
-        r.requests
+        r.stats.requests
     );
     // --reconnect with pipelining is refused.
     let bad = config(&url, |c| {

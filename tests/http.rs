@@ -298,7 +298,7 @@ fn wrk_style_load_from_edgeload_gets_only_200s() {
     c.depth = 16;
     c.duration = Duration::from_millis(800);
     let r = edgepoll::load::run(&c, |_, _| {}).unwrap();
-    assert_eq!(r.errors.total(), 0, "{:?}", r.errors);
-    assert!(r.requests > 1000);
-    assert_eq!(r.status[2], r.requests);
+    assert_eq!(r.stats.errors.total(), 0, "{:?}", r.stats.errors);
+    assert!(r.stats.requests > 1000);
+    assert_eq!(r.stats.status[2], r.stats.requests);
 }

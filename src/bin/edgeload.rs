@@ -149,10 +149,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if report.errors.mismatch > 0 {
+    if report.stats.errors.mismatch > 0 {
         eprintln!(
             "edgeload: {} echo requests came back different from what was sent",
-            report.errors.mismatch
+            report.stats.errors.mismatch
         );
         return ExitCode::from(MISMATCH);
     }

@@ -59,9 +59,9 @@ impl Errors {
     }
 }
 
-/// What one thread measured.
+/// What one thread measured, or (in a `Report`) all threads together.
 #[derive(Debug, Clone)]
-pub struct ThreadStats {
+pub struct Stats {
     pub requests: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
@@ -72,9 +72,9 @@ pub struct ThreadStats {
     pub latency: Histogram<u64>,
 }
 
-impl ThreadStats {
-    pub fn new() -> ThreadStats {
-        ThreadStats {
+impl Stats {
+    pub fn new() -> Stats {
+        Stats {
             requests: 0,
             bytes_read: 0,
             bytes_written: 0,
@@ -87,9 +87,9 @@ impl ThreadStats {
     }
 }
 
-impl ThreadStats {
+impl Stats {
     /// Adds another thread's figures to these.
-    pub fn add(&mut self, other: &ThreadStats) {
+    pub fn add(&mut self, other: &Stats) {
         self.requests += other.requests;
         self.bytes_read += other.bytes_read;
         self.bytes_written += other.bytes_written;
@@ -102,9 +102,9 @@ impl ThreadStats {
     }
 }
 
-impl Default for ThreadStats {
+impl Default for Stats {
     fn default() -> Self {
-        ThreadStats::new()
+        Stats::new()
     }
 }
 
@@ -150,7 +150,7 @@ struct Engine<'a> {
     /// HTTP: `depth` copies of the request, sent in one write.
     request: Vec<u8>,
     buf: Box<[u8]>,
-    stats: ThreadStats,
+    stats: Stats,
     connections_made: u64,
     stopping: bool,
 }
@@ -164,7 +164,7 @@ pub fn run_thread(
     start: Instant,
     end: Instant,
     progress: &Progress,
-) -> io::Result<ThreadStats> {
+) -> io::Result<Stats> {
     let request = match &config.target {
         Target::Http { host, path, .. } => {
             format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgeload\r\n\r\n")
@@ -187,7 +187,7 @@ pub fn run_thread(
         pattern: Pattern::new(),
         request,
         buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
-        stats: ThreadStats::new(),
+        stats: Stats::new(),
         connections_made: 0,
         stopping: false,
     };
@@ -254,7 +254,7 @@ pub fn run_thread(
 }
 
 /// Adds what this thread did since the last call to the live totals.
-fn publish_progress(stats: &ThreadStats, progress: &Progress, published: &mut (u64, u64)) {
+fn publish_progress(stats: &Stats, progress: &Progress, published: &mut (u64, u64)) {
     let (r, e) = (stats.requests, stats.errors.total());
     progress
         .requests
@@ -588,7 +588,7 @@ impl Engine<'_> {
     }
 }
 
-fn record(stats: &mut ThreadStats, from: Instant, now: Instant) {
+fn record(stats: &mut Stats, from: Instant, now: Instant) {
     stats.requests += 1;
     let us = now
         .saturating_duration_since(from)

@@ -17,7 +17,7 @@ const NINES: f64 = 6.0;
 
 /// Renders the report's latency distribution as an SVG document.
 pub fn svg(report: &Report) -> String {
-    let hist = &report.latency;
+    let hist = &report.stats.latency;
     let mut points: Vec<(f64, f64)> = Vec::new();
     if !hist.is_empty() {
         for v in hist.iter_quantiles(5) {

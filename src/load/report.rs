@@ -3,10 +3,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde_json::json;
 
-use super::engine::{Errors, ThreadStats};
+use super::engine::Stats;
 use super::{LoadConfig, Target};
 
 /// The percentiles printed with `--latency` and always put in the JSON.
@@ -28,24 +27,14 @@ pub struct Report {
     pub reconnect: bool,
     /// Wall time the test ran.
     pub duration: Duration,
-    pub requests: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub errors: Errors,
-    /// Responses by status class (index 1 = 1xx ... 5 = 5xx, 0 = other).
-    pub status: [u64; 6],
-    /// Latency in microseconds.
-    pub latency: Histogram<u64>,
+    /// The sum of every thread's measurements.
+    pub stats: Stats,
 }
 
 impl Report {
-    pub(crate) fn merge(
-        config: &LoadConfig,
-        duration: Duration,
-        stats: Vec<ThreadStats>,
-    ) -> Report {
+    pub(crate) fn merge(config: &LoadConfig, duration: Duration, stats: Vec<Stats>) -> Report {
         let echo = matches!(config.target, Target::Echo { .. });
-        let total = stats.iter().fold(ThreadStats::new(), |mut total, s| {
+        let total = stats.iter().fold(Stats::new(), |mut total, s| {
             total.add(s);
             total
         });
@@ -59,32 +48,28 @@ impl Report {
             rate: config.rate,
             reconnect: config.reconnect,
             duration,
-            requests: total.requests,
-            bytes_read: total.bytes_read,
-            bytes_written: total.bytes_written,
-            errors: total.errors,
-            status: total.status,
-            latency: total.latency,
+            stats: total,
         }
     }
 
     pub fn requests_per_sec(&self) -> f64 {
-        self.requests as f64 / self.duration.as_secs_f64().max(1e-9)
+        self.stats.requests as f64 / self.duration.as_secs_f64().max(1e-9)
     }
 
     /// Latency at percentile `p` (0-100), in microseconds.
     pub fn percentile_us(&self, p: f64) -> u64 {
-        self.latency.value_at_percentile(p)
+        self.stats.latency.value_at_percentile(p)
     }
 
     /// Share of samples within one standard deviation of the mean, as wrk prints it.
     fn within_stdev(&self) -> f64 {
-        let (mean, sd) = (self.latency.mean(), self.latency.stdev());
-        let total = self.latency.len();
+        let (mean, sd) = (self.stats.latency.mean(), self.stats.latency.stdev());
+        let total = self.stats.latency.len();
         if total == 0 {
             return 0.0;
         }
         let inside: u64 = self
+            .stats
             .latency
             .iter_recorded()
             .filter(|v| (v.value_iterated_to() as f64 - mean).abs() <= sd)
@@ -128,9 +113,9 @@ impl Report {
         let _ = writeln!(
             o,
             "               {:<9} {:<9} {:<9} {:.2}%",
-            human_us(self.latency.mean()),
-            human_us(self.latency.stdev()),
-            human_us(self.latency.max() as f64),
+            human_us(self.stats.latency.mean()),
+            human_us(self.stats.latency.stdev()),
+            human_us(self.stats.latency.max() as f64),
             self.within_stdev()
         );
         if percentiles {
@@ -147,19 +132,19 @@ impl Report {
         let _ = writeln!(
             o,
             "  {} requests in {:.2}s, {} read, {} written",
-            self.requests,
+            self.stats.requests,
             secs,
-            human_bytes(self.bytes_read as f64),
-            human_bytes(self.bytes_written as f64)
+            human_bytes(self.stats.bytes_read as f64),
+            human_bytes(self.stats.bytes_written as f64)
         );
-        let e = &self.errors;
+        let e = &self.stats.errors;
         let _ = writeln!(
             o,
             "  Errors: connect {}, read {}, write {}, timeout {}, mismatch {}, non-2xx {}",
             e.connect, e.read, e.write, e.timeout, e.mismatch, e.non_2xx
         );
         if self.protocol == "http" {
-            let s = &self.status;
+            let s = &self.stats.status;
             let _ = writeln!(
                 o,
                 "  Status: 1xx {}, 2xx {}, 3xx {}, 4xx {}, 5xx {}, other {}",
@@ -170,7 +155,7 @@ impl Report {
         let _ = writeln!(
             o,
             "Transfer/sec: {:>10}",
-            human_bytes(self.bytes_read as f64 / secs.max(1e-9))
+            human_bytes(self.stats.bytes_read as f64 / secs.max(1e-9))
         );
         o
     }
@@ -182,8 +167,8 @@ impl Report {
         for p in PERCENTILES {
             pct.insert(format!("p{}", format_pct(p)), json!(self.percentile_us(p)));
         }
-        let e = &self.errors;
-        let s = &self.status;
+        let e = &self.stats.errors;
+        let s = &self.stats.status;
         json!({
             "url": self.url,
             "protocol": self.protocol,
@@ -194,11 +179,11 @@ impl Report {
             "rate": self.rate,
             "reconnect": self.reconnect,
             "duration_s": self.duration.as_secs_f64(),
-            "requests": self.requests,
+            "requests": self.stats.requests,
             "requests_per_sec": self.requests_per_sec(),
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "bytes_read_per_sec": self.bytes_read as f64 / secs,
+            "bytes_read": self.stats.bytes_read,
+            "bytes_written": self.stats.bytes_written,
+            "bytes_read_per_sec": self.stats.bytes_read as f64 / secs,
             "errors": {
                 "connect": e.connect, "read": e.read, "write": e.write,
                 "timeout": e.timeout, "mismatch": e.mismatch, "non_2xx": e.non_2xx,
@@ -206,10 +191,10 @@ impl Report {
             },
             "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
             "latency_us": {
-                "min": self.latency.min(),
-                "mean": self.latency.mean(),
-                "stdev": self.latency.stdev(),
-                "max": self.latency.max(),
+                "min": self.stats.latency.min(),
+                "mean": self.stats.latency.mean(),
+                "stdev": self.stats.latency.stdev(),
+                "max": self.stats.latency.max(),
                 "percentiles": pct,
             },
         })
