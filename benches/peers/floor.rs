@@ -18,7 +18,7 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use edgepoll::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use edgepoll::sys::socket;
@@ -34,13 +34,32 @@ enum Mode {
     Relay(String),
 }
 
-/// One accepted or upstream socket, indexed by its descriptor number.
-struct Conn {
-    fd: OwnedFd,
-    /// The other socket of a relayed pair.
-    partner: Option<usize>,
-    /// `--http`: how much of "\r\n\r\n" has been matched so far.
-    matched: u8,
+/// Sockets indexed by descriptor number, the cheapest lookup there is (a stale event
+/// for a reused number only costs a read that finds nothing). The side tables are
+/// used only by the mode they name, so the echo path touches `fds` alone.
+#[derive(Default)]
+struct Table {
+    fds: Vec<Option<OwnedFd>>,
+    /// `--relay`: the other socket of each pair.
+    partner: Vec<usize>,
+    /// `--http`: how much of "\r\n\r\n" each connection has matched so far.
+    matched: Vec<u8>,
+}
+
+impl Table {
+    fn insert(&mut self, epoll: &Epoll, fd: OwnedFd, partner: usize) -> io::Result<usize> {
+        let i = fd.as_raw_fd() as usize;
+        epoll.add(fd.as_fd(), i as u64, SOCKET_INTEREST)?;
+        if self.fds.len() <= i {
+            self.fds.resize_with(i + 1, || None);
+            self.partner.resize(i + 1, 0);
+            self.matched.resize(i + 1, 0);
+        }
+        self.fds[i] = Some(fd);
+        self.partner[i] = partner;
+        self.matched[i] = 0;
+        Ok(i)
+    }
 }
 
 fn main() -> io::Result<()> {
@@ -60,94 +79,108 @@ fn main() -> io::Result<()> {
     }
     let listener = socket::listen(addr.parse().expect("an IP:PORT"), 4096)?;
     println!("listening on {}", socket::local_addr(listener.as_fd())?);
+    // One copy of the loop per mode, each with its mode known at compile time, so the
+    // echo loop carries no trace of the others.
+    match mode {
+        Mode::Echo => serve(listener, &Mode::Echo),
+        Mode::Http => serve(listener, &Mode::Http),
+        Mode::Relay(upstream) => serve(listener, &Mode::Relay(upstream)),
+    }
+}
+
+#[inline(always)]
+fn serve(listener: OwnedFd, mode: &Mode) -> io::Result<()> {
     let epoll = Epoll::new()?;
     const LISTENER: u64 = u64::MAX;
     epoll.add(listener.as_fd(), LISTENER, READ_INTEREST)?;
-    // Indexed by descriptor number, the cheapest lookup there is (a stale event for a
-    // reused number only costs a read that finds nothing).
-    let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut table = Table::default();
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::new();
-    let register = |fd: OwnedFd, partner: Option<usize>, conns: &mut Vec<Option<Conn>>| {
-        let i = fd.as_raw_fd() as usize;
-        epoll.add(fd.as_fd(), i as u64, SOCKET_INTEREST)?;
-        if conns.len() <= i {
-            conns.resize_with(i + 1, || None);
-        }
-        conns[i] = Some(Conn {
-            fd,
-            partner,
-            matched: 0,
-        });
-        Ok::<usize, io::Error>(i)
-    };
     loop {
         epoll.wait(&mut events, None)?;
         for event in events.iter() {
             if event.token == LISTENER {
                 while let Ok((fd, _)) = socket::accept(listener.as_fd()) {
                     let _ = socket::set_nodelay(fd.as_fd());
-                    let Mode::Relay(upstream) = &mode else {
-                        register(fd, None, &mut conns)?;
+                    let Mode::Relay(upstream) = mode else {
+                        table.insert(&epoll, fd, 0)?;
                         continue;
                     };
                     let up = TcpStream::connect(upstream.as_str())?;
                     up.set_nodelay(true)?;
                     up.set_nonblocking(true)?;
                     let client = fd.as_raw_fd() as usize;
-                    let up = register(OwnedFd::from(up), Some(client), &mut conns)?;
-                    register(fd, Some(up), &mut conns)?;
+                    let up = table.insert(&epoll, OwnedFd::from(up), client)?;
+                    table.insert(&epoll, fd, up)?;
                 }
                 continue;
             }
             let i = event.token as usize;
-            let mut close = false;
-            while let Some(Some(conn)) = conns.get_mut(i) {
-                let n = match socket::read(conn.fd.as_fd(), &mut buf) {
-                    Ok(0) => {
-                        close = true;
-                        break;
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        close = true;
-                        break;
-                    }
-                };
-                let (target, reply) = match &mode {
-                    Mode::Echo => (i, &buf[..n]),
-                    Mode::Http => {
-                        out.clear();
-                        for _ in 0..count_heads(&mut conn.matched, &buf[..n]) {
-                            out.extend_from_slice(RESPONSE);
-                        }
-                        (i, &out[..])
-                    }
-                    Mode::Relay(_) => (conn.partner.unwrap_or(i), &buf[..n]),
-                };
-                let written = match conns.get(target) {
-                    Some(Some(to)) if !reply.is_empty() => socket::write(to.fd.as_fd(), reply),
-                    _ => Ok(0),
-                };
-                if written.is_err() {
-                    close = true;
-                    break;
-                }
-                if n < buf.len() {
-                    break;
-                }
-            }
+            let close = match mode {
+                Mode::Echo => match fd_at(&table.fds, i) {
+                    Some(fd) => drain(fd, fd, &mut buf, None),
+                    None => false,
+                },
+                Mode::Http => match fd_at(&table.fds, i) {
+                    Some(fd) => drain(fd, fd, &mut buf, Some((&mut table.matched[i], &mut out))),
+                    None => false,
+                },
+                Mode::Relay(_) => match (fd_at(&table.fds, i), fd_at(&table.fds, table.partner[i]))
+                {
+                    (Some(from), Some(to)) => drain(from, to, &mut buf, None),
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                },
+            };
             if close {
-                if let Some(conn) = conns.get_mut(i).and_then(Option::take) {
-                    if let Some(p) = conn.partner {
-                        conns[p] = None;
-                    }
+                table.fds[i] = None;
+                if matches!(mode, Mode::Relay(_)) {
+                    table.fds[table.partner[i]] = None;
                 }
             }
         }
     }
+}
+
+/// Reads `from` until a short read or EAGAIN, writing each read to `to`, or with
+/// `http` (the connection's matcher and an output buffer) a response for each request
+/// head completed. Returns true when the connection is to be closed (EOF, an error).
+#[inline(always)]
+fn drain(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut http: Option<(&mut u8, &mut Vec<u8>)>,
+) -> bool {
+    loop {
+        let n = match socket::read(from, buf) {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        };
+        let bytes = match &mut http {
+            None => &buf[..n],
+            Some((matched, out)) => {
+                out.clear();
+                for _ in 0..count_heads(matched, &buf[..n]) {
+                    out.extend_from_slice(RESPONSE);
+                }
+                &out[..]
+            }
+        };
+        if !bytes.is_empty() && socket::write(to, bytes).is_err() {
+            return true;
+        }
+        if n < buf.len() {
+            return false;
+        }
+    }
+}
+
+fn fd_at(fds: &[Option<OwnedFd>], i: usize) -> Option<BorrowedFd<'_>> {
+    fds.get(i).and_then(Option::as_ref).map(|fd| fd.as_fd())
 }
 
 /// Counts the ends of request heads in `bytes`, carrying the partial match in `state`.
