@@ -41,13 +41,18 @@ machine() {
 
 source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
-# await_line FILE PATTERN: waits up to 5 s for a line matching PATTERN in FILE.
+# await_line FILE PATTERN: waits up to 5 s for a line matching PATTERN in FILE; if
+# none comes, prints FILE and exits, so that no load runs against a server that
+# never started (redis-benchmark, for one, would retry for ever).
 await_line() {
     local i
     for i in $(seq 100); do
         grep -q "$2" "$1" && return
         sleep 0.05
     done
+    echo "no line matching '$2' in $1 within 5 s:" >&2
+    cat "$1" >&2
+    exit 1
 }
 
 # start_edgepoll ARGS...: starts edgepoll pinned to core 0; sets EP_PID, EP_ADDR, EP_METRICS.
