@@ -105,8 +105,10 @@ one_run() {
         edgepoll-relay | haproxy)
             # A count, not a duration: 2000 requests per second of DURATION.
             requests=$((${duration%s} * 2000))
-            taskset -c 1 redis-benchmark -h 127.0.0.1 -p "${VG_ADDR##*:}" -c 50 -n "$requests" -t get --csv \
-                >"$WORK/redis.csv" 2>"$WORK/redis.err"
+            # Bounded, since redis-benchmark retries a lost connection for ever.
+            timeout 300 taskset -c 1 redis-benchmark -h 127.0.0.1 -p "${VG_ADDR##*:}" -c 50 \
+                -n "$requests" -t get --csv >"$WORK/redis.csv" 2>"$WORK/redis.err" ||
+                { cat "$WORK/redis.err" >&2; exit 1; }
             if grep -qi error "$WORK/redis.csv" "$WORK/redis.err" || ! grep -q '^"GET"' "$WORK/redis.csv"; then
                 cat "$WORK/redis.err" >&2
                 exit 1
