@@ -36,6 +36,24 @@ impl Epoll {
 
     /// Registers `fd` with `interest`; events for it carry `token`.
     pub fn add(&self, fd: BorrowedFd<'_>, token: u64, interest: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, "ADD", fd, token, interest)
+    }
+
+    /// Changes the interest of a registered `fd`. edgepoll never needs this (its
+    /// sockets are edge-triggered and registered once); the `pollers` benchmark uses
+    /// it to show what a level-triggered loop pays.
+    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, interest: u32) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, "MOD", fd, token, interest)
+    }
+
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        name: &str,
+        fd: BorrowedFd<'_>,
+        token: u64,
+        interest: u32,
+    ) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events: interest,
             u64: token,
@@ -44,31 +62,12 @@ impl Epoll {
         // is a valid, initialised epoll_event that the kernel only reads.
         syscall!(epoll_ctl(
             self.fd.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
+            op,
             fd.as_raw_fd(),
             &mut event
         ))
         .map(drop)
-        .map_err(|e| super::context(e, format!("epoll_ctl ADD fd {}", fd.as_raw_fd())))
-    }
-
-    /// Changes the interest of a registered `fd`. edgepoll never needs this (its
-    /// sockets are edge-triggered and registered once); the `pollers` benchmark uses
-    /// it to show what a level-triggered loop pays.
-    pub fn modify(&self, fd: BorrowedFd<'_>, token: u64, interest: u32) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: interest,
-            u64: token,
-        };
-        // SAFETY: as in `add`: valid descriptors and an initialised event.
-        syscall!(epoll_ctl(
-            self.fd.as_raw_fd(),
-            libc::EPOLL_CTL_MOD,
-            fd.as_raw_fd(),
-            &mut event
-        ))
-        .map(drop)
-        .map_err(|e| super::context(e, format!("epoll_ctl MOD fd {}", fd.as_raw_fd())))
+        .map_err(|e| super::context(e, format!("epoll_ctl {name} fd {}", fd.as_raw_fd())))
     }
 
     /// Waits for events, at most `timeout` (None: forever, zero: do not block).
