@@ -8,12 +8,6 @@ use std::net::TcpStream;
 use edgepoll::sys::rlimit;
 use util::*;
 
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = statm.split(' ').nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
 #[test]
 fn thousands_of_idle_connections_stay_under_a_kilobyte_each() {
     // Client and server share this process: two descriptors per connection.

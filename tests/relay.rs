@@ -4,7 +4,7 @@
 mod util;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -13,44 +13,6 @@ use edgepoll::config::Balance;
 use edgepoll::metrics::ConnectError;
 use edgepoll::{CloseReason, Config, Mode, Server};
 use util::*;
-
-/// A relay server on an ephemeral loopback port in front of `upstreams`.
-fn relay_server(
-    workers: usize,
-    upstreams: Vec<SocketAddr>,
-    tweak: impl FnOnce(&mut Config),
-) -> Server {
-    let mut config = Config::new(Mode::Relay);
-    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
-    config.workers = workers;
-    config.metrics_listen = None;
-    config.drain_timeout = Duration::from_secs(5);
-    config.relay.upstreams = upstreams;
-    tweak(&mut config);
-    Server::start(config).expect("relay starts")
-}
-
-/// An address where nothing listens: bound once, then released.
-fn dead_address() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-/// A one-connection upstream run by `serve` on its own thread; returns its address
-/// and the thread.
-fn upstream_once<T: Send + 'static>(
-    serve: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> (SocketAddr, std::thread::JoinHandle<T>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s.set_write_timeout(Some(PATIENCE)).unwrap();
-        serve(s)
-    });
-    (addr, t)
-}
 
 fn many_pairs_transfer_exact_bytes(splice: bool) {
     let upstream = echo_server(2, |_| {});

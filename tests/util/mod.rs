@@ -2,8 +2,9 @@
 //! polling for published counters, and a minimal scrape client.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use edgepoll::{Config, Mode, Server, WorkerStats};
@@ -177,4 +178,173 @@ pub fn read_responses(stream: &mut TcpStream, n: usize) -> (Vec<u16>, Vec<u8>, b
             Ok(k) => raw.extend_from_slice(&buf[..k]),
         }
     }
+}
+
+/// A relay server on an ephemeral loopback port in front of `upstreams`, like
+/// [`echo_server`].
+pub fn relay_server(
+    workers: usize,
+    upstreams: Vec<SocketAddr>,
+    tweak: impl FnOnce(&mut Config),
+) -> Server {
+    let mut config = Config::new(Mode::Relay);
+    config.listen = vec!["127.0.0.1:0".parse().unwrap()];
+    config.workers = workers;
+    config.metrics_listen = None;
+    config.drain_timeout = Duration::from_secs(5);
+    config.relay.upstreams = upstreams;
+    tweak(&mut config);
+    Server::start(config).expect("relay starts")
+}
+
+/// An address where nothing listens: bound once, then released.
+pub fn dead_address() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A one-connection upstream run by `serve` on its own thread; returns its address
+/// and the thread.
+pub fn upstream_once<T: Send + 'static>(
+    serve: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> (SocketAddr, std::thread::JoinHandle<T>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.set_write_timeout(Some(PATIENCE)).unwrap();
+        serve(s)
+    });
+    (addr, t)
+}
+
+/// An address whose connects hang until they time out: a listener whose one-slot
+/// accept queue is already full drops every SYN. It stays a black hole while this
+/// value lives.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: OwnedFd,
+    _filler: TcpStream,
+}
+
+pub fn blackhole() -> Blackhole {
+    let listener =
+        edgepoll::sys::socket::listen("127.0.0.1:0".parse().unwrap(), 0).expect("listen");
+    let addr = edgepoll::sys::socket::local_addr(listener.as_fd()).unwrap();
+    let filler = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    Blackhole {
+        addr,
+        _listener: listener,
+        _filler: filler,
+    }
+}
+
+/// How a byte stream ended for its reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// `read` returned 0: the peer sent FIN, which says "that was everything".
+    Fin,
+    /// `read` failed; `ConnectionReset` when the peer sent RST.
+    Error(ErrorKind),
+}
+
+/// Reads until the stream ends; returns every byte and how it ended. A read that
+/// times out (after the stream's read timeout) ends it as `Error(WouldBlock)`.
+pub fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, Ending) {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (out, Ending::Fin),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return (out, Ending::Error(e.kind())),
+        }
+    }
+}
+
+/// Asserts that `who`'s stream, which ended after `got` bytes, ended in a reset: a
+/// close that leaves bytes undelivered must never look like a complete stream.
+#[track_caller]
+pub fn assert_reset(who: &str, got: usize, ending: Ending) {
+    match ending {
+        Ending::Error(ErrorKind::ConnectionReset) => {}
+        Ending::Fin => panic!("{who}: got EOF after {got} bytes, expected ECONNRESET"),
+        Ending::Error(kind) => {
+            panic!("{who}: got {kind:?} after {got} bytes, expected ECONNRESET")
+        }
+    }
+}
+
+/// Asserts that `got` is the first bytes of stream `seed` (see [`pattern`]), and no
+/// more than the `sent` bytes of it that were written.
+#[track_caller]
+pub fn assert_prefix(seed: u64, got: &[u8], sent: u64) {
+    assert!(
+        got.len() as u64 <= sent,
+        "received {} bytes, but only {sent} were sent",
+        got.len()
+    );
+    assert_same(&pattern(seed, 0, got.len()), got);
+}
+
+/// How long writes must be refused before [`write_until_stalled`] calls the path full.
+pub const STALL: Duration = Duration::from_millis(300);
+
+/// Writes stream `seed` (see [`pattern`]) without blocking until `limit` bytes are
+/// written or no byte has been taken for [`STALL`]: every buffer on the way is full.
+/// Returns the bytes written; the stream is left blocking.
+pub fn write_until_stalled(mut stream: &TcpStream, seed: u64, limit: u64) -> u64 {
+    const CHUNK: u64 = 64 * 1024;
+    stream.set_nonblocking(true).unwrap();
+    let mut sent = 0u64;
+    let mut chunk = pattern(seed, 0, CHUNK.min(limit) as usize);
+    let mut chunk_at = 0u64;
+    let mut refused_since: Option<Instant> = None;
+    while sent < limit {
+        if sent - chunk_at == chunk.len() as u64 {
+            chunk = pattern(seed, sent, CHUNK.min(limit - sent) as usize);
+            chunk_at = sent;
+        }
+        match stream.write(&chunk[(sent - chunk_at) as usize..]) {
+            Ok(n) => {
+                sent += n as u64;
+                refused_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if refused_since.get_or_insert_with(Instant::now).elapsed() >= STALL {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write after {sent} bytes: {e}"),
+        }
+    }
+    stream.set_nonblocking(false).unwrap();
+    sent
+}
+
+/// Polls `value` until it has not changed for 500 ms (or [`PATIENCE`] passes) and
+/// returns it: for counters that stop moving once every buffer on the way is full.
+pub fn settled(mut value: impl FnMut() -> u64) -> u64 {
+    let start = Instant::now();
+    let mut last = value();
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_millis(500) && start.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = value();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
+}
+
+/// This process's resident set (server and clients alike), from /proc/self/statm.
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split(' ').nth(1).unwrap().parse().unwrap();
+    pages * 4096
 }
