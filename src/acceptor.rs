@@ -16,12 +16,12 @@ use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::limits::Limits;
 use crate::metrics::{Metrics, RejectReason};
-use crate::server::Shared;
+use crate::shutdown::Lifecycle;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
@@ -49,8 +49,8 @@ pub(crate) struct Acceptor {
     next: usize,
     /// The spare descriptor given up to shed a connection when descriptors run out.
     reserve: Option<OwnedFd>,
-    max_connections: usize,
-    shared: Arc<Shared>,
+    limits: Arc<Limits>,
+    lifecycle: Arc<Lifecycle>,
     metrics: Arc<Metrics>,
     /// Connections shed in the current fd-exhaustion episode; None outside one.
     exhausted: Option<u64>,
@@ -62,8 +62,8 @@ impl Acceptor {
     pub(crate) fn new(
         listeners: Vec<Listener>,
         workers: Vec<WorkerHandle>,
-        max_connections: usize,
-        shared: Arc<Shared>,
+        limits: Arc<Limits>,
+        lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
     ) -> io::Result<(Acceptor, Arc<EventFd>)> {
         let epoll = Epoll::new()?;
@@ -79,8 +79,8 @@ impl Acceptor {
             workers,
             next: 0,
             reserve: open_reserve().ok(),
-            max_connections,
-            shared,
+            limits,
+            lifecycle,
             metrics,
             exhausted: None,
             paused_until: None,
@@ -96,7 +96,7 @@ impl Acceptor {
         for i in 0..self.listeners.len() {
             self.accept_all(i);
         }
-        while !self.shared.draining.load(Ordering::SeqCst) {
+        while !self.lifecycle.is_draining() {
             let timeout = self
                 .paused_until
                 .map(|t| t.saturating_duration_since(Instant::now()));
@@ -105,7 +105,7 @@ impl Acceptor {
                 std::thread::sleep(EXHAUSTED_PAUSE);
                 continue;
             }
-            if self.shared.draining.load(Ordering::SeqCst) {
+            if self.lifecycle.is_draining() {
                 break;
             }
             if let Some(until) = self.paused_until {
@@ -130,7 +130,7 @@ impl Acceptor {
         // Closing the listeners makes new connection attempts fail at once (RST).
         self.listeners.clear();
         tracing::info!("stopped listening on {}", addrs.join(", "));
-        let deadline = self.shared.drain_deadline().unwrap_or_else(Instant::now);
+        let deadline = self.lifecycle.drain_deadline().unwrap_or_else(Instant::now);
         for worker in &self.workers {
             let _ = worker.tx.send(Msg::Drain(deadline));
             let _ = worker.waker.notify();
@@ -220,43 +220,38 @@ impl Acceptor {
         shed
     }
 
-    /// Gives a new connection to the next worker, or closes it over the limit.
+    /// Gives a new connection to the next worker, or closes it over a limit.
     fn hand_off(&mut self, fd: OwnedFd, ip: IpAddr) {
-        if self.shared.open.load(Ordering::Relaxed) >= self.max_connections {
-            // Counted before the close, as in `shed`.
-            self.metrics.reject(RejectReason::MaxConnections);
-            drop(fd);
-            return;
-        }
-        // An IPv4 client on a dual-stack socket appears as ::ffff:a.b.c.d; count it as
-        // the IPv4 address it is.
-        let ip = ip.to_canonical();
-        let per_ip = self.shared.per_ip.as_ref().map(|limit| (limit, ip));
-        if let Some((limit, ip)) = per_ip {
-            if !limit.try_open(ip) {
-                self.metrics.reject(RejectReason::PerIpLimit);
+        let permit = match self.limits.try_acquire(ip) {
+            Ok(permit) => permit,
+            Err(reason) => {
+                // Counted before the close, as in `shed`.
+                self.metrics.reject(reason);
                 drop(fd);
                 return;
             }
-        }
+        };
         // A peer that already reset makes this fail; the worker will see the reset.
         let _ = socket::set_nodelay(fd.as_fd());
-        let worker = &self.workers[self.next % self.workers.len()];
-        self.next = self.next.wrapping_add(1);
-        self.shared.open.fetch_add(1, Ordering::Relaxed);
-        let tracked_ip = per_ip.map(|(_, ip)| ip);
-        if worker.tx.send(Msg::Conn(fd, tracked_ip)).is_err() {
-            // The worker has exited (it only does so on a fatal epoll error).
-            self.shared.open.fetch_sub(1, Ordering::Relaxed);
-            if let Some((limit, ip)) = per_ip {
-                limit.close(ip);
+        let mut msg = Msg::Conn(fd, permit);
+        // A worker whose loop died has dropped its channel: the next one gets the
+        // connection (the server is stopping by then; see `Lifecycle::fail`).
+        for _ in 0..self.workers.len() {
+            let worker = &self.workers[self.next % self.workers.len()];
+            self.next = self.next.wrapping_add(1);
+            match worker.tx.send(msg) {
+                Ok(()) => {
+                    if let Err(e) = worker.waker.notify() {
+                        tracing::error!("waking a worker: {e}");
+                    }
+                    return;
+                }
+                Err(returned) => msg = returned.into_inner(),
             }
-            self.metrics.reject(RejectReason::Error);
-            return;
         }
-        if let Err(e) = worker.waker.notify() {
-            tracing::error!("waking a worker: {e}");
-        }
+        // No worker is left. Dropping the message closes the socket and gives the
+        // permit back.
+        self.metrics.reject(RejectReason::Error);
     }
 }
 

@@ -4,81 +4,23 @@
 //! [`Server::local_addrs`] tells which ports were bound, [`Server::stats`] reads the
 //! published counters, and [`Server::shutdown`] drains and joins.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use crate::acceptor::{Acceptor, Listener};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Mode};
+use crate::limits::Limits;
 use crate::metrics::endpoint::Endpoint;
 use crate::metrics::{Metrics, WorkerStats};
+use crate::mode::relay::Upstreams;
+use crate::shutdown::Lifecycle;
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
-use crate::worker::{Msg, Worker, WorkerHandle};
-
-/// State every thread of a server reads.
-pub(crate) struct Shared {
-    /// Connections handed to workers and not yet closed, for `--max-connections`.
-    /// Touched once per connection, never per byte.
-    pub open: AtomicUsize,
-    /// Set when draining begins; `/readyz` answers 503 from then on.
-    pub draining: AtomicBool,
-    /// Open connections per client address, with `--max-connections-per-ip`.
-    pub per_ip: Option<PerIpLimit>,
-    /// Bytes in all outbound buffers; written by a worker only when one of its buffers
-    /// grows or shrinks (the slow path), read once per loop turn.
-    pub buffered: AtomicI64,
-    /// `--max-buffered-bytes`.
-    pub max_buffered: i64,
-    /// Relay mode: the upstreams and their failure marks, shared by the workers.
-    pub upstreams: Option<Arc<crate::mode::relay::Upstreams>>,
-    deadline: Mutex<Option<Instant>>,
-}
-
-/// Open connections per client IP. The acceptor counts a connection in, its worker
-/// counts it out: a lock taken twice per connection, never per byte.
-pub(crate) struct PerIpLimit {
-    limit: u32,
-    open: Mutex<HashMap<IpAddr, u32>>,
-}
-
-impl PerIpLimit {
-    /// Counts a new connection from `ip`, unless `ip` is at its limit.
-    pub(crate) fn try_open(&self, ip: IpAddr) -> bool {
-        let mut open = self.open.lock();
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.limit {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// Counts a connection from `ip` as closed.
-    pub(crate) fn close(&self, ip: IpAddr) {
-        let mut open = self.open.lock();
-        if let Some(n) = open.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                // Forget the address, so the map holds only clients with connections.
-                open.remove(&ip);
-            }
-        }
-    }
-}
-
-impl Shared {
-    pub(crate) fn drain_deadline(&self) -> Option<Instant> {
-        *self.deadline.lock()
-    }
-}
+use crate::worker::{Msg, Worker, WorkerHandle, WorkerShared};
 
 /// A server that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +42,8 @@ pub struct Server {
     config: Config,
     local_addrs: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
-    shared: Arc<Shared>,
+    limits: Arc<Limits>,
+    lifecycle: Arc<Lifecycle>,
     acceptor_wake: Option<Arc<EventFd>>,
     workers: Vec<WorkerHandle>,
     threads: Vec<JoinHandle<()>>,
@@ -120,24 +63,22 @@ impl Server {
         }
         let local_addrs = listeners.iter().map(|l| l.addr).collect();
         let metrics = Metrics::new(&config)?;
-        let shared = Arc::new(Shared {
-            open: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
-            buffered: AtomicI64::new(0),
-            max_buffered: config.max_buffered_bytes.min(i64::MAX as usize) as i64,
-            per_ip: config.max_connections_per_ip.map(|limit| PerIpLimit {
-                limit: limit.min(u32::MAX as usize) as u32,
-                open: Mutex::new(HashMap::new()),
-            }),
-            deadline: Mutex::new(None),
-            upstreams: (config.mode == crate::config::Mode::Relay)
-                .then(|| Arc::new(crate::mode::relay::Upstreams::new(&config.relay, &metrics))),
-        });
+        let shared = WorkerShared {
+            limits: Limits::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+                config.max_buffered_bytes,
+            ),
+            lifecycle: Arc::new(Lifecycle::new()),
+            upstreams: (config.mode == Mode::Relay)
+                .then(|| Arc::new(Upstreams::new(&config.relay, &metrics))),
+        };
         let mut server = Server {
             config: config.clone(),
             local_addrs,
             metrics: Arc::clone(&metrics),
-            shared: Arc::clone(&shared),
+            limits: Arc::clone(&shared.limits),
+            lifecycle: Arc::clone(&shared.lifecycle),
             acceptor_wake: None,
             workers: Vec::new(),
             threads: Vec::new(),
@@ -153,8 +94,8 @@ impl Server {
             tracing::warn!("--pin-workers: the usable cores are unknown; workers are not pinned");
         }
         for id in 0..config.workers {
-            let (worker, handle) =
-                Worker::new(id, &config, metrics.worker(id), Arc::clone(&shared))?;
+            let (worker, handle) = Worker::new(id, &config, metrics.worker(id), &shared)?;
+            let lifecycle = Arc::clone(&shared.lifecycle);
             server.workers.push(handle);
             let core = cores
                 .as_ref()
@@ -168,7 +109,11 @@ impl Server {
                             tracing::warn!(worker = id, "could not pin to core {}", core.id);
                         }
                     }
-                    worker.run()
+                    if let Err(e) = worker.run() {
+                        let why = format!("worker {id} stopped: {e}");
+                        tracing::error!("{why}; the server cannot serve its share of connections and must be restarted");
+                        lifecycle.fail(why);
+                    }
                 })?;
             server.threads.push(thread);
         }
@@ -183,8 +128,8 @@ impl Server {
         let (acceptor, wake) = Acceptor::new(
             listeners,
             handles,
-            config.max_connections,
-            Arc::clone(&shared),
+            Arc::clone(&shared.limits),
+            Arc::clone(&shared.lifecycle),
             Arc::clone(&metrics),
         )?;
         server.acceptor_wake = Some(wake);
@@ -193,8 +138,9 @@ impl Server {
             .spawn(move || acceptor.run())?;
         server.threads.push(thread);
         if let Some(addr) = config.metrics_listen {
-            let endpoint = Endpoint::start(addr, Arc::clone(&metrics), Arc::clone(&shared))
-                .map_err(StartError::Metrics)?;
+            let endpoint =
+                Endpoint::start(addr, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
+                    .map_err(StartError::Metrics)?;
             server.endpoint = Some(endpoint);
         }
         Ok(server)
@@ -233,17 +179,33 @@ impl Server {
 
     /// Bytes held in outbound buffers now, across workers.
     pub fn buffered_bytes(&self) -> i64 {
-        self.shared.buffered.load(Ordering::Relaxed)
+        self.limits.buffered()
     }
 
     /// Connections open now, across workers (exact, not published).
     pub fn open_connections(&self) -> usize {
-        self.shared.open.load(Ordering::Relaxed)
+        self.limits.open()
     }
 
     /// Whether draining has begun.
     pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::SeqCst)
+        self.lifecycle.is_draining()
+    }
+
+    /// Why the server can no longer serve, if it cannot: a worker's event loop
+    /// failed. The process should exit non-zero, so its supervisor restarts it.
+    pub fn failure(&self) -> Option<String> {
+        self.lifecycle.failure()
+    }
+
+    /// Makes worker `id` fail as if its `epoll_wait` had: fault injection for tests
+    /// of [`Server::failure`] and of the binary's exit status.
+    #[doc(hidden)]
+    pub fn inject_worker_failure(&self, id: usize) {
+        if let Some(w) = self.workers.get(id) {
+            let _ = w.tx.send(Msg::Fail);
+            let _ = w.waker.notify();
+        }
     }
 
     /// Starts a graceful drain with the configured `drain_timeout`: the listeners close
@@ -253,14 +215,9 @@ impl Server {
     }
 
     fn begin_drain_within(&self, timeout: Duration) {
-        {
-            let mut deadline = self.shared.deadline.lock();
-            if deadline.is_some() {
-                return;
-            }
-            *deadline = Some(Instant::now() + timeout);
+        if !self.lifecycle.begin_drain(Instant::now() + timeout) {
+            return;
         }
-        self.shared.draining.store(true, Ordering::SeqCst);
         match &self.acceptor_wake {
             Some(wake) => {
                 if let Err(e) = wake.wake() {

@@ -18,8 +18,8 @@
 //!    queued, so the connection remembers it (`READ_PENDING`) and reads again as soon as
 //!    an EPOLLOUT edge lets the buffer drain below the cap.
 //! 4. EPOLLERR and EPOLLHUP are handled by the next read or write, which returns the
-//!    error or the EOF. EPOLLRDHUP means the peer sends no more: what is owed is flushed,
-//!    then the connection is closed.
+//!    error or the EOF after every byte the peer sent before it. EPOLLRDHUP means the
+//!    peer sends no more: what is owed is flushed, then the connection is closed.
 //! 5. An event whose token names a freed or reused slab slot is stale (the connection
 //!    was closed earlier in the same batch) and is ignored: the generation in the token
 //!    no longer matches.
@@ -34,15 +34,32 @@
 //! until a short read, pauses at the cap, and resumes when its destination's EPOLLOUT
 //! edge lets its buffer drain.
 //!
+//! # The close rule
+//!
+//! Every close goes through [`Worker::close`], whatever its reason (EOF, reset, idle
+//! timeout, header timeout, drain timeout, upstream failure). A connection that still
+//! owes a peer anything (bytes in an outbound buffer or a pipe, requests or input
+//! received and not yet answered or forwarded, a FIN not yet forwarded, or a relayed
+//! pair whose other side failed) is aborted: SO_LINGER 0 on every socket of it, so
+//! each peer gets a reset. Only a connection whose every direction finished cleanly
+//! ends with FIN, so a FIN never passes truncated data off as complete. Aborts and the
+//! bytes they dropped are counted by reason (`edgepoll_connections_aborted_total`,
+//! `edgepoll_dropped_bytes_total`).
+//!
+//! # Timers
+//!
+//! A connection's deadlines live where they belong (the idle stamp and the lingering
+//! close in the connection, the header deadline in the HTTP state, the connect
+//! deadline in the relay pair); the worker's one [`TimerWheel`] holds at most one
+//! entry per connection, at the earliest of them.
+//!
 //! # Hand-off
 //!
 //! The acceptor sends new sockets over a channel and wakes the worker through an
 //! eventfd only when the worker said it was about to sleep, so a busy worker is not
 //! woken once per connection.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,15 +68,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{Config, Mode};
-use crate::conn::{flags, Conn, Slab, Token};
+use crate::conn::{flags, Slab, Token};
+use crate::limits::{ConnPermit, Limits};
 use crate::metrics::{CloseReason, Counters, RejectReason, WorkerMetrics, PUBLISH_INTERVAL};
 use crate::mode::http::Responder;
-use crate::mode::relay::{self, Edge, Relay};
-use crate::mode::{echo, http, Io, Step, LINGER_MS, READ_BUFFER_SIZE};
-use crate::server::Shared;
+use crate::mode::relay::{Relay, Upstreams};
+use crate::mode::READ_BUFFER_SIZE;
+use crate::mode::{closing_reason, Conn, Ctx, Edge, Handler, Step, Wake, LINGER_MS};
+use crate::shutdown::Lifecycle;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use crate::sys::eventfd::EventFd;
-use crate::timer::IdleWheel;
+use crate::sys::socket;
+use crate::timer::TimerWheel;
 
 /// Events taken per `epoll_wait`: large enough to amortise the call under load,
 /// small enough (12 KiB) to stay in cache.
@@ -67,11 +87,13 @@ const EVENTS_PER_WAIT: usize = 1024;
 
 /// What the acceptor sends a worker.
 pub(crate) enum Msg {
-    /// A new connection, already non-blocking, with its client address when a
-    /// per-address limit counts it.
-    Conn(OwnedFd, Option<IpAddr>),
+    /// A new connection, already non-blocking, with its share of the limits.
+    Conn(OwnedFd, ConnPermit),
     /// Stop serving input, flush what is owed, and exit by the deadline.
     Drain(Instant),
+    /// Fail as if `epoll_wait` had (fault injection for tests of what a dead worker
+    /// does to the process).
+    Fail,
 }
 
 /// The wake-up of one worker, shared with the acceptor.
@@ -108,24 +130,26 @@ pub(crate) struct WorkerHandle {
     pub waker: Arc<Waker>,
 }
 
-/// One worker's event loop and everything it owns.
-/// What the worker needs to drive its mode.
-enum ModeState {
-    Echo,
-    Http(Box<Responder>),
-    Relay(Box<Relay>),
+/// What a worker shares with the rest of the server.
+pub(crate) struct WorkerShared {
+    pub limits: Arc<Limits>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Relay mode: the upstreams and their failure marks.
+    pub upstreams: Option<Arc<Upstreams>>,
 }
 
+/// One worker's event loop and everything it owns.
 pub(crate) struct Worker {
     id: usize,
-    mode: ModeState,
+    /// The mode, and what it keeps per worker (the HTTP responder, relay's upstreams).
+    handler: Handler,
     /// The batch of responses one read produces (http), written in one write.
     out: Vec<u8>,
-    /// Per-connection deadlines set by the mode (header timeout, lingering close).
-    deadlines: IdleWheel,
+    /// Every connection's one timer entry.
+    wheel: TimerWheel,
     epoll: Epoll,
     events: Events,
-    slab: Slab,
+    slab: Slab<Conn>,
     /// Connections to serve again before the next blocking wait (rule 2).
     ready: Vec<Token>,
     /// The ready list being served; swapped with `ready` each turn, so both keep
@@ -135,9 +159,10 @@ pub(crate) struct Worker {
     buf: Box<[u8]>,
     rx: Receiver<Msg>,
     waker: Arc<Waker>,
+    /// `--max-pending-bytes`.
     cap: usize,
+    /// `--idle-timeout` in ms.
     idle_timeout_ms: Option<u64>,
-    wheel: Option<IdleWheel>,
     /// Scratch list for expired timer entries.
     due: Vec<Token>,
     clock: Instant,
@@ -147,11 +172,8 @@ pub(crate) struct Worker {
     last_publish_ms: u64,
     published_active: i64,
     published_buffered: i64,
-    shared: Arc<Shared>,
+    limits: Arc<Limits>,
     drain_deadline: Option<Instant>,
-    /// Client addresses of this worker's connections, kept only when
-    /// `--max-connections-per-ip` is set, so that a close can be counted out.
-    peer_ips: HashMap<Token, IpAddr>,
 }
 
 impl Worker {
@@ -160,30 +182,33 @@ impl Worker {
         id: usize,
         config: &Config,
         metrics: WorkerMetrics,
-        shared: Arc<Shared>,
+        shared: &WorkerShared,
     ) -> io::Result<(Worker, WorkerHandle)> {
         let epoll = Epoll::new()?;
         let waker = Arc::new(Waker::new()?);
         epoll.add(waker.eventfd.as_fd(), Token::WAKE.0, READ_INTEREST)?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let idle_timeout_ms = config.idle_timeout.map(|d| (d.as_millis() as u64).max(1));
+        let handler = match (config.mode, shared.upstreams.as_ref()) {
+            (Mode::Relay, Some(ups)) => Handler::Relay(Box::new(Relay::new(Arc::clone(ups), id))),
+            (Mode::Http, _) => Handler::Http(Box::new(Responder::new(&config.http))),
+            _ => Handler::Echo,
+        };
+        // The wheel's tick follows the shortest deadline any connection can have, and
+        // its span the longest.
+        let mut timeouts = vec![Duration::from_millis(LINGER_MS)];
+        timeouts.extend(config.idle_timeout);
+        match config.mode {
+            Mode::Http => timeouts.push(config.http.header_timeout),
+            Mode::Relay => timeouts.push(config.relay.connect_timeout),
+            Mode::Echo => {}
+        }
+        let shortest = timeouts.iter().copied().min().unwrap_or_default();
+        let longest = timeouts.iter().copied().max().unwrap_or_default();
         let worker = Worker {
             id,
-            mode: match (config.mode, shared.upstreams.as_ref()) {
-                (Mode::Relay, Some(ups)) => {
-                    ModeState::Relay(Box::new(Relay::new(Arc::clone(ups), id)))
-                }
-                (Mode::Http, _) => ModeState::Http(Box::new(Responder::new(&config.http))),
-                _ => ModeState::Echo,
-            },
+            handler,
             out: Vec::new(),
-            deadlines: IdleWheel::new(match config.mode {
-                Mode::Relay => config.relay.connect_timeout,
-                _ => config
-                    .http
-                    .header_timeout
-                    .max(Duration::from_millis(LINGER_MS)),
-            }),
+            wheel: TimerWheel::new(shortest, longest),
             epoll,
             events: Events::with_capacity(EVENTS_PER_WAIT),
             slab: Slab::new(),
@@ -193,8 +218,7 @@ impl Worker {
             rx,
             waker: Arc::clone(&waker),
             cap: config.max_pending_bytes,
-            idle_timeout_ms,
-            wheel: config.idle_timeout.map(IdleWheel::new),
+            idle_timeout_ms: config.idle_timeout.map(|d| (d.as_millis() as u64).max(1)),
             due: Vec::new(),
             clock: Instant::now(),
             now_ms: 0,
@@ -203,25 +227,35 @@ impl Worker {
             last_publish_ms: 0,
             published_active: 0,
             published_buffered: 0,
-            shared,
+            limits: Arc::clone(&shared.limits),
             drain_deadline: None,
-            peer_ips: HashMap::new(),
         };
         Ok((worker, WorkerHandle { tx, waker }))
     }
 
-    /// Runs until a drain completes or its deadline passes.
-    pub(crate) fn run(mut self) {
+    /// Runs until a drain completes or its deadline passes. An error means the event
+    /// loop itself failed: the worker's connections are closed (by the close rule)
+    /// and the error is returned, for the server to stop the process.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let result = self.event_loop();
+        let reason = match result {
+            Ok(()) => CloseReason::Shutdown,
+            Err(_) => CloseReason::Error,
+        };
+        for token in self.slab.tokens() {
+            self.close(token, reason);
+        }
+        self.publish();
+        result
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
         loop {
             let timeout = self.next_timeout();
-            if let Err(e) = self.wait(timeout) {
-                tracing::error!(worker = self.id, "{e}; closing this worker's connections");
-                break;
-            }
+            self.wait(timeout)?;
             self.tick();
-            self.counters.global_room =
-                self.shared.max_buffered - self.shared.buffered.load(Ordering::Relaxed);
-            self.take_messages();
+            self.counters.global_room = self.limits.buffered_room();
+            self.take_messages()?;
             for i in 0..self.events.len() {
                 let event = self.events.get(i);
                 let token = Token(event.token);
@@ -236,11 +270,10 @@ impl Worker {
                     hup: event.is_read_closed(),
                     error: event.is_error(),
                 };
-                self.serve(token.client(), Some(edge));
+                self.serve(token.client(), Wake::Edge(edge));
             }
             self.serve_ready();
-            self.expire_idle();
-            self.expire_deadlines();
+            self.expire_timers();
             if self.now_ms.saturating_sub(self.last_publish_ms)
                 >= PUBLISH_INTERVAL.as_millis() as u64
             {
@@ -248,7 +281,7 @@ impl Worker {
             }
             if let Some(deadline) = self.drain_deadline {
                 if self.slab.is_empty() {
-                    break;
+                    return Ok(());
                 }
                 if Instant::now() >= deadline {
                     tracing::warn!(
@@ -256,14 +289,10 @@ impl Worker {
                         connections = self.slab.len(),
                         "drain timeout reached; closing the remaining connections"
                     );
-                    break;
+                    return Ok(());
                 }
             }
         }
-        for token in self.slab.tokens() {
-            self.close(token, CloseReason::Shutdown);
-        }
-        self.publish();
     }
 
     /// How long the next `epoll_wait` may block.
@@ -271,10 +300,7 @@ impl Worker {
         if !self.ready.is_empty() || !self.rx.is_empty() {
             return Some(Duration::ZERO);
         }
-        let mut deadline_ms: Option<u64> = self.wheel.as_ref().and_then(|w| w.next_deadline_ms());
-        if let Some(d) = self.deadlines.next_deadline_ms() {
-            deadline_ms = Some(deadline_ms.map_or(d, |x| x.min(d)));
-        }
+        let mut deadline_ms = self.wheel.next_deadline_ms();
         if self.is_dirty() {
             let publish_at = self.last_publish_ms + PUBLISH_INTERVAL.as_millis() as u64;
             deadline_ms = Some(deadline_ms.map_or(publish_at, |d| d.min(publish_at)));
@@ -306,7 +332,7 @@ impl Worker {
 
     fn tick(&mut self) {
         let now_ms = self.clock.elapsed().as_millis() as u64;
-        if let ModeState::Http(r) = &mut self.mode {
+        if let Handler::Http(r) = &mut self.handler {
             if now_ms / 1000 != self.now_ms / 1000 || now_ms == 0 {
                 r.refresh_date(std::time::SystemTime::now());
             }
@@ -314,17 +340,20 @@ impl Worker {
         self.now_ms = now_ms;
     }
 
-    fn take_messages(&mut self) {
+    fn take_messages(&mut self) -> io::Result<()> {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
-                Msg::Conn(fd, ip) => self.register(fd, ip),
+                Msg::Conn(fd, permit) => self.register(fd, permit),
                 Msg::Drain(deadline) => self.begin_drain(deadline),
+                Msg::Fail => return Err(io::Error::other("injected worker failure")),
             }
         }
+        Ok(())
     }
 
-    fn register(&mut self, fd: OwnedFd, ip: Option<IpAddr>) {
-        let mut conn = Conn::new(fd, self.now_ms);
+    fn register(&mut self, fd: OwnedFd, permit: ConnPermit) {
+        let state = self.handler.new_state(self.now_ms);
+        let mut conn = Conn::new(fd, self.now_ms, Some(permit), state);
         if self.drain_deadline.is_some() {
             conn.set(flags::DRAINING | flags::READ_PENDING);
         }
@@ -333,48 +362,16 @@ impl Worker {
             unreachable!("a token just issued names its connection");
         };
         if let Err(e) = self.epoll.add(conn.fd.as_fd(), token.0, SOCKET_INTEREST) {
-            // ENOMEM or ENOSPC (fs.epoll.max_user_watches): refuse this one, keep serving.
+            // ENOMEM or ENOSPC (fs.epoll.max_user_watches): refuse this one, keep
+            // serving. Dropping the connection gives its permit back.
             tracing::warn!(worker = self.id, "{e}; closing the new connection");
             self.slab.remove(token);
-            self.shared.open.fetch_sub(1, Ordering::Relaxed);
-            if let (Some(limit), Some(ip)) = (&self.shared.per_ip, ip) {
-                limit.close(ip);
-            }
             self.metrics.reject(RejectReason::Error);
             return;
         }
-        if let Some(ip) = ip {
-            self.peer_ips.insert(token, ip);
-        }
         self.counters.accepted += 1;
         self.counters.active += 1;
-        if let (Some(wheel), Some(timeout)) = (self.wheel.as_mut(), self.idle_timeout_ms) {
-            wheel.schedule(token, self.now_ms + timeout);
-        }
-        if let ModeState::Http(r) = &self.mode {
-            // The first request head must arrive within the header timeout too.
-            let deadline = self.now_ms + r.header_timeout_ms;
-            conn_deadline(&mut self.slab, token, deadline);
-            self.deadlines.schedule(token, deadline);
-        }
-        if let ModeState::Relay(r) = &mut self.mode {
-            let Some(conn) = self.slab.get_mut(token) else {
-                unreachable!("a token just issued names its connection");
-            };
-            let mut io = Io {
-                buf: &mut self.buf,
-                cap: self.cap,
-                counters: &mut self.counters,
-                now_ms: self.now_ms,
-            };
-            let mut ctx = relay::Ctx {
-                relay: r,
-                epoll: &self.epoll,
-                token,
-            };
-            let step = relay::open(conn, &mut io, &mut ctx);
-            self.after_serve(token, 0, 0, step);
-        }
+        self.serve(token, Wake::Open);
         if self.drain_deadline.is_some() {
             self.push_ready(token);
         }
@@ -399,63 +396,33 @@ impl Worker {
         }
     }
 
-    /// Serves one connection after an edge on it (or on its upstream socket), or from
-    /// the ready list (`edge` None), and acts on the outcome.
-    fn serve(&mut self, token: Token, edge: Option<Edge>) {
+    /// Serves one connection (the one place a mode is called), and acts on the
+    /// outcome.
+    #[inline]
+    fn serve(&mut self, token: Token, wake: Wake) {
         // Rule 5: a stale token finds no connection.
         let Some(conn) = self.slab.get_mut(token) else {
             return;
         };
-        // Echo and http read the edge's flags from the connection; relay reads them
-        // per socket of its pair.
-        let readable = edge.is_some_and(|e| e.readable);
-        if edge.is_some_and(|e| e.hup || e.error) {
-            conn.set(flags::HUP_SEEN);
-        }
-        let before = conn.pending();
-        let deadline_before = conn.deadline_ms;
-        let mut io = Io {
+        let before = buffered(conn);
+        let mut ctx = Ctx {
             buf: &mut self.buf,
+            out: &mut self.out,
             cap: self.cap,
             counters: &mut self.counters,
             now_ms: self.now_ms,
+            epoll: &self.epoll,
+            token,
         };
-        let step = match &mut self.mode {
-            ModeState::Echo => echo::serve(conn, &mut io, readable),
-            ModeState::Http(r) => http::serve(conn, &mut io, readable, r, &mut self.out),
-            ModeState::Relay(r) => {
-                let mut ctx = relay::Ctx {
-                    relay: r,
-                    epoll: &self.epoll,
-                    token,
-                };
-                relay::serve(conn, &mut io, &mut ctx, edge)
-            }
-        };
-        self.after_serve(token, before, deadline_before, step);
-    }
-
-    /// Books what serving changed: buffered bytes, a new deadline, the next step.
-    #[inline]
-    fn after_serve(
-        &mut self,
-        token: Token,
-        pending_before: usize,
-        deadline_before: u64,
-        step: Step,
-    ) {
-        if let Some(conn) = self.slab.get_mut(token) {
-            let delta = conn.pending() as i64 - pending_before as i64;
-            if delta != 0 {
-                self.counters.buffered += delta;
-                self.shared.buffered.fetch_add(delta, Ordering::Relaxed);
-            }
-            // An earlier deadline needs its own wheel entry; a later one is found by
-            // the entry already there, which re-arms itself.
-            let deadline = conn.deadline_ms;
-            if deadline != 0 && (deadline_before == 0 || deadline < deadline_before) {
-                self.deadlines.schedule(token, deadline);
-            }
+        let step = self.handler.serve(conn, &mut ctx, wake);
+        let delta = buffered(conn) as i64 - before as i64;
+        if delta != 0 {
+            self.counters.buffered += delta;
+            self.limits.add_buffered(delta);
+        }
+        let deadline = next_deadline(conn, self.idle_timeout_ms);
+        if deadline != 0 {
+            self.wheel.arm(token, &mut conn.timer, deadline);
         }
         match step {
             Step::Idle => {}
@@ -472,97 +439,78 @@ impl Worker {
         for &token in &serving {
             if let Some(conn) = self.slab.get_mut(token) {
                 conn.clear(flags::IN_READY);
-                self.serve(token, None);
+                self.serve(token, Wake::Ready);
             }
         }
         serving.clear();
         self.serving = serving;
     }
 
-    fn expire_deadlines(&mut self) {
-        self.deadlines.expire(self.now_ms, &mut self.due);
+    /// Acts on every connection whose timer entry came due: a lingering close or an
+    /// idle timeout closes it, a mode deadline goes to the mode, and an entry that
+    /// came early (its deadline moved later) is armed again.
+    fn expire_timers(&mut self) {
+        self.wheel.expire(self.now_ms, &mut self.due);
         let mut due = std::mem::take(&mut self.due);
         for &token in &due {
             let Some(conn) = self.slab.get_mut(token) else {
-                continue; // closed since it was scheduled
+                continue; // entries leave with their connection; kept for safety
             };
-            let deadline = conn.deadline_ms;
-            if deadline == 0 {
-                continue; // cancelled
-            }
-            if deadline > self.now_ms {
-                self.deadlines.schedule(token, deadline);
+            conn.timer = 0;
+            let now = self.now_ms;
+            if conn.linger_until_ms != 0 && conn.linger_until_ms <= now {
+                let reason = closing_reason(conn);
+                self.close(token, reason);
                 continue;
             }
-            conn.deadline_ms = 0;
-            let before = conn.pending();
-            let mut io = Io {
-                buf: &mut self.buf,
-                cap: self.cap,
-                counters: &mut self.counters,
-                now_ms: self.now_ms,
-            };
-            let step = match &mut self.mode {
-                ModeState::Http(r) => http::on_deadline(conn, &mut io, r, &mut self.out),
-                // Echo sets a deadline only for a lingering close.
-                ModeState::Echo => crate::mode::lingered(conn).unwrap_or(Step::Idle),
-                ModeState::Relay(r) => {
-                    let mut ctx = relay::Ctx {
-                        relay: r,
-                        epoll: &self.epoll,
-                        token,
-                    };
-                    relay::on_deadline(conn, &mut io, &mut ctx)
-                }
-            };
-            self.after_serve(token, before, 0, step);
-        }
-        due.clear();
-        self.due = due;
-    }
-
-    fn expire_idle(&mut self) {
-        let (Some(wheel), Some(timeout)) = (self.wheel.as_mut(), self.idle_timeout_ms) else {
-            return;
-        };
-        wheel.expire(self.now_ms, &mut self.due);
-        let mut due = std::mem::take(&mut self.due);
-        for &token in &due {
-            let Some(conn) = self.slab.get_mut(token) else {
-                continue; // closed since it was scheduled
-            };
-            let deadline = conn.last_active_ms + timeout;
-            if deadline <= self.now_ms {
+            if self
+                .idle_timeout_ms
+                .is_some_and(|idle| conn.last_active_ms + idle <= now)
+            {
                 self.close(token, CloseReason::IdleTimeout);
-            } else if let Some(wheel) = self.wheel.as_mut() {
-                wheel.schedule(token, deadline);
+                continue;
+            }
+            let mode_deadline = conn.state.deadline_ms();
+            if mode_deadline != 0 && mode_deadline <= now {
+                self.serve(token, Wake::Timer);
+                continue;
+            }
+            let deadline = next_deadline(conn, self.idle_timeout_ms);
+            if deadline != 0 {
+                self.wheel.arm(token, &mut conn.timer, deadline);
             }
         }
         due.clear();
         self.due = due;
     }
 
+    /// Closes a connection by the close rule (see the module docs): FIN when every
+    /// direction finished cleanly, a reset on every socket of it otherwise.
     fn close(&mut self, token: Token, reason: CloseReason) {
-        let Some(conn) = self.slab.remove(token) else {
+        let Some(mut conn) = self.slab.remove(token) else {
             return;
         };
+        self.wheel.disarm(token, &mut conn.timer);
         self.counters.closed[reason as usize] += 1;
         self.counters.active -= 1;
-        let held = conn.pending() as i64;
+        let held = buffered(&conn) as i64;
         if held != 0 {
             self.counters.buffered -= held;
             self.counters.global_room += held;
-            self.shared.buffered.fetch_sub(held, Ordering::Relaxed);
+            self.limits.add_buffered(-held);
+        }
+        if let Some(dropped) = undelivered(&conn, reason) {
+            let _ = socket::set_linger_zero(conn.fd.as_fd());
+            if let Some(up) = conn.state.upstream_fd() {
+                let _ = socket::set_linger_zero(up);
+            }
+            self.counters.aborted[reason as usize] += 1;
+            self.counters.dropped[reason as usize] += dropped as u64;
         }
         let lived_ms = self.now_ms.saturating_sub(conn.opened_ms);
         self.metrics.observe_duration(lived_ms as f64 / 1000.0);
-        self.shared.open.fetch_sub(1, Ordering::Relaxed);
-        if let Some(ip) = self.peer_ips.remove(&token) {
-            if let Some(limit) = &self.shared.per_ip {
-                limit.close(ip);
-            }
-        }
-        // Dropping the socket closes it, which also removes it from the epoll set.
+        // Dropping the connection closes its sockets (which leave the epoll set) and
+        // gives its permit back.
         drop(conn);
     }
 
@@ -573,8 +521,10 @@ impl Worker {
             || c.sent != 0
             || c.up_received != 0
             || c.up_sent != 0
+            || c.proxy_header != 0
             || c.pauses != 0
             || c.closed.iter().any(|&n| n != 0)
+            || c.aborted.iter().any(|&n| n != 0)
             || c.http.iter().any(|&n| n != 0)
             || c.active != self.published_active
             || c.buffered != self.published_buffered
@@ -591,9 +541,59 @@ impl Worker {
     }
 }
 
-/// Sets the deadline of the connection `token` names.
-fn conn_deadline(slab: &mut Slab, token: Token, deadline_ms: u64) {
-    if let Some(conn) = slab.get_mut(token) {
-        conn.deadline_ms = deadline_ms;
+/// Bytes a connection holds in user space for its peers: what counts against
+/// `--max-buffered-bytes`.
+#[inline]
+fn buffered(conn: &Conn) -> usize {
+    conn.outbound_len() + conn.state.buffered()
+}
+
+/// The earliest of a connection's deadlines (worker ms); 0 for none.
+#[inline]
+fn next_deadline(conn: &Conn, idle_timeout_ms: Option<u64>) -> u64 {
+    let mut next = u64::MAX;
+    for d in [conn.linger_until_ms, conn.state.deadline_ms()] {
+        if d != 0 {
+            next = next.min(d);
+        }
     }
+    if let Some(idle) = idle_timeout_ms {
+        next = next.min(conn.last_active_ms + idle);
+    }
+    if next == u64::MAX {
+        0
+    } else {
+        next
+    }
+}
+
+/// The close rule's question: does closing `conn` now leave anything undelivered?
+/// `Some(bytes dropped)` if so (the connection must be aborted), `None` for a clean
+/// FIN.
+fn undelivered(conn: &Conn, reason: CloseReason) -> Option<usize> {
+    let mut owed = conn.outbound_len() + conn.state.owed();
+    let mut abort = owed > 0 || conn.state.must_abort();
+    // Input the peer sent that nobody read is owed too (its echo, its answer, its
+    // forwarding), unless the server already sent its FIN and is discarding input
+    // by design (a lingering close). A clean EOF has read everything.
+    if reason != CloseReason::Eof && !conn.has(flags::WRITE_SHUT) {
+        let unread = socket::unread_bytes(conn.fd.as_fd()).unwrap_or(0)
+            + conn
+                .state
+                .upstream_fd()
+                .map_or(0, |up| socket::unread_bytes(up).unwrap_or(0));
+        if unread > 0 {
+            abort = true;
+            owed += unread;
+        }
+    }
+    if !abort {
+        return None;
+    }
+    // The reset also destroys what the kernel has not yet delivered.
+    owed += socket::unsent_bytes(conn.fd.as_fd()).unwrap_or(0);
+    if let Some(up) = conn.state.upstream_fd() {
+        owed += socket::unsent_bytes(up).unwrap_or(0);
+    }
+    Some(owed)
 }

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::Metrics;
-use crate::server::Shared;
+use crate::shutdown::Lifecycle;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
@@ -46,7 +46,7 @@ impl Endpoint {
     pub(crate) fn start(
         addr: SocketAddr,
         metrics: Arc<Metrics>,
-        shared: Arc<Shared>,
+        shared: Arc<Lifecycle>,
     ) -> io::Result<Endpoint> {
         let listener = socket::listen(addr, 128)?;
         let addr = socket::local_addr(listener.as_fd())?;
@@ -103,7 +103,7 @@ impl Drop for Endpoint {
 
 struct State {
     metrics: Arc<Metrics>,
-    shared: Arc<Shared>,
+    shared: Arc<Lifecycle>,
     clients: AtomicUsize,
 }
 
@@ -227,9 +227,7 @@ fn route(method: &str, path: &str, state: &State) -> (u16, &'static str, Vec<u8>
     match path {
         "/metrics" => (200, prometheus::TEXT_FORMAT, state.metrics.encode()),
         "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-        _ if state.shared.draining.load(Ordering::SeqCst) => {
-            (503, "text/plain", b"draining\n".to_vec())
-        }
+        _ if state.shared.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
         _ => (200, "text/plain", b"ready\n".to_vec()),
     }
 }

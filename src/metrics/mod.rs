@@ -104,10 +104,11 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 4] = [
         RejectReason::MaxConnections,
         RejectReason::FdLimit,
         RejectReason::Error,
+        RejectReason::PerIpLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -209,6 +210,8 @@ pub struct Metrics {
     registry: Registry,
     accepted: IntCounterVec,
     closed: IntCounterVec,
+    aborted: IntCounterVec,
+    dropped: IntCounterVec,
     active: IntGaugeVec,
     rejected: IntCounterVec,
     received: IntCounterVec,
@@ -219,6 +222,8 @@ pub struct Metrics {
     /// Relay mode only (registered then): bytes to and from upstreams, per worker.
     up_received: IntCounterVec,
     up_sent: IntCounterVec,
+    /// Relay mode only: PROXY protocol header bytes sent to upstreams, per worker.
+    proxy_header: IntCounterVec,
     /// Relay mode only: per-upstream connect errors, connect time, open connections.
     upstream_errors: IntCounterVec,
     upstream_connect: HistogramVec,
@@ -260,6 +265,14 @@ impl Metrics {
             ),
             &["worker"],
         )?;
+        let proxy_header = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_proxy_header_bytes_total",
+                "Relay: PROXY protocol v2 header bytes written to upstreams \
+                 (not part of edgepoll_upstream_sent_bytes_total).",
+            ),
+            &["worker"],
+        )?;
         let upstream_errors = IntCounterVec::new(
             Opts::new(
                 "edgepoll_upstream_connect_errors_total",
@@ -286,6 +299,7 @@ impl Metrics {
             let relay: Vec<Box<dyn Collector>> = vec![
                 Box::new(up_received.clone()),
                 Box::new(up_sent.clone()),
+                Box::new(proxy_header.clone()),
                 Box::new(upstream_errors.clone()),
                 Box::new(upstream_connect.clone()),
                 Box::new(upstream_active.clone()),
@@ -305,6 +319,22 @@ impl Metrics {
             Opts::new(
                 "edgepoll_connections_closed_total",
                 "Connections closed, by reason.",
+            ),
+            &["worker", "reason"],
+        )?;
+        let aborted = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_connections_aborted_total",
+                "Connections closed with a reset because bytes owed to a peer would \
+                 otherwise be lost, by close reason (a subset of the closed total).",
+            ),
+            &["worker", "reason"],
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_dropped_bytes_total",
+                "Bytes received or produced for a peer and never delivered, because \
+                 the connection was aborted, by close reason.",
             ),
             &["worker", "reason"],
         )?;
@@ -362,6 +392,8 @@ impl Metrics {
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(accepted.clone()),
             Box::new(closed.clone()),
+            Box::new(aborted.clone()),
+            Box::new(dropped.clone()),
             Box::new(active.clone()),
             Box::new(rejected.clone()),
             Box::new(received.clone()),
@@ -387,8 +419,11 @@ impl Metrics {
             buffered.with_label_values(&[&w]);
             up_received.with_label_values(&[&w]);
             up_sent.with_label_values(&[&w]);
+            proxy_header.with_label_values(&[&w]);
             for reason in CloseReason::ALL {
                 closed.with_label_values(&[&w, reason.as_str()]);
+                aborted.with_label_values(&[&w, reason.as_str()]);
+                dropped.with_label_values(&[&w, reason.as_str()]);
             }
             for status in &http_statuses {
                 http_requests.with_label_values(&[&w, &status.to_string()]);
@@ -404,6 +439,8 @@ impl Metrics {
             registry,
             accepted,
             closed,
+            aborted,
+            dropped,
             active,
             rejected,
             received,
@@ -413,6 +450,7 @@ impl Metrics {
             duration,
             up_received,
             up_sent,
+            proxy_header,
             upstream_errors,
             upstream_connect,
             upstream_active,
@@ -443,6 +481,8 @@ impl Metrics {
             id,
             accepted: self.accepted.with_label_values(&[&w]),
             closed: CloseReason::ALL.map(|r| self.closed.with_label_values(&[&w, r.as_str()])),
+            aborted: CloseReason::ALL.map(|r| self.aborted.with_label_values(&[&w, r.as_str()])),
+            dropped: CloseReason::ALL.map(|r| self.dropped.with_label_values(&[&w, r.as_str()])),
             active: self.active.with_label_values(&[&w]),
             received: self.received.with_label_values(&[&w]),
             sent: self.sent.with_label_values(&[&w]),
@@ -451,6 +491,7 @@ impl Metrics {
             duration: self.duration.local(),
             up_received: self.up_received.with_label_values(&[&w]),
             up_sent: self.up_sent.with_label_values(&[&w]),
+            proxy_header: self.proxy_header.with_label_values(&[&w]),
             http: self
                 .http_statuses
                 .iter()
@@ -516,6 +557,10 @@ impl Metrics {
                     accepted: self.accepted.with_label_values(&[&w]).get(),
                     closed: CloseReason::ALL
                         .map(|r| self.closed.with_label_values(&[&w, r.as_str()]).get()),
+                    aborted: CloseReason::ALL
+                        .map(|r| self.aborted.with_label_values(&[&w, r.as_str()]).get()),
+                    dropped_bytes: CloseReason::ALL
+                        .map(|r| self.dropped.with_label_values(&[&w, r.as_str()]).get()),
                     active: self.active.with_label_values(&[&w]).get(),
                     received_bytes: self.received.with_label_values(&[&w]).get(),
                     sent_bytes: self.sent.with_label_values(&[&w]).get(),
@@ -523,6 +568,7 @@ impl Metrics {
                     buffered_bytes: self.buffered.with_label_values(&[&w]).get(),
                     upstream_received_bytes: self.up_received.with_label_values(&[&w]).get(),
                     upstream_sent_bytes: self.up_sent.with_label_values(&[&w]).get(),
+                    upstream_proxy_header_bytes: self.proxy_header.with_label_values(&[&w]).get(),
                     peak_pending_bytes: self.peak_pending[id].load(Ordering::Relaxed),
                 }
             })
@@ -540,6 +586,10 @@ impl Metrics {
 pub struct WorkerStats {
     pub accepted: u64,
     pub closed: [u64; CLOSE_REASONS],
+    /// Closes that were resets because bytes were owed (a subset of `closed`).
+    pub aborted: [u64; CLOSE_REASONS],
+    /// Bytes those resets dropped.
+    pub dropped_bytes: [u64; CLOSE_REASONS],
     pub active: i64,
     pub received_bytes: u64,
     pub sent_bytes: u64,
@@ -548,6 +598,8 @@ pub struct WorkerStats {
     /// Relay: bytes read from and written to upstreams.
     pub upstream_received_bytes: u64,
     pub upstream_sent_bytes: u64,
+    /// Relay: PROXY v2 header bytes sent, apart from the relayed bytes.
+    pub upstream_proxy_header_bytes: u64,
     pub peak_pending_bytes: usize,
 }
 
@@ -559,6 +611,14 @@ impl WorkerStats {
     pub fn closed_total(&self) -> u64 {
         self.closed.iter().sum()
     }
+
+    pub fn aborted_for(&self, reason: CloseReason) -> u64 {
+        self.aborted[reason as usize]
+    }
+
+    pub fn dropped_for(&self, reason: CloseReason) -> u64 {
+        self.dropped_bytes[reason as usize]
+    }
 }
 
 /// A worker's unpublished counts: plain integers, touched on the hot path.
@@ -566,11 +626,17 @@ impl WorkerStats {
 pub struct Counters {
     pub accepted: u64,
     pub closed: [u64; CLOSE_REASONS],
+    /// Closes that were resets because bytes were owed, by reason.
+    pub aborted: [u64; CLOSE_REASONS],
+    /// Bytes those resets dropped, by reason.
+    pub dropped: [u64; CLOSE_REASONS],
     pub received: u64,
     pub sent: u64,
     /// Relay: bytes read from and written to upstreams.
     pub up_received: u64,
     pub up_sent: u64,
+    /// Relay: PROXY header bytes written to upstreams.
+    pub proxy_header: u64,
     pub pauses: u64,
     /// Connections open now (a level, not a delta).
     pub active: i64,
@@ -591,6 +657,8 @@ pub struct WorkerMetrics {
     id: usize,
     accepted: IntCounter,
     closed: [IntCounter; CLOSE_REASONS],
+    aborted: [IntCounter; CLOSE_REASONS],
+    dropped: [IntCounter; CLOSE_REASONS],
     active: IntGauge,
     received: IntCounter,
     sent: IntCounter,
@@ -600,6 +668,7 @@ pub struct WorkerMetrics {
     duration: LocalHistogram,
     up_received: IntCounter,
     up_sent: IntCounter,
+    proxy_header: IntCounter,
     /// HTTP requests by status (http mode only), indexed like [`http_statuses`].
     http: Vec<IntCounter>,
     metrics: Arc<Metrics>,
@@ -630,6 +699,7 @@ impl WorkerMetrics {
         add(&self.sent, &mut c.sent);
         add(&self.up_received, &mut c.up_received);
         add(&self.up_sent, &mut c.up_sent);
+        add(&self.proxy_header, &mut c.proxy_header);
         add(&self.pauses, &mut c.pauses);
         for (counter, delta) in self.http.iter().zip(c.http.iter_mut()) {
             add(counter, delta);
@@ -639,6 +709,13 @@ impl WorkerMetrics {
         self.duration.flush();
         add(&self.accepted, &mut c.accepted);
         self.active.set(c.active);
+        // Aborts and their dropped bytes before the closes they are part of.
+        for (counter, delta) in self.dropped.iter().zip(c.dropped.iter_mut()) {
+            add(counter, delta);
+        }
+        for (counter, delta) in self.aborted.iter().zip(c.aborted.iter_mut()) {
+            add(counter, delta);
+        }
         for (counter, delta) in self.closed.iter().zip(c.closed.iter_mut()) {
             add(counter, delta);
         }

@@ -12,10 +12,11 @@ use std::os::fd::AsFd;
 use std::time::SystemTime;
 
 use super::{
-    after_read, begin, caught_up, finish, lingered, pause, read_room, send, Io, Step, READ_BUDGET,
+    after_read, begin, caught_up, finish, flush_owed, pause, read_room, send, Conn, Ctx, Step,
+    READ_BUDGET,
 };
 use crate::config::HttpConfig;
-use crate::conn::{flags, Conn};
+use crate::conn::flags;
 use crate::http1::{content_length, has_token, is_chunked, Chunked};
 use crate::metrics::http_index as idx;
 use crate::metrics::CloseReason;
@@ -27,13 +28,52 @@ pub const MAX_HEADERS: usize = 64;
 /// Methods answered with the fixed response; any other gets 405.
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
 
-/// What a connection carries between reads.
+/// What a connection carries between reads: inline in the connection, 16 bytes.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Input not yet answered: a partial request head or chunk-size line, a body
+    /// being skipped, or requests held back by backpressure. Allocated only while
+    /// something is incomplete or held.
+    session: Option<Box<Session>>,
+    /// Worker clock (ms) by which the request head being read must be complete
+    /// (`--header-timeout`); 0 while no head is due (between keep-alive requests, or
+    /// while the server itself holds input back).
+    pub head_deadline_ms: u64,
+}
+
+impl State {
+    /// A new connection: its first request head is due by `head_deadline_ms`.
+    pub fn new(head_deadline_ms: u64) -> State {
+        State {
+            session: None,
+            head_deadline_ms,
+        }
+    }
+
+    /// Requests received and held back by backpressure, unanswered: what a close now
+    /// would drop.
+    pub fn owed(&self) -> usize {
+        self.session
+            .as_ref()
+            .filter(|s| s.stalled)
+            .map_or(0, |s| s.pending.len())
+    }
+
+    fn is_stalled(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.stalled)
+    }
+}
+
+/// The parser's state between reads.
 #[derive(Debug, Default)]
 pub struct Session {
-    /// Unconsumed input: a partial request head or chunk-size line.
+    /// Unconsumed input: a partial request head or chunk-size line, or requests held
+    /// back by backpressure (`stalled`).
     pending: Vec<u8>,
     /// The body of the last request, being skipped.
     body: Body,
+    /// `pending` starts with requests not answered for want of output room.
+    stalled: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +102,9 @@ pub struct Feed {
     pub error: bool,
     /// The unconsumed rest is the start of a request head (the header timeout runs).
     pub partial_head: bool,
+    /// Answering stopped because the output reached the limit given: the unconsumed
+    /// rest holds requests not yet answered.
+    pub stalled: bool,
 }
 
 /// Builds responses; one per worker, with the fixed part built once and the Date line
@@ -129,6 +172,22 @@ impl Responder {
         out: &mut Vec<u8>,
         counts: &mut [u64; 6],
     ) -> Feed {
+        self.feed_within(session, input, usize::MAX, out, counts)
+    }
+
+    /// [`Responder::feed`], but no request is started once `out` holds `limit` bytes:
+    /// the output owed stays within `limit` plus one response, and the rest of the
+    /// input is left unconsumed (`stalled`) until there is room again. This is how
+    /// backpressure bounds output rather than input: one read of tiny pipelined
+    /// requests would otherwise produce thousands of responses at once.
+    pub fn feed_within(
+        &self,
+        session: &mut Session,
+        input: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+        counts: &mut [u64; 6],
+    ) -> Feed {
         let mut pos = 0;
         loop {
             let rest = &input[pos..];
@@ -147,6 +206,7 @@ impl Responder {
                             close: false,
                             error: false,
                             partial_head: false,
+                            stalled: false,
                         };
                     }
                     continue;
@@ -164,6 +224,7 @@ impl Responder {
                             close: false,
                             error: false,
                             partial_head: false,
+                            stalled: false,
                         };
                     }
                     Err(_) => return self.error(out, counts, idx::BAD_REQUEST, pos),
@@ -176,6 +237,16 @@ impl Responder {
                     close: false,
                     error: false,
                     partial_head: false,
+                    stalled: false,
+                };
+            }
+            if out.len() >= limit {
+                return Feed {
+                    consumed: pos,
+                    close: false,
+                    error: false,
+                    partial_head: false,
+                    stalled: true,
                 };
             }
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -193,6 +264,7 @@ impl Responder {
                         close: false,
                         error: false,
                         partial_head: true,
+                        stalled: false,
                     };
                 }
                 Err(httparse::Error::TooManyHeaders) => {
@@ -279,6 +351,7 @@ impl Responder {
                     close: true,
                     error: false,
                     partial_head: false,
+                    stalled: false,
                 };
             }
         }
@@ -299,6 +372,7 @@ impl Responder {
             close: true,
             error: true,
             partial_head: false,
+            stalled: false,
         }
     }
 
@@ -370,90 +444,169 @@ pub fn feed_all(r: &Responder, reads: &[&[u8]]) -> (Vec<u8>, bool, [u64; 6]) {
     (out, false, counts)
 }
 
-/// Serves an HTTP connection: flushes what is owed, then reads requests and answers
-/// them, one write per read's worth. `out` is the worker's batch buffer, empty on entry
-/// and on return.
-pub fn serve(
-    conn: &mut Conn,
-    io: &mut Io<'_>,
-    readable: bool,
-    r: &Responder,
-    out: &mut Vec<u8>,
-) -> Step {
-    if let Some(step) = begin(conn, io, readable) {
+/// Serves an HTTP connection: flushes what is owed, answers requests held back by
+/// backpressure, then reads requests and answers them, one write per read's worth.
+/// The responses produced are bounded by the room under both caps (plus one
+/// response), never by how much input one read brought.
+pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, readable: bool, r: &Responder) -> Step {
+    if conn.has(flags::INPUT_DONE) && state(conn).is_stalled() {
+        // The peer sent FIN with requests still held back: answer them as it reads.
+        if let Err(step) = flush_owed(conn, ctx) {
+            return step;
+        }
+        return finish_requests(conn, ctx, r);
+    }
+    if let Some(step) = begin(conn, ctx, readable) {
         return step;
     }
     let mut budget = READ_BUDGET;
     loop {
-        if read_room(conn, io) == 0 {
-            // Rule 3: a client that pipelines without reading stops being read. The
-            // responses to one read can take the buffer past the cap by at most what
-            // one read's requests produce.
-            return pause(conn, io);
+        let room = read_room(conn, ctx);
+        if room == 0 {
+            // Rule 3: a client that pipelines without reading stops being read, and
+            // what it already sent stays unanswered until it reads.
+            return pause(conn, ctx);
         }
-        let want = io.buf.len().min(budget);
-        match socket::read(conn.fd.as_fd(), &mut io.buf[..want]) {
+        if state(conn).is_stalled() {
+            let feed = feed_session(conn, r, &[], room, ctx);
+            if let Some(step) = answered(conn, ctx, feed, r) {
+                return step;
+            }
+            if feed.stalled {
+                conn.set(flags::READ_PENDING);
+                continue;
+            }
+        }
+        let want = ctx.buf.len().min(budget);
+        match socket::read(conn.fd.as_fd(), &mut ctx.buf[..want]) {
             Ok(0) => {
-                // A request cut off by the FIN gets no answer: there is no one to read it.
+                // A request cut off by the FIN gets no answer: there is no one to read
+                // it. Requests held back by backpressure are still owed (the peer may
+                // read after its FIN), so they are answered first.
                 conn.set(flags::PEER_FIN | flags::INPUT_DONE);
-                conn.session = None;
-                return finish(conn, io);
+                return finish_requests(conn, ctx, r);
             }
             Ok(n) => {
-                io.counters.received += n as u64;
-                conn.last_active_ms = io.now_ms;
-                let feed = feed_session(conn, r, &io.buf[..n], out, &mut io.counters.http);
-                let sent = if out.is_empty() {
-                    Ok(())
-                } else {
-                    send(conn, io.counters, out)
-                };
-                out.clear();
-                if let Err(step) = sent {
+                ctx.counters.received += n as u64;
+                conn.last_active_ms = ctx.now_ms;
+                let input = std::mem::take(&mut ctx.buf);
+                let feed = feed_session(conn, r, &input[..n], room, ctx);
+                ctx.buf = input;
+                if let Some(step) = answered(conn, ctx, feed, r) {
                     return step;
                 }
-                if feed.close {
-                    if feed.error {
-                        conn.set(flags::PROTO_ERROR);
+                if feed.stalled {
+                    // Come back for the held requests before reading more (even if
+                    // this read drained the socket: no edge will announce them).
+                    conn.set(flags::READ_PENDING);
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        return Step::Again;
                     }
-                    conn.set(flags::INPUT_DONE);
-                    conn.session = None;
-                    return finish(conn, io);
+                    continue;
                 }
-                // The header timeout runs while a head is incomplete.
-                if feed.partial_head {
-                    if conn.deadline_ms == 0 {
-                        conn.deadline_ms = io.now_ms + r.header_timeout_ms;
-                    }
-                } else {
-                    conn.deadline_ms = 0;
-                }
-                if let Some(step) = after_read(conn, io, n, want, &mut budget) {
+                if let Some(step) = after_read(conn, ctx, n, want, &mut budget) {
                     return step;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return caught_up(conn, io),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return caught_up(conn, ctx),
             Err(e) => return Step::Close(CloseReason::of_error(&e)),
         }
     }
 }
 
-/// Feeds `data` to the connection's session, keeping any incomplete rest in a session
-/// allocated only for as long as it is needed.
+/// The http state of a connection served by this mode.
+fn state(conn: &mut Conn) -> &mut State {
+    match &mut conn.state {
+        super::State::Http(s) => s,
+        // The worker gives an http handler only connections it created.
+        _ => unreachable!("an http connection without http state"),
+    }
+}
+
+/// Sends the responses a feed produced and books its outcome; `Some` ends the serve.
+fn answered(conn: &mut Conn, ctx: &mut Ctx<'_>, feed: Feed, r: &Responder) -> Option<Step> {
+    let sent = if ctx.out.is_empty() {
+        Ok(())
+    } else {
+        send(conn, ctx.counters, ctx.out)
+    };
+    ctx.out.clear();
+    if ctx.out.capacity() > MAX_KEPT_BATCH {
+        // One huge response (a big --body-file) must not keep its batch for good.
+        ctx.out.shrink_to(MAX_KEPT_BATCH);
+    }
+    if let Err(step) = sent {
+        return Some(step);
+    }
+    let state = state(conn);
+    if feed.close {
+        state.session = None;
+        state.head_deadline_ms = 0;
+        if feed.error {
+            conn.set(flags::PROTO_ERROR);
+        }
+        conn.set(flags::INPUT_DONE);
+        return Some(finish(conn, ctx));
+    }
+    // The header timeout runs while the peer owes us the rest of a head, not while
+    // we hold its requests back.
+    if feed.partial_head {
+        if state.head_deadline_ms == 0 {
+            state.head_deadline_ms = ctx.now_ms + r.header_timeout_ms;
+        }
+    } else {
+        state.head_deadline_ms = 0;
+    }
+    None
+}
+
+/// The peer sent FIN: answers what backpressure held back (within the room, coming
+/// back as the peer reads), then finishes.
+fn finish_requests(conn: &mut Conn, ctx: &mut Ctx<'_>, r: &Responder) -> Step {
+    loop {
+        if !state(conn).is_stalled() {
+            state(conn).session = None;
+            state(conn).head_deadline_ms = 0;
+            return finish(conn, ctx);
+        }
+        let room = read_room(conn, ctx);
+        if room == 0 {
+            // The EPOLLOUT edge that drains the buffer brings the worker back
+            // through `begin`, which finishes once nothing is owed.
+            return Step::Idle;
+        }
+        let feed = feed_session(conn, r, &[], room, ctx);
+        if let Some(step) = answered(conn, ctx, feed, r) {
+            return step;
+        }
+    }
+}
+
+/// A batch buffer that grew past this is shrunk back after use: 256 KiB covers a
+/// read's worth of typical responses without reallocating.
+const MAX_KEPT_BATCH: usize = 256 * 1024;
+
+/// Feeds `data` to the connection's session, within `limit` bytes of output, keeping
+/// any incomplete or held-back rest in a session allocated only for as long as it is
+/// needed.
 fn feed_session(
     conn: &mut Conn,
     r: &Responder,
     data: &[u8],
-    out: &mut Vec<u8>,
-    counts: &mut [u64; 6],
+    limit: usize,
+    ctx: &mut Ctx<'_>,
 ) -> Feed {
+    let counts = &mut ctx.counters.http;
+    let out = &mut *ctx.out;
+    let state = state(conn);
     let mut local = Session::default();
-    let session: &mut Session = match conn.session.as_mut() {
+    let session: &mut Session = match state.session.as_mut() {
         Some(boxed) => boxed,
         None => &mut local,
     };
     let feed = if session.pending.is_empty() {
-        let f = r.feed(session, data, out, counts);
+        let f = r.feed_within(session, data, limit, out, counts);
         if f.consumed < data.len() && !f.close {
             session.pending.extend_from_slice(&data[f.consumed..]);
         }
@@ -461,39 +614,38 @@ fn feed_session(
     } else {
         let mut input = std::mem::take(&mut session.pending);
         input.extend_from_slice(data);
-        let f = r.feed(session, &input, out, counts);
+        let f = r.feed_within(session, &input, limit, out, counts);
         input.drain(..f.consumed);
         session.pending = input;
         f
     };
-    let idle = session.is_idle();
-    if idle {
-        conn.session = None;
-    } else if conn.session.is_none() {
-        conn.session = Some(Box::new(local));
+    session.stalled = feed.stalled;
+    if session.is_idle() {
+        state.session = None;
+    } else if state.session.is_none() {
+        state.session = Some(Box::new(local));
     }
     feed
 }
 
-/// The connection's deadline passed: a lingering close ends, or a request head took
-/// longer than `--header-timeout` (slowloris), which gets 408 and the close.
-pub fn on_deadline(conn: &mut Conn, io: &mut Io<'_>, r: &Responder, out: &mut Vec<u8>) -> Step {
-    if let Some(step) = lingered(conn) {
+/// The connection's mode deadline passed: a request head took longer than
+/// `--header-timeout` (slowloris). It gets 408, after any responses still owed, and a
+/// lingering close, so that the 408 is not destroyed by a reset.
+pub fn on_deadline(conn: &mut Conn, ctx: &mut Ctx<'_>, r: &Responder) -> Step {
+    let state = state(conn);
+    if state.head_deadline_ms == 0 || state.head_deadline_ms > ctx.now_ms {
+        return Step::Idle; // cleared, or moved later since the timer was armed
+    }
+    state.head_deadline_ms = 0;
+    state.session = None;
+    r.timeout_response(ctx.out, &mut ctx.counters.http);
+    let sent = send(conn, ctx.counters, ctx.out);
+    ctx.out.clear();
+    if let Err(step) = sent {
         return step;
     }
-    // Read what is queued first, so that the close sends FIN after the 408, not a RST
-    // that would destroy it.
-    loop {
-        match socket::read(conn.fd.as_fd(), io.buf) {
-            Ok(0) => break,
-            Ok(n) => io.counters.received += n as u64,
-            Err(_) => break,
-        }
-    }
-    r.timeout_response(out, &mut io.counters.http);
-    let _ = send(conn, io.counters, out);
-    out.clear();
-    Step::Close(CloseReason::HeaderTimeout)
+    conn.set(flags::TIMED_OUT | flags::INPUT_DONE);
+    finish(conn, ctx)
 }
 
 #[cfg(test)]

@@ -45,11 +45,11 @@ use std::time::Instant;
 
 use prometheus::IntGauge;
 
-use super::{room, Io, Step, READ_BUDGET, READ_BUFFER_SIZE};
+use super::{room, Conn, Ctx, Edge, Step, READ_BUDGET, READ_BUFFER_SIZE};
 use crate::config::{Balance, RelayConfig};
-use crate::conn::{Conn, Outbound, Token};
+use crate::conn::Outbound;
 use crate::metrics::{CloseReason, ConnectError, Counters, Metrics, UpstreamMetrics};
-use crate::sys::epoll::{Epoll, SOCKET_INTEREST};
+use crate::sys::epoll::SOCKET_INTEREST;
 use crate::sys::socket;
 use crate::sys::splice::{splice, Pipe};
 
@@ -156,10 +156,6 @@ impl Relay {
         Relay { upstreams, next }
     }
 
-    pub fn connect_timeout_ms(&self) -> u64 {
-        self.upstreams.connect_timeout_ms
-    }
-
     /// The next upstream to try, or None when every one is marked failed.
     fn pick(&mut self) -> Option<usize> {
         let ups = &self.upstreams;
@@ -202,6 +198,11 @@ mod half {
     pub const SHUT: u8 = 1 << 3;
     /// Reading is paused at the cap (counted once per episode).
     pub const PAUSED: u8 = 1 << 4;
+    /// The source failed (a reset): no more input will come from it.
+    pub const GONE: u8 = 1 << 5;
+    /// The pair failed: a FIN is never forwarded, since the pair ends in a reset
+    /// and a FIN before it would pass the stream off as complete.
+    pub const NO_FIN: u8 = 1 << 6;
 }
 
 /// One direction of a pair: bytes read from its source and not yet written to its
@@ -213,6 +214,9 @@ struct Half {
     /// With `--splice`: the pipe the bytes pass through, and how many are in it.
     pipe: Option<Pipe>,
     in_pipe: u32,
+    /// PROXY header bytes at the front of `pending` not yet written: they are counted
+    /// apart from relayed bytes.
+    header_left: u32,
     flags: u8,
 }
 
@@ -232,6 +236,9 @@ impl Half {
 
     /// After the source's FIN: forwards it once nothing read before it is owed.
     fn forward_fin(&mut self, dst: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        if self.has(half::NO_FIN) {
+            return Ok(());
+        }
         if let (Some(dst), 0, false) = (dst, self.owed(), self.has(half::SHUT)) {
             socket::shutdown_write(dst)?;
             self.flags |= half::SHUT;
@@ -243,9 +250,21 @@ impl Half {
     fn is_done(&self) -> bool {
         self.has(half::SHUT)
     }
+
+    /// No more input will come from the source (its FIN or its error was read).
+    fn source_ended(&self) -> bool {
+        self.has(half::EOF) || self.has(half::GONE)
+    }
 }
 
-/// The relay half of a connection: its upstream socket and both directions.
+/// A socket of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+/// The relay state of a connection: its upstream socket and both directions.
 #[derive(Debug, Default)]
 pub struct Pair {
     upstream: Option<OwnedFd>,
@@ -255,16 +274,58 @@ pub struct Pair {
     index: usize,
     /// Set while the connect is in progress.
     connecting_since: Option<Instant>,
+    /// Worker clock (ms) by which the connect must complete; 0 once connected.
+    connect_deadline_ms: u64,
+    /// After a failure, while the healthy side's kernel send queue still holds what
+    /// was forwarded to it: when to look again (a reset now would destroy those
+    /// bytes), and when to stop waiting.
+    reset_check_ms: u64,
+    reset_wait_until_ms: u64,
     /// Upstreams tried for this client.
     tries: u32,
+    /// The socket that failed (reset or error) and the reason the pair will close
+    /// with. What that socket had sent before it failed is still forwarded; then the
+    /// pair is aborted, so the other peer learns of the failure as a reset too.
+    failed: Option<(Side, CloseReason)>,
     c2u: Half,
     u2c: Half,
 }
 
 impl Pair {
-    /// Bytes held in user space for both directions.
-    pub fn pending(&self) -> usize {
+    /// Bytes held in user space for both directions (what counts against
+    /// `--max-buffered-bytes`; a pipe's bytes are in the kernel).
+    pub fn buffered(&self) -> usize {
         self.c2u.pending() + self.u2c.pending()
+    }
+
+    /// Bytes read from one peer and not yet written to the other, both ways.
+    pub fn owed(&self) -> usize {
+        self.c2u.owed() + self.u2c.owed()
+    }
+
+    /// The connect deadline while connecting, or the next look at a send queue
+    /// that must drain before a reset; 0 otherwise.
+    pub fn deadline_ms(&self) -> u64 {
+        if self.connect_deadline_ms != 0 {
+            self.connect_deadline_ms
+        } else {
+            self.reset_check_ms
+        }
+    }
+
+    /// A pair ends with FIN only when both directions finished cleanly: never after
+    /// a failure, and never for a client that no upstream took (a direct connection
+    /// would have been refused), nor with a FIN read and not yet forwarded.
+    pub fn must_abort(&self) -> bool {
+        self.failed.is_some()
+            || self.upstream.is_none()
+            || self.connecting_since.is_some()
+            || (self.c2u.has(half::EOF) && !self.c2u.is_done())
+            || (self.u2c.has(half::EOF) && !self.u2c.is_done())
+    }
+
+    pub fn upstream_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.upstream.as_ref().map(|f| f.as_fd())
     }
 
     /// Drops the upstream socket (which leaves the epoll set) and its count.
@@ -276,35 +337,49 @@ impl Pair {
     }
 }
 
+/// Records the first failure of a pair (its `failed` and both halves).
+fn fail(
+    failed: &mut Option<(Side, CloseReason)>,
+    halves: [&mut Half; 2],
+    side: Side,
+    err: &io::Error,
+) {
+    if failed.is_none() {
+        tracing::debug!("relayed pair: {side:?} side failed: {err}");
+        *failed = Some((side, CloseReason::of_error(err)));
+        for h in halves {
+            h.flags |= half::NO_FIN;
+        }
+    }
+}
+
+/// The direction whose source is `side`.
+fn from<'a>(c2u: &'a mut Half, u2c: &'a mut Half, side: Side) -> &'a mut Half {
+    match side {
+        Side::Client => c2u,
+        Side::Upstream => u2c,
+    }
+}
+
 impl Drop for Pair {
     fn drop(&mut self) {
         self.release();
     }
 }
 
-/// Which socket of a pair an event is for, and what it reported.
-#[derive(Debug, Clone, Copy)]
-pub struct Edge {
-    pub upstream: bool,
-    pub readable: bool,
-    /// EPOLLRDHUP or EPOLLHUP.
-    pub hup: bool,
-    /// EPOLLERR.
-    pub error: bool,
-}
-
-/// What serving a pair needs from the worker besides the connection.
-pub struct Ctx<'a> {
-    pub relay: &'a mut Relay,
-    pub epoll: &'a Epoll,
-    pub token: Token,
+/// The relay state of a connection served by this mode.
+fn pair(conn: &mut Conn) -> &mut Pair {
+    match &mut conn.state {
+        super::State::Relay(p) => p,
+        // The worker gives a relay handler only connections it created.
+        _ => unreachable!("a relay connection without relay state"),
+    }
 }
 
 /// Sets up a new client: the PROXY header if asked for, the pipes with `--splice`,
 /// and the first upstream connect.
-pub fn open(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
-    let ups = &ctx.relay.upstreams;
-    let mut pair = Box::<Pair>::default();
+pub fn open(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
+    let ups = &relay.upstreams;
     if ups.proxy_v2 {
         let addrs = socket::peer_addr(conn.fd.as_fd())
             .and_then(|src| Ok((src, socket::local_addr(conn.fd.as_fd())?)));
@@ -312,8 +387,10 @@ pub fn open(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
             Ok((src, dst)) => {
                 let mut header = Vec::with_capacity(super::proxy::MAX_LEN);
                 super::proxy::encode(src, dst, &mut header);
-                io.counters.global_room -= header.len() as i64;
-                pair.c2u.pending = Some(Box::new(Outbound::from_vec(header)));
+                ctx.counters.global_room -= header.len() as i64;
+                let p = pair(conn);
+                p.c2u.header_left = header.len() as u32;
+                p.c2u.pending = Some(Box::new(Outbound::from_vec(header)));
             }
             // The client is already gone (ENOTCONN).
             Err(e) => return Step::Close(CloseReason::of_error(&e)),
@@ -322,38 +399,41 @@ pub fn open(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
     if ups.splice {
         match (Pipe::new(), Pipe::new()) {
             (Ok(a), Ok(b)) => {
-                pair.c2u.pipe = Some(a);
-                pair.u2c.pipe = Some(b);
+                let p = pair(conn);
+                p.c2u.pipe = Some(a);
+                p.u2c.pipe = Some(b);
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!("{e}; this pair is relayed by copying");
             }
         }
     }
-    conn.relay = Some(pair);
-    connect_next(conn, io, ctx)
+    connect_next(conn, ctx, relay)
 }
 
 /// Starts a connect to the next live upstream, or gives up on the client.
-fn connect_next(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
-    let Some(pair) = conn.relay.as_deref_mut() else {
-        return Step::Close(CloseReason::Error);
-    };
+fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
+    let pair = pair(conn);
     pair.release();
+    pair.connecting_since = None;
+    pair.connect_deadline_ms = 0;
+    if let Some((_, reason)) = pair.failed {
+        return Step::Close(reason); // the client is gone: no point in another upstream
+    }
     loop {
-        if pair.tries as usize >= ctx.relay.upstreams.tries {
+        if pair.tries as usize >= relay.upstreams.tries {
             tracing::debug!(
                 tries = pair.tries,
-                "no upstream could be connected; closing the client"
+                "no upstream could be connected; resetting the client"
             );
             return Step::Close(CloseReason::UpstreamError);
         }
-        let Some(i) = ctx.relay.pick() else {
-            tracing::debug!("every upstream is marked failed; closing the client");
+        let Some(i) = relay.pick() else {
+            tracing::debug!("every upstream is marked failed; resetting the client");
             return Step::Close(CloseReason::UpstreamError);
         };
         pair.tries += 1;
-        let ups = &ctx.relay.upstreams;
+        let ups = &relay.upstreams;
         let up = &ups.list[i];
         let started = Instant::now();
         let fd = match socket::connect_nonblocking(up.addr) {
@@ -369,7 +449,7 @@ fn connect_next(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
             .epoll
             .add(fd.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
         {
-            tracing::warn!("{e}; closing the client");
+            tracing::warn!("{e}; resetting the client");
             return Step::Close(CloseReason::Error);
         }
         up.metrics.active.inc();
@@ -377,64 +457,77 @@ fn connect_next(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
         pair.index = i;
         pair.upstream = Some(fd);
         pair.connecting_since = Some(started);
-        conn.deadline_ms = io.now_ms + ups.connect_timeout_ms;
+        pair.connect_deadline_ms = ctx.now_ms + ups.connect_timeout_ms;
         return Step::Idle;
     }
 }
 
-/// The connection's deadline passed: a connect that has not completed has timed out.
-pub fn on_deadline(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>) -> Step {
-    let Some(pair) = conn.relay.as_deref_mut() else {
-        return Step::Close(CloseReason::Error);
-    };
-    if pair.connecting_since.is_none() {
+/// The pair's deadline passed: a connect that has not completed has timed out, or a
+/// failed pair looks again at whether its reset can go.
+pub fn on_deadline(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
+    let pair = pair(conn);
+    if pair.failed.is_some() && pair.connecting_since.is_none() {
+        return pump_pair(conn, ctx);
+    }
+    if pair.connecting_since.is_none() || pair.connect_deadline_ms > ctx.now_ms {
         return Step::Idle;
     }
     let err = io::Error::from(io::ErrorKind::TimedOut);
-    ctx.relay
+    relay
         .upstreams
         .failed(pair.index, ConnectError::Timeout, &err);
-    connect_next(conn, io, ctx)
+    connect_next(conn, ctx, relay)
 }
 
 /// Serves a pair after an edge on either socket (`edge`), or from the ready list.
-pub fn serve(conn: &mut Conn, io: &mut Io<'_>, ctx: &mut Ctx<'_>, edge: Option<Edge>) -> Step {
-    let Some(pair) = conn.relay.as_deref_mut() else {
-        return Step::Close(CloseReason::Error);
-    };
+pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay, edge: Option<Edge>) -> Step {
     if let Some(edge) = edge {
+        let pair = pair(conn);
         if edge.upstream && pair.connecting_since.is_some() {
-            match connected(pair, &ctx.relay.upstreams) {
-                Ok(()) => conn.deadline_ms = 0,
-                Err(()) => return connect_next(conn, io, ctx),
+            match connected(pair, &relay.upstreams) {
+                Ok(()) => pair.connect_deadline_ms = 0,
+                Err(()) => return connect_next(conn, ctx, relay),
             }
         }
-        let Some(pair) = conn.relay.as_deref_mut() else {
+        let side = if edge.upstream {
+            Side::Upstream
+        } else {
+            Side::Client
+        };
+        let client = conn.fd.as_fd();
+        let Conn { state, .. } = conn;
+        let super::State::Relay(pair) = state else {
             return Step::Close(CloseReason::Error);
         };
-        let (h, fd) = if edge.upstream {
-            (&mut pair.u2c, pair.upstream.as_ref().map(|f| f.as_fd()))
-        } else {
-            (&mut pair.c2u, Some(conn.fd.as_fd()))
+        let Pair {
+            upstream,
+            failed,
+            c2u,
+            u2c,
+            ..
+        } = &mut **pair;
+        let fd = match side {
+            Side::Client => Some(client),
+            Side::Upstream => upstream.as_ref().map(|f| f.as_fd()),
         };
+        let h = from(c2u, u2c, side);
         if edge.readable || edge.hup {
             h.flags |= half::READY;
         }
         if edge.hup || edge.error {
             h.flags |= half::HUP;
         }
-        if edge.error {
-            // A reset shows as an error; catch it even if this direction is done
-            // reading, so the other side learns of it now rather than at its next write.
+        if edge.error && h.source_ended() {
+            // A reset on a socket no longer read: its error will surface through no
+            // read, so take it now and let the other side learn of it.
             if let Some(Ok(Some(e))) = fd.map(socket::take_error) {
-                return abort(conn, &e);
+                fail(failed, [c2u, u2c], side, &e);
             }
         }
+        // Otherwise the error surfaces through the next read of that socket, after
+        // every byte the peer sent before it: those are forwarded first.
     }
-    match pump_pair(conn, io) {
-        Ok(step) => step,
-        Err(e) => abort(conn, &e),
-    }
+    pump_pair(conn, ctx)
 }
 
 /// Checks how the upstream connect ended: Ok once connected, Err (the upstream counted
@@ -460,54 +553,116 @@ fn connected(pair: &mut Pair, ups: &Upstreams) -> Result<(), ()> {
     }
 }
 
-/// Moves bytes both ways; closes the pair when both directions have finished.
-fn pump_pair(conn: &mut Conn, io: &mut Io<'_>) -> io::Result<Step> {
-    let client = conn.fd.as_fd();
-    let Some(pair) = conn.relay.as_deref_mut() else {
-        return Ok(Step::Close(CloseReason::Error));
-    };
-    let connected = pair.connecting_since.is_none();
-    let upstream = pair
-        .upstream
-        .as_ref()
-        .map(|f| f.as_fd())
-        .filter(|_| connected);
-    let mut moved = false;
-    let mut again = pump(
-        &mut pair.c2u,
-        client,
-        upstream,
-        Dir::ToUpstream,
-        io,
-        &mut moved,
-    )?;
-    if let Some(up) = upstream {
-        again |= pump(
-            &mut pair.u2c,
-            up,
-            Some(client),
-            Dir::ToClient,
-            io,
-            &mut moved,
-        )?;
-    }
-    if moved {
-        conn.last_active_ms = io.now_ms;
-    }
-    if pair.c2u.is_done() && pair.u2c.is_done() {
-        return Ok(Step::Close(CloseReason::Eof));
-    }
-    Ok(if again { Step::Again } else { Step::Idle })
+/// A failed read of a direction's source, or a failed write to its destination.
+enum Fault {
+    Src(io::Error),
+    Dst(io::Error),
 }
 
-/// Ends a pair on an error: both sockets are closed with a reset.
-fn abort(conn: &mut Conn, err: &io::Error) -> Step {
-    tracing::debug!("relayed pair aborted: {err}");
-    let _ = socket::set_linger_zero(conn.fd.as_fd());
-    if let Some(up) = conn.relay.as_ref().and_then(|p| p.upstream.as_ref()) {
-        let _ = socket::set_linger_zero(up.as_fd());
+/// Moves bytes both ways; closes the pair when both directions have finished, or when
+/// everything a failed socket sent before it failed has been forwarded.
+fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
+    let client = conn.fd.as_fd();
+    let Conn {
+        state,
+        last_active_ms,
+        ..
+    } = conn;
+    let super::State::Relay(pair) = state else {
+        return Step::Close(CloseReason::Error);
+    };
+    let Pair {
+        upstream,
+        connecting_since,
+        failed,
+        c2u,
+        u2c,
+        reset_check_ms,
+        reset_wait_until_ms,
+        ..
+    } = &mut **pair;
+    let upstream = upstream
+        .as_ref()
+        .map(|f| f.as_fd())
+        .filter(|_| connecting_since.is_none());
+    let mut moved = false;
+    let mut again = false;
+    // A fault in one direction changes what the other may do, so a pass that meets
+    // one runs again (at most twice: a pair fails once).
+    for _ in 0..2 {
+        let failed_side = failed.map(|(side, _)| side);
+        // (the failed side, the error, whether it came from reading that side)
+        let mut fault = None;
+        // Nothing goes to a socket that failed; what it sent is still forwarded.
+        if failed_side != Some(Side::Upstream) {
+            match pump(c2u, client, upstream, Dir::ToUpstream, ctx, &mut moved) {
+                Ok(a) => again |= a,
+                Err(Fault::Src(e)) => fault = Some((Side::Client, e, true)),
+                Err(Fault::Dst(e)) => fault = Some((Side::Upstream, e, false)),
+            }
+        }
+        if let (Some(up), None, true) = (upstream, &fault, failed_side != Some(Side::Client)) {
+            match pump(u2c, up, Some(client), Dir::ToClient, ctx, &mut moved) {
+                Ok(a) => again |= a,
+                Err(Fault::Src(e)) => fault = Some((Side::Upstream, e, true)),
+                Err(Fault::Dst(e)) => fault = Some((Side::Client, e, false)),
+            }
+        }
+        let Some((side, err, read_failed)) = fault else {
+            break;
+        };
+        let first = failed.is_none();
+        fail(failed, [&mut *c2u, &mut *u2c], side, &err);
+        let from_failed = from(c2u, u2c, side);
+        if read_failed {
+            // The read that returned the error ends that direction.
+            from_failed.flags |= half::GONE;
+        } else if !from_failed.source_ended() {
+            // A write to it failed: read what it had sent before its error; the
+            // read that returns the error (or EOF) ends that direction.
+            from_failed.flags |= half::READY | half::HUP;
+        }
+        if !first {
+            break;
+        }
     }
-    Step::Close(CloseReason::of_error(err))
+    if moved {
+        *last_active_ms = ctx.now_ms;
+    }
+    if let Some((side, reason)) = *failed {
+        let from_failed = from(c2u, u2c, side);
+        if !(from_failed.source_ended() && from_failed.owed() == 0) {
+            return if again { Step::Again } else { Step::Idle };
+        }
+        // Everything the failed peer sent has been written on. The reset must not
+        // overtake it: it would destroy what still sits in the healthy socket's
+        // kernel send queue. Look again each tick until that queue is empty, for at
+        // most LINGER_MS (a healthy peer that stopped reading).
+        let healthy = match side {
+            Side::Client => upstream,
+            Side::Upstream => Some(client),
+        };
+        let unsent = healthy.map_or(0, |fd| socket::unsent_bytes(fd).unwrap_or(0));
+        if unsent > 0 {
+            if *reset_wait_until_ms == 0 {
+                *reset_wait_until_ms = ctx.now_ms + super::LINGER_MS;
+            }
+            if ctx.now_ms < *reset_wait_until_ms {
+                *reset_check_ms = ctx.now_ms + 1;
+                return Step::Idle;
+            }
+        }
+        *reset_check_ms = 0;
+        return Step::Close(reason);
+    }
+    if c2u.is_done() && u2c.is_done() {
+        return Step::Close(CloseReason::Eof);
+    }
+    if again {
+        Step::Again
+    } else {
+        Step::Idle
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,17 +696,17 @@ fn pump(
     src: BorrowedFd<'_>,
     dst: Option<BorrowedFd<'_>>,
     dir: Dir,
-    io: &mut Io<'_>,
+    ctx: &mut Ctx<'_>,
     moved: &mut bool,
-) -> io::Result<bool> {
+) -> Result<bool, Fault> {
     if let Some(dst) = dst {
-        flush(h, dst, dir, io, moved)?;
+        flush(h, dst, dir, ctx, moved).map_err(Fault::Dst)?;
     }
     if h.has(half::EOF) {
-        h.forward_fin(dst)?;
+        h.forward_fin(dst).map_err(Fault::Dst)?;
         return Ok(false);
     }
-    if !h.has(half::READY) {
+    if h.has(half::GONE) || !h.has(half::READY) {
         return Ok(false);
     }
     let mut budget = READ_BUDGET;
@@ -567,34 +722,34 @@ fn pump(
                 0
             }
         } else {
-            room(owed, io)
+            room(owed, ctx)
         };
         if room == 0 {
             // Rule 3: the source's input stays queued (READY stays set) until the
             // destination drains.
             if !h.has(half::PAUSED) {
                 h.flags |= half::PAUSED;
-                io.counters.pauses += 1;
+                ctx.counters.pauses += 1;
             }
             return Ok(false);
         }
         h.flags &= !half::PAUSED;
-        let want = room.min(budget).min(io.buf.len());
+        let want = room.min(budget).min(ctx.buf.len());
         let spliced = match (splicing, h.pipe.as_ref(), dst) {
             (true, Some(pipe), Some(dst)) => {
-                Some(splice_once(&mut h.in_pipe, pipe, src, dst, want, dir, io))
+                Some(splice_once(&mut h.in_pipe, pipe, src, dst, want, dir, ctx))
             }
             _ => None,
         };
         let result = match spliced {
             Some(r) => r,
-            None => copy_once(h, src, dst, want, dir, io),
+            None => copy_once(h, src, dst, want, dir, ctx),
         };
         match result {
             Ok(0) => {
                 h.flags |= half::EOF;
                 h.flags &= !half::READY;
-                h.forward_fin(dst)?;
+                h.forward_fin(dst).map_err(Fault::Dst)?;
                 return Ok(false);
             }
             Ok(n) => {
@@ -612,18 +767,44 @@ fn pump(
                     return Ok(true);
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(Fault::Src(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                 h.flags &= !half::READY;
                 return Ok(false);
             }
-            Err(e) if splicing && e.raw_os_error() == Some(libc::EINVAL) => {
-                // This pair of descriptors cannot splice: copy from now on.
+            Err(Fault::Src(e) | Fault::Dst(e))
+                if splicing && e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                // This pair of descriptors cannot splice: copy from now on, starting
+                // with whatever the pipe already holds.
                 tracing::debug!("splice: {e}; relaying this direction by copying");
-                h.pipe = None;
+                unpipe(h, ctx).map_err(Fault::Src)?;
             }
-            Err(e) => return Err(e),
+            Err(fault) => return Err(fault),
         }
     }
+}
+
+/// Gives up a direction's pipe, moving the bytes it holds into the copy buffer.
+fn unpipe(h: &mut Half, ctx: &mut Ctx<'_>) -> io::Result<()> {
+    let Some(pipe) = h.pipe.take() else {
+        return Ok(());
+    };
+    while h.in_pipe > 0 {
+        let want = (h.in_pipe as usize).min(ctx.buf.len());
+        let n = pipe.read(&mut ctx.buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        let data = &ctx.buf[..n];
+        match h.pending.as_mut() {
+            Some(out) => out.push(data),
+            None => h.pending = Some(Box::new(Outbound::from_slice(data))),
+        }
+        ctx.counters.global_room -= n as i64;
+        h.in_pipe -= n as u32;
+    }
+    h.in_pipe = 0;
+    Ok(())
 }
 
 /// Writes what the destination is owed: copied bytes first, then the pipe.
@@ -631,14 +812,18 @@ fn flush(
     h: &mut Half,
     dst: BorrowedFd<'_>,
     dir: Dir,
-    io: &mut Io<'_>,
+    ctx: &mut Ctx<'_>,
     moved: &mut bool,
 ) -> io::Result<()> {
     if let Some(out) = h.pending.as_mut() {
         let n = out.flush(dst)?;
         if n > 0 {
-            dir.count_written(io.counters, n);
-            io.counters.global_room += n as i64;
+            // The PROXY header goes first; it is not relayed data.
+            let header = n.min(h.header_left as usize);
+            h.header_left -= header as u32;
+            ctx.counters.proxy_header += header as u64;
+            dir.count_written(ctx.counters, n - header);
+            ctx.counters.global_room += n as i64;
             *moved = true;
         }
         if out.is_empty() {
@@ -650,7 +835,7 @@ fn flush(
             match splice(pipe.read.as_fd(), dst, h.in_pipe as usize) {
                 Ok(n) => {
                     h.in_pipe -= n as u32;
-                    dir.count_written(io.counters, n);
+                    dir.count_written(ctx.counters, n);
                     *moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -663,45 +848,49 @@ fn flush(
 
 /// Reads up to `want` bytes from `src` into the worker buffer and writes them on to
 /// `dst`; what `dst` does not take (or everything, while there is no `dst`) is kept.
+/// Bytes read before a failed write are kept too, so a close counts them as dropped.
 fn copy_once(
     h: &mut Half,
     src: BorrowedFd<'_>,
     dst: Option<BorrowedFd<'_>>,
     want: usize,
     dir: Dir,
-    io: &mut Io<'_>,
-) -> io::Result<usize> {
-    let n = socket::read(src, &mut io.buf[..want])?;
+    ctx: &mut Ctx<'_>,
+) -> Result<usize, Fault> {
+    let n = socket::read(src, &mut ctx.buf[..want]).map_err(Fault::Src)?;
     if n == 0 {
         return Ok(0);
     }
-    dir.count_read(io.counters, n);
-    let data = &io.buf[..n];
-    let written = match (dst, h.pending.as_mut()) {
+    dir.count_read(ctx.counters, n);
+    let data = &ctx.buf[..n];
+    let (written, failure) = match (dst, h.pending.as_mut()) {
         (Some(dst), None) => match socket::write(dst, data) {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
+            Ok(w) => (w, None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, None),
+            Err(e) => (0, Some(e)),
         },
         (_, Some(out)) => {
             out.push(data);
-            io.counters.global_room -= n as i64;
+            ctx.counters.global_room -= n as i64;
             return Ok(n);
         }
-        (None, None) => 0,
+        (None, None) => (0, None),
     };
     if written > 0 {
-        dir.count_written(io.counters, written);
+        dir.count_written(ctx.counters, written);
     }
     if written < n {
         h.pending = Some(Box::new(Outbound::from_slice(&data[written..])));
-        io.counters.global_room -= (n - written) as i64;
+        ctx.counters.global_room -= (n - written) as i64;
         let held = h.pending();
-        if held > io.counters.peak_pending {
-            io.counters.peak_pending = held;
+        if held > ctx.counters.peak_pending {
+            ctx.counters.peak_pending = held;
         }
     }
-    Ok(n)
+    match failure {
+        Some(e) => Err(Fault::Dst(e)),
+        None => Ok(n),
+    }
 }
 
 /// Splices up to `want` bytes from `src` into the (empty) pipe and on to `dst`; what
@@ -713,21 +902,21 @@ fn splice_once(
     dst: BorrowedFd<'_>,
     want: usize,
     dir: Dir,
-    io: &mut Io<'_>,
-) -> io::Result<usize> {
-    let n = splice(src, pipe.write.as_fd(), want)?;
+    ctx: &mut Ctx<'_>,
+) -> Result<usize, Fault> {
+    let n = splice(src, pipe.write.as_fd(), want).map_err(Fault::Src)?;
     if n == 0 {
         return Ok(0);
     }
-    dir.count_read(io.counters, n);
+    dir.count_read(ctx.counters, n);
     *in_pipe = n as u32;
     match splice(pipe.read.as_fd(), dst, n) {
         Ok(m) => {
             *in_pipe -= m as u32;
-            dir.count_written(io.counters, m);
+            dir.count_written(ctx.counters, m);
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(Fault::Dst(e)),
     }
     Ok(n)
 }

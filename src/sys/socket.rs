@@ -195,6 +195,30 @@ pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     Ok((value != 0).then(|| io::Error::from_raw_os_error(value)))
 }
 
+/// Bytes received and not yet read (FIONREAD, which is SIOCINQ on a TCP socket). A
+/// close uses it to tell whether input would be dropped unread.
+pub fn unread_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    queue_len(fd, libc::FIONREAD, "ioctl FIONREAD")
+}
+
+/// Bytes written and not yet acknowledged by the peer (TIOCOUTQ, which is SIOCOUTQ on
+/// a TCP socket): what an abort destroys in the kernel's send queue.
+pub fn unsent_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    queue_len(fd, libc::TIOCOUTQ, "ioctl TIOCOUTQ")
+}
+
+fn queue_len(fd: BorrowedFd<'_>, request: libc::Ioctl, what: &str) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both requests write one int into a valid int.
+    syscall!(ioctl(
+        fd.as_raw_fd(),
+        request,
+        &mut value as *mut libc::c_int
+    ))
+    .map(|_| value.max(0) as usize)
+    .map_err(|e| super::context(e, format!("{what} fd {}", fd.as_raw_fd())))
+}
+
 /// The address a socket is bound to (the real port after binding port 0).
 pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     socket_name(fd, libc::getsockname, "getsockname")

@@ -28,6 +28,19 @@ impl Pipe {
         Ok(Pipe { read, write })
     }
 
+    /// Reads up to `buf.len()` bytes out of the pipe (with plain read(2), for when a
+    /// pipe that holds bytes must be given up: they move back to user space).
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+        syscall!(read(
+            self.read.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len()
+        ))
+        .map(|n| n as usize)
+        .map_err(|e| super::context(e, "read from pipe"))
+    }
+
     /// The pipe's capacity in bytes (F_GETPIPE_SZ).
     pub fn capacity(&self) -> io::Result<usize> {
         // SAFETY: F_GETPIPE_SZ takes no argument and returns the size.
