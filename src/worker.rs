@@ -528,6 +528,7 @@ impl Worker {
             || c.http.iter().any(|&n| n != 0)
             || c.active != self.published_active
             || c.buffered != self.published_buffered
+            || self.wheel.len() != c.timer_entries
     }
 
     fn publish(&mut self) {
@@ -537,6 +538,7 @@ impl Worker {
         }
         self.published_active = self.counters.active;
         self.published_buffered = self.counters.buffered;
+        self.counters.timer_entries = self.wheel.len();
         self.metrics.publish(&mut self.counters);
     }
 }

@@ -324,3 +324,41 @@ fn a_low_open_file_limit_lowers_max_connections_and_says_so() {
     );
     drop(running);
 }
+
+#[test]
+fn a_worker_whose_event_loop_dies_stops_the_process_with_status_1() {
+    let mut child = edgepoll()
+        .args(["echo", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(["--drain-timeout", "5"])
+        .env("RUST_LOG", "info")
+        .env("EDGEPOLL_TEST_FAIL_WORKER", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut child = Running(child);
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the process kept running with a dead worker"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = log.join().unwrap().join("\n");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("worker 1 stopped: injected worker failure"),
+        "{log}"
+    );
+    assert!(log.contains("exiting with status 1"), "{log}");
+}

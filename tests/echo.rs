@@ -408,3 +408,42 @@ fn the_global_buffer_bound_pauses_holders_and_everyone_gets_every_byte() {
     }
     wait_for("the buffers to empty", || server.buffered_bytes() == 0);
 }
+
+#[test]
+fn a_dead_worker_is_reported_and_skipped_by_the_acceptor() {
+    let server = echo_server(2, |_| {});
+    server.inject_worker_failure(0);
+    let started = std::time::Instant::now();
+    let why = loop {
+        if let Some(why) = server.failure() {
+            break why;
+        }
+        assert!(started.elapsed() < PATIENCE, "no failure reported");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(why, "worker 0 stopped: injected worker failure");
+    // Every new connection goes to the worker that is left, and none is refused.
+    for i in 0..6 {
+        let mut client = connect(server.local_addr());
+        echo_roundtrip(&mut client, &pattern(i, 0, 1000));
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .rejected(edgepoll::RejectReason::Error),
+        0
+    );
+}
+
+#[test]
+fn every_reject_reason_is_exported_at_zero_before_the_first_rejection() {
+    let server = echo_server(1, |c| c.max_connections_per_ip = Some(4));
+    let text = String::from_utf8(server.metrics().encode()).unwrap();
+    for reason in edgepoll::RejectReason::ALL {
+        let line = format!(
+            "edgepoll_connections_rejected_total{{reason=\"{}\"}} 0",
+            reason.as_str()
+        );
+        assert!(text.contains(&line), "{line} missing from:\n{text}");
+    }
+}

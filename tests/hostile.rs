@@ -182,3 +182,40 @@ fn client_bytes_sent_before_its_reset_reach_the_upstream_first_by_copying() {
 fn client_bytes_sent_before_its_reset_reach_the_upstream_first_with_splice() {
     bytes_read_before_a_reset_are_forwarded_first(true, false);
 }
+
+/// A client that keeps flipping between a complete and a partial request head moves
+/// its header deadline dozens of times a second, next to a far idle deadline: its
+/// worker still holds one timer entry for it, and none once it is gone (issue 14,
+/// item 4; the worker used to add an entry per flip, about 150 a second).
+#[test]
+fn a_connection_flipping_between_complete_and_partial_heads_holds_one_timer_entry() {
+    let server = http_server(1, |c| {
+        c.http.header_timeout = Duration::from_secs(1);
+        c.idle_timeout = Some(Duration::from_secs(60));
+    });
+    let mut client = connect(server.local_addr());
+    let started = std::time::Instant::now();
+    let mut flips = 0;
+    let mut most = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        // A whole request and the start of the next: the header timeout starts.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HT")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        // The rest of it: the head is complete, the deadline is cleared.
+        client.write_all(b"TP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        flips += 1;
+        most = most.max(server.stats()[0].timer_entries);
+    }
+    assert!(flips > 50, "only {flips} flips");
+    assert!(most <= 1, "{most} timer entries for one connection");
+    let (statuses, _, _) = read_responses(&mut client, 2 * flips);
+    assert!(statuses.iter().all(|&s| s == 200));
+    drop(client);
+    wait_for("the closed connection's entry to leave the wheel", || {
+        let s = &server.stats()[0];
+        s.active == 0 && s.timer_entries == 0
+    });
+}

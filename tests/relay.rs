@@ -303,6 +303,12 @@ fn the_proxy_v2_header_carries_the_client_address_in_the_specified_layout() {
     assert_eq!(got, want);
     let parsed = edgepoll::mode::proxy::parse(&got).unwrap();
     assert_eq!(parsed.1, 28);
+    // The header is counted apart, so relayed bytes compare equal both ways.
+    wait_for("the header and the bytes to be counted", || {
+        total(&relay, |s| s.upstream_sent_bytes) == 5
+    });
+    assert_eq!(total(&relay, |s| s.received_bytes), 5);
+    assert_eq!(total(&relay, |s| s.upstream_proxy_header_bytes), 28);
 }
 
 #[test]

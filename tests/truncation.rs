@@ -145,6 +145,20 @@ fn echo_cut_with_bytes_owed_resets_the_client(cut: Cut) {
         back.len(),
         ending,
     );
+    // The operator sees the abort and exactly the bytes it destroyed: those in the
+    // outbound buffer and those in the kernel's send queue, everything the client
+    // did not get.
+    let reason = match cut {
+        Cut::IdleTimeout => CloseReason::IdleTimeout,
+        Cut::DrainTimeout => CloseReason::Shutdown,
+    };
+    wait_for("the abort to be counted", || {
+        total(&server, |s| s.aborted_for(reason)) == 1
+    });
+    assert_eq!(
+        total(&server, |s| s.dropped_for(reason)),
+        (SIZE - back.len()) as u64
+    );
 }
 
 #[test]

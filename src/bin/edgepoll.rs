@@ -263,6 +263,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Names a worker to fail at start (fault injection for tests only).
+const FAULT_WORKER_ENV: &str = "EDGEPOLL_TEST_FAIL_WORKER";
+
 /// Exit status for a bad flag value, as clap uses for a bad flag.
 const USAGE_ERROR: u8 = 2;
 
@@ -321,20 +324,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if r.send_proxy_v2 { ", PROXY v2" } else { "" },
         );
     }
+    // Fault injection for the test that a dead worker stops the process (tests/cli.rs):
+    // the named worker fails as if its epoll_wait had.
+    if let Some(id) = std::env::var(FAULT_WORKER_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        server.inject_worker_failure(id);
+    }
+    let mut failure = None;
     let sig = loop {
-        if let Some(sig) = signals.wait(Duration::from_secs(1))? {
-            break sig;
+        if let Some(sig) = signals.wait(Duration::from_millis(200))? {
+            break Some(sig);
+        }
+        if let Some(why) = server.failure() {
+            failure = Some(why);
+            break None;
         }
         if server.is_finished() {
             anyhow::bail!("the server stopped by itself; see the errors above");
         }
     };
-    tracing::info!(
-        "{} received: draining {} connections for up to {:?}",
-        edgepoll::sys::signal::name(sig),
-        server.open_connections(),
-        server.config().drain_timeout
-    );
+    match (sig, &failure) {
+        (Some(sig), _) => tracing::info!(
+            "{} received: draining {} connections for up to {:?}",
+            edgepoll::sys::signal::name(sig),
+            server.open_connections(),
+            server.config().drain_timeout
+        ),
+        (None, Some(why)) => tracing::error!(
+            "{why}; draining the other workers' {} connections for up to {:?}, then \
+             exiting with status 1 so that the supervisor restarts edgepoll",
+            server.open_connections(),
+            server.config().drain_timeout
+        ),
+        (None, None) => unreachable!("the wait loop ends with a signal or a failure"),
+    }
     server.begin_drain();
     while !server.is_finished() {
         if let Some(sig) = signals.wait(Duration::from_millis(50))? {
@@ -346,6 +371,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     server.join();
+    if failure.is_some() {
+        return Ok(ExitCode::FAILURE);
+    }
     tracing::info!("drained; exiting");
     Ok(ExitCode::SUCCESS)
 }

@@ -231,6 +231,9 @@ pub struct Metrics {
     /// Largest outbound buffer any one connection of worker i has held (library stats
     /// only: it shows that the cap holds).
     peak_pending: Vec<AtomicUsize>,
+    /// Entries in worker i's timer wheel as last published (library stats only: it
+    /// shows that entries do not pile up).
+    timer_entries: Vec<AtomicUsize>,
 }
 
 impl Metrics {
@@ -433,6 +436,7 @@ impl Metrics {
             rejected.with_label_values(&[reason.as_str()]);
         }
         let peak_pending = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+        let timer_entries = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         Ok(Arc::new(Metrics {
             http_requests,
             http_statuses,
@@ -455,6 +459,7 @@ impl Metrics {
             upstream_connect,
             upstream_active,
             peak_pending,
+            timer_entries,
         }))
     }
 
@@ -570,6 +575,7 @@ impl Metrics {
                     upstream_sent_bytes: self.up_sent.with_label_values(&[&w]).get(),
                     upstream_proxy_header_bytes: self.proxy_header.with_label_values(&[&w]).get(),
                     peak_pending_bytes: self.peak_pending[id].load(Ordering::Relaxed),
+                    timer_entries: self.timer_entries[id].load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -601,6 +607,8 @@ pub struct WorkerStats {
     /// Relay: PROXY v2 header bytes sent, apart from the relayed bytes.
     pub upstream_proxy_header_bytes: u64,
     pub peak_pending_bytes: usize,
+    /// Entries in the worker's timer wheel: at most one per open connection.
+    pub timer_entries: usize,
 }
 
 impl WorkerStats {
@@ -644,6 +652,8 @@ pub struct Counters {
     pub buffered: i64,
     /// Largest outbound buffer seen (a level).
     pub peak_pending: usize,
+    /// Entries in the worker's timer wheel (a level, set at publish time).
+    pub timer_entries: usize,
     /// HTTP responses by status, indexed like [`http_statuses`].
     pub http: [u64; 6],
     /// Room left under `--max-buffered-bytes` as this worker sees it: refreshed from
@@ -706,6 +716,7 @@ impl WorkerMetrics {
         }
         self.buffered.set(c.buffered);
         self.metrics.peak_pending[self.id].fetch_max(c.peak_pending, Ordering::Relaxed);
+        self.metrics.timer_entries[self.id].store(c.timer_entries, Ordering::Relaxed);
         self.duration.flush();
         add(&self.accepted, &mut c.accepted);
         self.active.set(c.active);
