@@ -18,22 +18,31 @@
 //!
 //! # Layout
 //!
-//! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets, splice and
-//!   pipes, signals, rlimits, timer slack, poll and select for the benchmark that
-//!   compares them, a counting allocator for tests), as thin safe wrappers returning
-//!   `io::Result`.
+//! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets and their
+//!   queue lengths, splice and pipes, signals, rlimits, timer slack, poll and select
+//!   for the benchmark that compares them, a counting allocator for tests), as thin
+//!   safe wrappers returning `io::Result`.
 //! - [`config`]: the validated configuration the command line builds.
+//! - [`limits`]: `--max-connections`, `--max-connections-per-ip` and
+//!   `--max-buffered-bytes`; a connection's counts are a [`limits::ConnPermit`] that
+//!   gives them back on drop.
+//! - [`shutdown`]: the lifecycle every thread sees: draining and its deadline, and
+//!   the failure of a worker.
 //! - [`server`]: starts the acceptor, the workers and the metrics endpoint; the handle
 //!   tests use.
-//! - `acceptor`: the accept loop, the connection limit, fd-exhaustion handling and the
-//!   round-robin hand-off.
-//! - `worker`: the event loop: `epoll_wait`, the ready list, idle timers, dispatch to a
-//!   mode, publishing counters.
-//! - [`conn`]: the connection slab, tokens with generations, the outbound buffer.
-//! - [`timer`]: the idle-timeout wheel.
-//! - [`mode`]: protocol handlers: `echo`, `http` (a fixed response, keep-alive and
-//!   pipelining), `relay` (a TCP proxy: pairs, upstream selection and failover,
-//!   splice) and `proxy` (the PROXY protocol v2 header).
+//! - `acceptor`: the accept loop, permits, fd-exhaustion handling and the round-robin
+//!   hand-off.
+//! - `worker`: the event loop: `epoll_wait`, the ready list, timers, the one call
+//!   into a mode, the close rule, publishing counters.
+//! - [`conn`]: the connection slab, tokens with generations, the outbound buffer; a
+//!   connection is generic over its mode's state and knows nothing about modes.
+//! - [`timer`]: the timer wheel, at most one entry per connection.
+//! - [`mode`]: protocol handlers and the state each keeps per connection
+//!   ([`mode::State`]), dispatched in one place ([`mode::Handler::serve`]) through one
+//!   context ([`mode::Ctx`]): `echo`, `http` (a fixed response, keep-alive and
+//!   pipelining, output bounded by the room left), `relay` (a TCP proxy: pairs,
+//!   upstream selection and failover, splice) and `proxy` (the PROXY protocol v2
+//!   header).
 //! - [`http1`]: the chunked-body decoder and header helpers http mode uses.
 //! - [`metrics`]: the Prometheus registry, per-worker counters and the `/metrics`,
 //!   `/healthz`, `/readyz` endpoint.
@@ -41,6 +50,18 @@
 //!   echo pattern, the HTTP response parser, reports and plots.
 //! - `src/bin/edgepoll.rs`, `src/bin/edgeload.rs`: argument parsing, logging and
 //!   signals only.
+//!
+//! ## Before and after the state redesign (issue 14)
+//!
+//! Before, `server.rs` owned a `Shared` bag of atomics (open count, per-address map,
+//! buffered bytes, drain flag) that the acceptor, the workers and the endpoint all
+//! imported, and each close path decremented the counts by hand; `Conn` held every
+//! mode's fields (`session`, `relay`, one `deadline_ms` for all), so `conn` and
+//! `mode` imported each other; the worker built the mode context by hand three times
+//! and kept two wheels whose entries piled up. Now the counts are permits
+//! (`limits`), the lifecycle is `shutdown`, `Conn<S>` carries one mode-owned
+//! `mode::State`, the worker calls `Handler::serve` in one place, and one
+//! `TimerWheel` holds one entry per connection. Neither import cycle remains.
 #![deny(unsafe_code)]
 
 mod acceptor;

@@ -427,12 +427,7 @@ fn a_dead_worker_is_reported_and_skipped_by_the_acceptor() {
         let mut client = connect(server.local_addr());
         echo_roundtrip(&mut client, &pattern(i, 0, 1000));
     }
-    assert_eq!(
-        server
-            .metrics()
-            .rejected(edgepoll::RejectReason::Error),
-        0
-    );
+    assert_eq!(server.metrics().rejected(edgepoll::RejectReason::Error), 0);
 }
 
 #[test]

@@ -79,9 +79,10 @@ fn serve_within(r: &Responder, reads: &[&[u8]], limit: usize, one_response: usiz
 fn output_stays_within_the_room_for_any_split_and_adds_up_to_the_unbounded_answer() {
     let r = Responder::new(&HttpConfig::default());
     // The largest single answer: a 100 Continue and a full keep-alive response.
-    let one_response = 25 + feed_all(&r, &[b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"])
-        .0
-        .len();
+    let one_response = 25
+        + feed_all(&r, &[b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"])
+            .0
+            .len();
     let mut rng = Rng(0x1405_2026);
     for case in 0..3000 {
         let input = pipeline(&mut rng);

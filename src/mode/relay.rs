@@ -5,7 +5,7 @@
 //!
 //! Both sockets are registered in the worker's epoll once, edge-triggered, with the
 //! same slab token; the upstream side's token has its top bit set
-//! ([`Token::upstream`]). Whichever socket fires, the pair is served as a whole: each
+//! ([`Token::upstream`](crate::conn::Token::upstream)). Whichever socket fires, the pair is served as a whole: each
 //! direction (client → upstream, upstream → client) first writes what it owes its
 //! destination, then reads its source if an edge said it may have input.
 //!
@@ -24,15 +24,18 @@
 //! A FIN read from one side is forwarded with `shutdown(SHUT_WR)` to the other once
 //! everything read before it is written; the other direction keeps flowing. The pair
 //! closes when both directions have forwarded their FIN. An error on either socket
-//! (a reset) aborts both: the pair is closed with SO_LINGER 0, so the other peer gets
-//! a reset too rather than a clean FIN that would pass truncated data off as complete.
+//! (a reset) fails the pair: what that socket's peer sent before the error is still
+//! read and forwarded (a direct connection would have read it), no FIN is forwarded,
+//! and once the other socket's kernel send queue has drained the pair is closed. The
+//! worker's close rule then resets both sockets, so the other peer gets a reset too
+//! rather than a clean FIN that would pass truncated data off as complete.
 //!
 //! # Upstreams
 //!
 //! The upstream connect is non-blocking and bounded by `--connect-timeout`. An
 //! upstream that refuses, is unreachable or times out is marked failed for
 //! `--fail-timeout` (shared by all workers) and skipped; the client goes on to the
-//! next upstream, up to `--connect-retries` tries, and is closed (reason
+//! next upstream, up to `--connect-retries` tries, and is reset (reason
 //! `upstream_error`) when none is left. Bytes the client sends meanwhile are kept, under
 //! the same cap, and forwarded once an upstream is connected.
 
