@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Two builds of edgepoll side by side: the guard that a change costs the hot path
+# nothing (DESIGN.md: no regression past 1.05x). Each mode runs with one worker on
+# core 0 under edgeload on core 1, the two builds alternating run by run; reports the
+# median server CPU per message or request (/proc/PID/stat) and the ratio new/old.
+#
+# - echo: 50 connections of 64-byte messages, depth 1 and depth 16;
+# - http: 50 keep-alive connections, depth 1 and 16 (pipelined);
+# - relay: 50 connections of 64-byte messages through the relay to the floor echo
+#   peer (on core 1 with the load), depth 1; the relay's own CPU is measured.
+#
+#   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release --bins)
+#   OLD_BIN=/tmp/old/target/release bash benches/before_after.sh   # RUNS=5 DURATION=5s
+source "$(dirname "$0")/lib.sh"
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-5}
+DURATION=${DURATION:-5s}
+OLD_BIN=${OLD_BIN:?set OLD_BIN to the target/release folder of the build to compare with}
+NEW_BIN=${NEW_BIN:-target/release}
+[[ -x $OLD_BIN/edgepoll && -x $NEW_BIN/edgepoll ]] || { echo "no edgepoll in $OLD_BIN or $NEW_BIN" >&2; exit 1; }
+
+FLOOR=$(peer_bin floor)
+[[ -x $FLOOR ]] || { echo "could not build the floor peer" >&2; exit 1; }
+# The upstream of the relay runs, with the load, on core 1 for every run.
+taskset -c 1 "$FLOOR" 127.0.0.1:0 >"$WORK/floor.log" 2>&1 &
+BG_PIDS+=("$!")
+await_line "$WORK/floor.log" 'listening on'
+UPSTREAM=$(sed -nE 's/.*listening on ([^ ]+).*/\1/p' "$WORK/floor.log")
+
+one_run() { # BUILD_DIR CASE: prints "rps cpu_ns p50 p99"
+    local bin=$1 case=$2
+    case $case in
+        echo-*) BIN_DIR=$bin start_edgepoll echo --listen 127.0.0.1:0 --workers 1 --metrics-listen off ;;
+        http-*) BIN_DIR=$bin start_edgepoll http --listen 127.0.0.1:0 --workers 1 --metrics-listen off ;;
+        relay-*) BIN_DIR=$bin start_edgepoll relay --listen 127.0.0.1:0 --workers 1 --metrics-listen off --upstream "$UPSTREAM" ;;
+    esac
+    local depth=${case##*-} url
+    case $case in
+        http-*) url=http://$EP_ADDR/ ;;
+        *) url=tcp://$EP_ADDR ;;
+    esac
+    load_cost "$EP_PID" -t1 -c50 --depth "$depth" -d"$DURATION" "$url"
+    stop_pid "$EP_PID"
+}
+
+echo "Machine: $(machine). edgepoll (1 worker) on core 0, edgeload on core 1, 50 connections, $DURATION x $RUNS runs per build, alternating."
+echo "old: $OLD_BIN/edgepoll; new: $NEW_BIN/edgepoll"
+echo
+echo "| case | old CPU ns (median) | new CPU ns (median) | new / old | old req/s | new req/s |"
+echo "|---|---|---|---|---|---|"
+for case in echo-1 echo-16 http-1 http-16 relay-1; do
+    old_cpu=() new_cpu=() old_rps=() new_rps=()
+    for run in $(seq "$RUNS"); do
+        read -r rps cpu _ _ < <(one_run "$OLD_BIN" "$case")
+        old_cpu+=("$cpu") old_rps+=("$rps")
+        read -r rps2 cpu2 _ _ < <(one_run "$NEW_BIN" "$case")
+        new_cpu+=("$cpu2") new_rps+=("$rps2")
+        echo "$case run $run: old $cpu ns, new $cpu2 ns" >&2
+    done
+    mo=$(median "${old_cpu[@]}")
+    mn=$(median "${new_cpu[@]}")
+    printf '| %s | %.0f | %.0f | %s | %.0f | %.0f |\n' "$case" "$mo" "$mn" "$(ratio "$mn" "$mo")" \
+        "$(median "${old_rps[@]}")" "$(median "${new_rps[@]}")"
+done
