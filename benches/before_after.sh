@@ -51,9 +51,13 @@ echo "|---|---|---|---|---|---|"
 for case in echo-1 echo-16 http-1 http-16 relay-1; do
     old_cpu=() new_cpu=() old_rps=() new_rps=()
     for run in $(seq "$RUNS"); do
-        read -r rps cpu _ _ < <(one_run "$OLD_BIN" "$case")
+        # Command substitution, not a pipe or <(...): the run, its server's exit
+        # included, is over before the next one starts.
+        res=$(one_run "$OLD_BIN" "$case")
+        read -r rps cpu _ _ <<<"$res"
         old_cpu+=("$cpu") old_rps+=("$rps")
-        read -r rps2 cpu2 _ _ < <(one_run "$NEW_BIN" "$case")
+        res=$(one_run "$NEW_BIN" "$case")
+        read -r rps2 cpu2 _ _ <<<"$res"
         new_cpu+=("$cpu2") new_rps+=("$rps2")
         echo "$case run $run: old $cpu ns, new $cpu2 ns" >&2
     done

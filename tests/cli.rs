@@ -361,4 +361,21 @@ fn a_worker_whose_event_loop_dies_stops_the_process_with_status_1() {
         "{log}"
     );
     assert!(log.contains("exiting with status 1"), "{log}");
+fn the_metrics_endpoints_clients_are_kept_back_from_max_connections() {
+    let (running, mut lines) = spawn_with_nofile(
+        1024,
+        "echo --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 --max-connections 5000",
+    );
+    let warning = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("open-file limit"))
+        .expect("a line about the open-file limit");
+    // 1024 descriptors, less 64 reserved, 2 per worker and 512 for metrics clients.
+    assert_eq!(edgepoll::metrics::endpoint::MAX_CLIENTS, 512);
+    assert!(
+        warning.contains("open-file limit is 1024: --max-connections lowered from 5000 to 444"),
+        "{warning}"
+    );
+    drop(running);
 }

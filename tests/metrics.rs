@@ -171,3 +171,91 @@ fn metrics_can_be_turned_off() {
     let server = echo_server(1, |c| c.metrics_listen = None);
     assert!(server.metrics_addr().is_none());
 }
+
+#[test]
+fn scrapes_succeed_while_idle_and_trickling_clients_hold_the_port() {
+    let server = server_with_metrics(1);
+    let m = server.metrics_addr().unwrap();
+    // About 1,100 descriptors on the client side and at most MAX_CLIENTS on the
+    // server's: far below the 20,000 the test machines allow.
+    let idle = Crowd::idle(m, 1000);
+    let trickling = Crowd::trickling(m, 100, Duration::from_secs(2));
+    // Four scrapes over 6 s: the last comes after the first clients' deadlines, when
+    // the crowds are replacing what the endpoint has cut.
+    for i in 0..4 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        let (status, head, body) = http_get(m, "/metrics");
+        assert_eq!(status, 200, "scrape {i}: {head}\r\n\r\n{body}");
+        // Real metric text: nobody has connected to the echo port.
+        assert_eq!(
+            sample(&body, "edgepoll_connections_accepted_total{worker=\"0\"}"),
+            Some(0.0),
+            "scrape {i}: {body}"
+        );
+    }
+    let opened = idle.stop() + trickling.stop();
+    assert!(opened >= 1100, "the crowd opened only {opened} connections");
+}
+
+#[test]
+fn a_client_sending_one_byte_at_a_time_is_cut_at_its_deadline() {
+    use std::io::ErrorKind::WouldBlock;
+    let server = server_with_metrics(1);
+    // Started before connecting, so it precedes the accept the deadline counts from.
+    let start = Instant::now();
+    let mut s = connect(server.metrics_addr().unwrap());
+    s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").unwrap();
+    s.set_nonblocking(true).unwrap();
+    let timeout = edgepoll::metrics::endpoint::CLIENT_TIMEOUT;
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 512];
+    let cut = loop {
+        assert!(
+            start.elapsed() < timeout + PATIENCE,
+            "still open after {:?}",
+            start.elapsed()
+        );
+        match s.read(&mut buf) {
+            Ok(0) => break start.elapsed(),
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == WouldBlock => {}
+            // A byte that reached the closed socket is answered with a reset.
+            Err(_) => break start.elapsed(),
+        }
+        if s.write(b"a").is_err() {
+            break start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(cut >= timeout, "cut after {cut:?}, before its deadline");
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 408 "),
+        "{resp}"
+    );
+}
+
+#[test]
+fn clients_that_never_read_their_response_do_not_block_scrapes() {
+    let server = server_with_metrics(1);
+    let m = server.metrics_addr().unwrap();
+    // More than MAX_CLIENTS, so that some of them are pushed out to make room.
+    let silent: Vec<_> = (0..600)
+        .map(|_| {
+            let mut s = connect(m);
+            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    for _ in 0..3 {
+        let (status, _, body) = http_get(m, "/metrics");
+        assert_eq!(status, 200);
+        assert_eq!(
+            sample(&body, "edgepoll_connections_accepted_total{worker=\"0\"}"),
+            Some(0.0)
+        );
+    }
+    drop(silent);
+}

@@ -241,7 +241,8 @@ impl ResponseArgs {
 }
 
 /// Descriptors kept back from `--max-connections` for listeners, epoll instances,
-/// eventfds, the acceptor's spare and metrics clients.
+/// eventfds and the acceptor's spare. The metrics endpoint's clients are kept back on
+/// top of these when it runs, so that its port cannot push the workers into EMFILE.
 const RESERVED_FDS: u64 = 64;
 
 fn main() -> ExitCode {
@@ -438,7 +439,11 @@ fn fit_open_file_limit(config: &mut Config, explicit: bool) {
             Err(e) => tracing::warn!("{e}; the open-file limit stays at {soft}"),
         }
     }
-    let reserved = RESERVED_FDS + 2 * config.workers as u64;
+    let metrics_clients = match config.metrics_listen {
+        Some(_) => edgepoll::metrics::endpoint::MAX_CLIENTS as u64,
+        None => 0,
+    };
+    let reserved = RESERVED_FDS + 2 * config.workers as u64 + metrics_clients;
     // A relayed client holds its upstream socket too, and with --splice two pipes.
     let per_connection = match (config.mode, config.relay.splice) {
         (Mode::Relay, true) => 6,

@@ -1,43 +1,80 @@
 //! The HTTP endpoint Prometheus and load balancers talk to: `/metrics`, `/healthz`,
 //! `/readyz`.
 //!
-//! It runs on its own threads, never on a worker: one thread accepts, and each request
-//! gets a short-lived thread with read and write timeouts, at most [`MAX_CLIENTS`] at
-//! once, so a client that stalls costs one thread for [`CLIENT_TIMEOUT`] and nothing
-//! else. Every response closes the connection; scrapes are seconds apart.
+//! It runs on one thread of its own, never on a worker: a non-blocking, edge-triggered
+//! epoll loop that answers one request per connection and closes it (scrapes are
+//! seconds apart). Whatever the other clients of the port do, a scrape gets in and gets
+//! its answer:
+//!
+//! - Each client has an absolute deadline, [`CLIENT_TIMEOUT`] after it was accepted, to
+//!   send its request and take the response. One that sends a byte a second is cut at
+//!   the same moment as one that sends nothing; one cut before its request is complete
+//!   gets 408.
+//! - At most [`MAX_CLIENTS`] are open. A connection that arrives with every slot taken
+//!   closes the oldest client not owed a response (still sending its request, or
+//!   already answered), the way nginx reuses idle keep-alive connections; only when
+//!   every client is owed one does the oldest of those go. Accepts per loop turn are
+//!   capped, so a newcomer has several turns to send its request before a burst of
+//!   newer connections could push it out.
+//! - A client holds at most its request head ([`MAX_REQUEST_BYTES`]) or its response.
+//! - After the response the write side is shut and whatever else the client sent is
+//!   read and dropped until it closes (a lingering close: closing with unread input
+//!   would send a reset that can destroy the response in flight), within the deadline.
+//! - When accept4 fails for want of descriptors, accepting pauses for
+//!   [`ACCEPT_RETRY`] instead of spinning on a listener that stays readable.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+mod clients;
+mod routes;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Metrics;
 use crate::shutdown::Lifecycle;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
+use clients::Clients;
+use routes::Routes;
 
-/// Requests served at once; more get 503 straight from the accepting thread.
-pub const MAX_CLIENTS: usize = 16;
-/// A client must send its request, and take the response, within this.
+/// Clients open at once. Far more than Prometheus servers and probes need, so idle or
+/// slow connections are pushed out long before a scrape is at risk; yet a small share
+/// of the descriptors (the limit is usually tens of thousands), and memory of at most
+/// this many request heads or responses (4 KiB each for a one-worker scrape, ~1 KiB
+/// more per worker).
+pub const MAX_CLIENTS: usize = 512;
+/// A client must send its request and take the response within this of being accepted.
+/// A scrape on a working network takes milliseconds; this leaves a slow network room
+/// while a slot held for nothing is given back soon.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted; a scrape request is a few hundred bytes.
 pub const MAX_REQUEST_BYTES: usize = 8192;
+/// How soon accepting is retried after accept4 failed (EMFILE, ENFILE, ENOBUFS): the
+/// connection stays queued and brings no new edge, and retrying at once would spin.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
-/// How soon a failed accept is retried.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Accepts per loop turn: a burst needs MAX_CLIENTS / ACCEPT_BUDGET = 8 turns, each
+/// reading every client whose request has arrived, before it can push out a newcomer.
+const ACCEPT_BUDGET: usize = 64;
+/// Listen backlog: a burst of connections waits in the queue for its turn, rather than
+/// having its SYNs dropped and retried a second later (the kernel caps it at somaxconn).
+const BACKLOG: u32 = MAX_CLIENTS as u32;
+/// Events taken per `epoll_wait`.
+const EVENTS: usize = 256;
 
-const LISTENER: u64 = 0;
-const STOP: u64 = 1;
+/// Tokens of the two descriptors that are not clients. A client token's low 32 bits
+/// are its slot, below MAX_CLIENTS, so these two can never collide with one.
+const LISTENER: u64 = u64::MAX;
+const STOP: u64 = u64::MAX - 1;
 
 /// A running endpoint; stopped on drop.
 pub struct Endpoint {
     addr: SocketAddr,
-    stop: Arc<EventFd>,
-    stopping: Arc<AtomicBool>,
+    stop: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -48,39 +85,32 @@ impl Endpoint {
         metrics: Arc<Metrics>,
         shared: Arc<Lifecycle>,
     ) -> io::Result<Endpoint> {
-        let listener = socket::listen(addr, 128)?;
+        let listener = socket::listen(addr, BACKLOG)?;
         let addr = socket::local_addr(listener.as_fd())?;
         let epoll = Epoll::new()?;
-        let stop = Arc::new(EventFd::new()?);
+        let stop = EventFd::new()?;
         epoll.add(listener.as_fd(), LISTENER, READ_INTEREST)?;
+        // The registration outlives this borrow: the loop only needs the event, and
+        // `Endpoint` keeps the eventfd open until the thread has been joined.
         epoll.add(stop.as_fd(), STOP, READ_INTEREST)?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(State {
-            metrics,
-            shared,
-            clients: AtomicUsize::new(0),
-        });
-        let stopping2 = Arc::clone(&stopping);
+        let server = Loop {
+            addr,
+            epoll,
+            listener,
+            routes: Routes::new(metrics, shared),
+            clients: Clients::default(),
+            scratch: vec![0; MAX_REQUEST_BYTES].into_boxed_slice(),
+            // The listener may already have connections queued from before it was
+            // registered: look once without waiting for an edge.
+            backlog: true,
+            paused_until: None,
+        };
         let thread = std::thread::Builder::new()
             .name("edgepoll-metrics".into())
-            .spawn(move || {
-                let mut events = Events::with_capacity(2);
-                // After a failed accept (say EMFILE) the queued connection brings no new
-                // edge, so retry on a timer until the queue is empty again.
-                let mut retry = false;
-                while !stopping2.load(Ordering::SeqCst) {
-                    let timeout = retry.then_some(ACCEPT_RETRY);
-                    if let Err(e) = epoll.wait(&mut events, timeout) {
-                        tracing::error!("metrics endpoint: {e}");
-                        return;
-                    }
-                    retry = !accept_all(&listener, &state, addr);
-                }
-            })?;
+            .spawn(move || server.run())?;
         Ok(Endpoint {
             addr,
             stop,
-            stopping,
             thread: Some(thread),
         })
     }
@@ -93,7 +123,6 @@ impl Endpoint {
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        self.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -101,166 +130,100 @@ impl Drop for Endpoint {
     }
 }
 
-struct State {
-    metrics: Arc<Metrics>,
-    shared: Arc<Lifecycle>,
-    clients: AtomicUsize,
+/// The endpoint's event loop and everything it owns.
+struct Loop {
+    /// The bound address, for log lines.
+    addr: SocketAddr,
+    epoll: Epoll,
+    listener: OwnedFd,
+    routes: Routes,
+    clients: Clients,
+    /// One read buffer for every client; a client keeps only the bytes it sent.
+    scratch: Box<[u8]>,
+    /// Connections may be waiting in the accept queue: an edge arrived, or the last
+    /// turn spent its budget before accept4 said EAGAIN.
+    backlog: bool,
+    /// Set after accept4 failed for want of resources; no accepting before then.
+    paused_until: Option<Instant>,
 }
 
-/// Accepts until the queue is empty (true) or an error stops it (false).
-fn accept_all(listener: &std::os::fd::OwnedFd, state: &Arc<State>, addr: SocketAddr) -> bool {
-    loop {
-        let fd = match socket::accept(listener.as_fd()) {
-            Ok((fd, _)) => fd,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) => {
-                tracing::debug!("accept4 on metrics endpoint {addr}: {e}");
-                return false;
+impl Loop {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS);
+        loop {
+            let timeout = self.timeout(Instant::now());
+            if let Err(e) = self.epoll.wait(&mut events, timeout) {
+                tracing::error!("metrics endpoint {}: {e}; it stops", self.addr);
+                return;
             }
+            for event in events.iter() {
+                match event.token {
+                    STOP => return,
+                    LISTENER => self.backlog = true,
+                    // Readable, writable, hung up or failed: the client's next read or
+                    // write finds out which, so every event just drives it on.
+                    token => self.clients.advance(token, &mut self.scratch, &self.routes),
+                }
+            }
+            let now = Instant::now();
+            if self.paused_until.is_some_and(|t| t <= now) {
+                self.paused_until = None;
+            }
+            if self.backlog && self.paused_until.is_none() {
+                self.accept(now);
+            }
+            self.clients.expire(now);
+        }
+    }
+
+    /// How long `epoll_wait` may sleep: until the next deadline or the end of an accept
+    /// pause; not at all when accepting was cut short by its budget.
+    fn timeout(&self, now: Instant) -> Option<Duration> {
+        if self.backlog && self.paused_until.is_none() {
+            return Some(Duration::ZERO);
+        }
+        let wake = match (self.clients.next_deadline(), self.paused_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        let mut stream = TcpStream::from(fd);
-        let busy = state.clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS;
-        if busy || stream.set_nonblocking(false).is_err() {
-            state.clients.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = respond(&mut stream, 503, "text/plain", b"busy\n", false, &[]);
-            continue;
-        }
-        let state = Arc::clone(state);
-        let spawned = std::thread::Builder::new()
-            .name("edgepoll-scrape".into())
-            .spawn(move || {
-                serve_client(stream, &state);
-                state.clients.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("metrics endpoint: spawning a thread: {e}");
-        }
+        wake.map(|t| t.saturating_duration_since(now))
     }
-}
 
-fn serve_client(mut stream: TcpStream, state: &State) {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut len = 0;
-    loop {
-        if len == buf.len() {
-            let _ = respond(
-                &mut stream,
-                400,
-                "text/plain",
-                b"request too large\n",
-                false,
-                &[],
-            );
-            return;
-        }
-        match stream.read(&mut buf[len..]) {
-            Ok(0) => return,
-            Ok(n) => len += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                let _ = respond(
-                    &mut stream,
-                    408,
-                    "text/plain",
-                    b"request timeout\n",
-                    false,
-                    &[],
-                );
-                return;
+    /// Accepts up to [`ACCEPT_BUDGET`] connections, making room for each.
+    fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPT_BUDGET {
+            let fd = match socket::accept(self.listener.as_fd()) {
+                Ok((fd, _)) => fd,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.backlog = false;
+                    return;
+                }
+                // The connection died in the queue, or a firewall refused it: that
+                // connection is lost, the listener is fine.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EPROTO) | Some(libc::EPERM)
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        "accept4 on metrics endpoint {}: {e}; retrying in {} ms",
+                        self.addr,
+                        ACCEPT_RETRY.as_millis()
+                    );
+                    self.paused_until = Some(now + ACCEPT_RETRY);
+                    return;
+                }
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                self.clients.evict();
             }
-            Err(_) => return,
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..len]) {
-            Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(_)) => {
-                let method = req.method.unwrap_or("");
-                let path = req.path.unwrap_or("");
-                let (status, ctype, body) = route(method, path, state);
-                let head_only = method == "HEAD";
-                let extra: &[(&str, &str)] = if status == 405 {
-                    &[("Allow", "GET, HEAD")]
-                } else {
-                    &[]
-                };
-                let _ = respond(&mut stream, status, ctype, &body, head_only, extra);
-                return;
-            }
-            Err(_) => {
-                let _ = respond(
-                    &mut stream,
-                    400,
-                    "text/plain",
-                    b"malformed request\n",
-                    false,
-                    &[],
-                );
-                return;
+            if let Err(e) = self.clients.insert(&self.epoll, fd, now + CLIENT_TIMEOUT) {
+                tracing::debug!("metrics endpoint {}: {e}", self.addr);
             }
         }
     }
-}
-
-/// Maps a request to (status, content type, body).
-fn route(method: &str, path: &str, state: &State) -> (u16, &'static str, Vec<u8>) {
-    let path = path.split('?').next().unwrap_or("");
-    let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
-    if !known {
-        return (
-            404,
-            "text/plain",
-            b"not found; try /metrics, /healthz or /readyz\n".to_vec(),
-        );
-    }
-    if method != "GET" && method != "HEAD" {
-        return (405, "text/plain", b"method not allowed\n".to_vec());
-    }
-    match path {
-        "/metrics" => (200, prometheus::TEXT_FORMAT, state.metrics.encode()),
-        "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-        _ if state.shared.is_draining() => (503, "text/plain", b"draining\n".to_vec()),
-        _ => (200, "text/plain", b"ready\n".to_vec()),
-    }
-}
-
-fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    head_only: bool,
-    extra: &[(&str, &str)],
-) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    };
-    let mut head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (name, value) in extra {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    stream.write_all(&out)?;
-    stream.flush()
 }

@@ -2,9 +2,12 @@
 //! polling for published counters, and a minimal scrape client.
 #![allow(dead_code)]
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use edgepoll::{Config, Mode, Server, WorkerStats};
@@ -347,4 +350,98 @@ pub fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split(' ').nth(1).unwrap().parse().unwrap();
     pages * 4096
+/// Clients that hold a port the way broken or hostile ones do, from a thread of their
+/// own: `n` connections, each silent or sending one more byte of a request head that
+/// never ends at every pass. One the server closes or answers is replaced at the next
+/// pass, at most [`Crowd::REPLACE_PER_PASS`] a pass, so the pressure lasts until
+/// [`Crowd::stop`] and the rate of new connections stays bounded.
+pub struct Crowd {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<usize>>,
+}
+
+impl Crowd {
+    /// Replacements per pass: enough to refill a crowd the server thins out, few enough
+    /// that ephemeral ports and TIME_WAIT entries stay far from their limits.
+    pub const REPLACE_PER_PASS: usize = 200;
+
+    /// `n` connections that send nothing; checked every 500 ms.
+    pub fn idle(addr: SocketAddr, n: usize) -> Crowd {
+        Crowd::start(addr, n, Duration::from_millis(500), false)
+    }
+
+    /// `n` connections that send `GET /metrics HTTP/1.1` and a header line, then one
+    /// more byte of that line every `every`, never finishing the head.
+    pub fn trickling(addr: SocketAddr, n: usize, every: Duration) -> Crowd {
+        Crowd::start(addr, n, every, true)
+    }
+
+    fn start(addr: SocketAddr, n: usize, pass: Duration, trickle: bool) -> Crowd {
+        let open = move || -> Option<TcpStream> {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            if trickle {
+                s.set_nodelay(true).ok()?;
+                (&s).write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").ok()?;
+            }
+            s.set_nonblocking(true).ok()?;
+            Some(s)
+        };
+        let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| open()).collect();
+        let mut opened = conns.iter().flatten().count();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !sleep_unless(&stopping, pass) {
+                let mut budget = Crowd::REPLACE_PER_PASS;
+                for slot in conns.iter_mut() {
+                    let alive = slot.as_mut().is_some_and(|s| {
+                        // Anything readable (a response, EOF, a reset) means the server
+                        // is done with this connection.
+                        let quiet = matches!(s.read(&mut buf),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+                        quiet && (!trickle || s.write(b"a").is_ok())
+                    });
+                    if !alive && budget > 0 {
+                        budget -= 1;
+                        *slot = open();
+                        opened += usize::from(slot.is_some());
+                    }
+                }
+            }
+            opened
+        });
+        Crowd {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and closes the crowd; returns how many connections it opened in all.
+    pub fn stop(mut self) -> usize {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
+    }
+}
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Sleeps `d` in short steps; returns early, with true, once `stop` is set.
+fn sleep_unless(stop: &AtomicBool, d: Duration) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.load(Ordering::SeqCst)
 }
