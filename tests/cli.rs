@@ -361,6 +361,9 @@ fn a_worker_whose_event_loop_dies_stops_the_process_with_status_1() {
         "{log}"
     );
     assert!(log.contains("exiting with status 1"), "{log}");
+}
+
+#[test]
 fn the_metrics_endpoints_clients_are_kept_back_from_max_connections() {
     let (running, mut lines) = spawn_with_nofile(
         1024,

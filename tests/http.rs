@@ -5,6 +5,7 @@ mod util;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use edgepoll::mode::http::reason;
 use edgepoll::CloseReason;
 use util::*;
 
@@ -75,13 +76,25 @@ fn sixteen_pipelined_requests_in_one_packet_get_sixteen_responses_in_order() {
     // That they leave in one write is checked with strace in tests/e2e/http.sh.
 }
 
-/// Sends `request` on a new connection; returns the statuses received before the
-/// server closed.
-fn statuses_for(addr: std::net::SocketAddr, request: &[u8]) -> (Vec<u16>, bool) {
+/// Sends `request` on a new connection and reads until the server closes; returns the
+/// status lines received and whether the read ended in a clean EOF (not a timeout).
+fn status_lines_for(addr: std::net::SocketAddr, request: &[u8]) -> (Vec<String>, bool) {
     let mut s = connect(addr);
+    // Every case here is closed by the server at once; a connection left open is the
+    // failure, and it should not cost the full PATIENCE to find out.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(request).unwrap();
-    let (statuses, _, closed) = read_responses(&mut s, usize::MAX);
-    (statuses, closed)
+    let (raw, eof) = read_to_end(&mut s);
+    (status_lines(&raw), eof)
+}
+
+/// The status line of every response in `raw`.
+fn status_lines(raw: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(raw);
+    // The fixed body is "Hello, World!", so every "HTTP/1.1 " starts a status line.
+    text.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| text[i..].split("\r\n").next().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -93,6 +106,13 @@ fn malformed_and_hostile_requests_get_the_exact_status_and_a_close() {
         "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(9000)
     );
+    let chunked = |body: &[u8]| {
+        [
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".as_slice(),
+            body,
+        ]
+        .concat()
+    };
     let cases: Vec<(&str, Vec<u8>, Vec<u16>)> = vec![
         ("garbage", b"GARBAGE\r\n\r\n".to_vec(), vec![400]),
         ("binary", b"\x00\x01\x02\x03\r\n\r\n".to_vec(), vec![400]),
@@ -116,25 +136,117 @@ fn malformed_and_hostile_requests_get_the_exact_status_and_a_close() {
         ("a good request, then garbage", b"GET / HTTP/1.1\r\nHost: t\r\n\r\n\x16\x03\x01garbage\r\n\r\n".to_vec(), vec![200, 400]),
         ("HTTP/1.0 without Host closes after one", b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\n\r\n".to_vec(), vec![200]),
         ("Connection: close", b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), vec![200]),
+        // Where a front proxy and edgepoll could disagree on where a request ends
+        // (request smuggling): RFC 9112 without its leniencies.
+        ("bare LF before the request line", b"\nGET / HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), vec![400]),
+        ("bare LF ending the request line", b"GET / HTTP/1.1\nHost: t\r\n\r\n".to_vec(), vec![400]),
+        ("bare LF ending a header", b"GET / HTTP/1.1\r\nHost: t\nX: y\r\n\r\n".to_vec(), vec![400]),
+        ("bare LF ending the head", b"GET / HTTP/1.1\r\nHost: t\r\n\n".to_vec(), vec![400]),
+        ("bare LF line endings only", b"GET / HTTP/1.1\nHost: t\n\n".to_vec(), vec![400]),
+        ("bare CR in the request line", b"GET / HTTP/1.1\rHost: t\r\n\r\n".to_vec(), vec![400]),
+        ("bare CR in a header value", b"GET / HTTP/1.1\r\nHost: t\rX: y\r\n\r\n".to_vec(), vec![400]),
+        ("whitespace before a colon", b"GET / HTTP/1.1\r\nHost : t\r\n\r\n".to_vec(), vec![400]),
+        ("whitespace before the first header", b"GET / HTTP/1.1\r\n Host: t\r\n\r\n".to_vec(), vec![400]),
+        ("obs-fold line folding", b"GET / HTTP/1.1\r\nHost: t\r\nX: a\r\n b\r\n\r\n".to_vec(), vec![400]),
+        ("two spaces in the request line", b"GET  / HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), vec![400]),
+        ("NUL in a header value", b"GET / HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n".to_vec(), vec![400]),
+        ("Content-Length with a plus sign", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: +1\r\n\r\nx".to_vec(), vec![400]),
+        ("Content-Length with a space inside", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1 0\r\n\r\n".to_vec(), vec![400]),
+        ("Transfer-Encoding on HTTP/1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), vec![400]),
+        ("Transfer-Encoding: chunked, chunked", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n".to_vec(), vec![400]),
+        ("chunked in two Transfer-Encoding headers", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), vec![400]),
+        ("empty chunk-size line", chunked(b"\r\n\r\n"), vec![200, 400]),
+        ("chunk-size line of whitespace", chunked(b" \r\n\r\n"), vec![200, 400]),
+        ("chunk extension without a size", chunked(b";x\r\n\r\n"), vec![200, 400]),
+        ("bare LF ending a chunk-size line", chunked(b"3\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("bare LF in a chunk extension", chunked(b"3;x\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("bare CR in a chunk extension", chunked(b"3;x\ry\r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("chunk extension without a name", chunked(b"3;=x\r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("control byte in a chunk extension", chunked(b"3;x=\x01\r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("whitespace after a chunk size", chunked(b"3 \r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("chunk size over 64 bits", chunked(b"10000000000000003\r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("chunk size with 0x", chunked(b"0x3\r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("chunk size with a sign", chunked(b"+3\r\nabc\r\n0\r\n\r\n"), vec![200, 400]),
+        ("bare LF after chunk data", chunked(b"3\r\nabc\n0\r\n\r\n"), vec![200, 400]),
+        ("bare LF ending a trailer", chunked(b"0\r\nX: y\n\r\n"), vec![200, 400]),
+        ("bare LF ending the trailers", chunked(b"0\r\n\n"), vec![200, 400]),
+        ("bare CR in a trailer", chunked(b"0\r\nX: a\rb\r\n\r\n"), vec![200, 400]),
+        ("trailer line without a colon", chunked(b"0\r\nnot a field\r\n\r\n"), vec![200, 400]),
+        ("obs-fold in the trailers", chunked(b"0\r\nX: a\r\n b\r\n\r\n"), vec![200, 400]),
     ];
+    let mut failures = Vec::new();
     for (name, request, expected) in &cases {
-        let (statuses, closed) = statuses_for(addr, request);
-        assert_eq!(&statuses, expected, "{name}");
-        assert!(closed, "{name}: the connection is closed after it");
+        let (lines, eof) = status_lines_for(addr, request);
+        let want: Vec<String> = expected
+            .iter()
+            .map(|&code| format!("HTTP/1.1 {code} {}", reason(code)))
+            .collect();
+        if lines != want || !eof {
+            failures.push(format!("{name}: got {lines:?}, closed: {eof}"));
+        }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     // None of it disturbed anyone else.
     let mut s = connect(addr);
     s.write_all(PIPELINE).unwrap();
     assert_eq!(read_responses(&mut s, 4).0, vec![200; 4]);
+    let closes = cases.len() as u64;
     wait_for("every close to be counted", || {
-        total(&server, |s| s.closed_total()) == 22
+        total(&server, |s| s.closed_total()) == closes
     });
-    // The two that asked to close end as eof; the 20 errors as protocol_error.
+    // The two that asked to close end as eof; every error as protocol_error.
     assert_eq!(total(&server, |s| s.closed_for(CloseReason::Eof)), 2);
     assert_eq!(
         total(&server, |s| s.closed_for(CloseReason::ProtocolError)),
-        20
+        closes - 2
     );
+    // Each answer is counted under its status, the four pipelined 200s included.
+    for code in [200, 400, 405, 431, 505] {
+        let sent = cases
+            .iter()
+            .flat_map(|(_, _, statuses)| statuses)
+            .filter(|&&c| c == code)
+            .count() as u64
+            + if code == 200 { 4 } else { 0 };
+        let counted: u64 = (0..2)
+            .map(|w| server.metrics().http_requests(w, code))
+            .sum();
+        assert_eq!(counted, sent, "responses counted as {code}");
+    }
+}
+
+#[test]
+fn a_bare_lf_split_across_reads_at_every_byte_still_gets_400_and_a_close() {
+    let server = http_server(1, |_| {});
+    let addr = server.local_addr();
+    let cases: [(&[u8], Vec<&str>); 2] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: t\nX: y\r\n\r\n",
+            vec!["HTTP/1.1 400 Bad Request"],
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3;x\nabc\r\n0\r\n\r\n",
+            vec!["HTTP/1.1 200 OK", "HTTP/1.1 400 Bad Request"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (request, want) in &cases {
+        for split in 1..request.len() {
+            let mut s = connect(addr);
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&request[..split]).unwrap();
+            s.flush().unwrap();
+            std::thread::sleep(Duration::from_micros(300));
+            // The server may have answered and shut its side already; it still reads.
+            let _ = s.write_all(&request[split..]);
+            let (raw, eof) = read_to_end(&mut s);
+            let lines = status_lines(&raw);
+            if &lines != want || !eof {
+                failures.push(format!("split at {split}: got {lines:?}, closed: {eof}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::config::HttpConfig;
 use crate::conn::flags;
-use crate::http1::{content_length, has_token, is_chunked, Chunked};
+use crate::http1::{bare_lf, content_length, count_token, has_token, is_chunked, Chunked};
 use crate::metrics::http_index as idx;
 use crate::metrics::CloseReason;
 use crate::sys::socket;
@@ -251,7 +251,20 @@ impl Responder {
             }
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut req = httparse::Request::new(&mut headers);
-            let head_len = match req.parse(rest) {
+            // Only the first --max-header-bytes are judged, so that a head too long gets
+            // 431 wherever the reads split it, even if it is also wrong past the limit.
+            let judged = rest.len().min(self.max_header_bytes);
+            let parsed = req.parse(&rest[..judged]);
+            // httparse takes a bare LF as a line end, as RFC 9112 §2.2 allows; a proxy
+            // in front may not, and then the two disagree on where the request ends.
+            let seen = match parsed {
+                Ok(httparse::Status::Complete(n)) => n,
+                _ => judged,
+            };
+            if let Some(lf) = bare_lf(&rest[..seen]) {
+                return self.error(out, counts, error_before(&rest[..lf]), pos);
+            }
+            let head_len = match parsed {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => {
                     // The head will be at least one byte longer than what is here, so
@@ -267,17 +280,8 @@ impl Responder {
                         stalled: false,
                     };
                 }
-                Err(httparse::Error::TooManyHeaders) => {
-                    return self.error(out, counts, idx::HEADERS_TOO_LARGE, pos)
-                }
-                Err(httparse::Error::Version) => {
-                    return self.error(out, counts, idx::VERSION_NOT_SUPPORTED, pos)
-                }
-                Err(_) => return self.error(out, counts, idx::BAD_REQUEST, pos),
+                Err(e) => return self.error(out, counts, parse_error(e), pos),
             };
-            if head_len > self.max_header_bytes {
-                return self.error(out, counts, idx::HEADERS_TOO_LARGE, pos);
-            }
             pos += head_len;
             let method = req.method.unwrap_or("");
             if !METHODS.contains(&method) {
@@ -287,7 +291,9 @@ impl Responder {
             let mut close = http10;
             let mut host = false;
             let mut length: Option<u64> = None;
+            // Whether the last coding is chunked, and how many of the codings are chunked.
             let mut chunked = false;
+            let mut chunked_codings = 0;
             let mut encoded = false;
             let mut expect_continue = false;
             for h in req.headers.iter() {
@@ -305,6 +311,7 @@ impl Responder {
                 } else if name.eq_ignore_ascii_case("transfer-encoding") {
                     encoded = true;
                     chunked = is_chunked(h.value);
+                    chunked_codings += count_token(h.value, "chunked");
                 } else if name.eq_ignore_ascii_case("connection") {
                     if has_token(h.value, "close") {
                         close = true;
@@ -317,9 +324,13 @@ impl Responder {
                 }
             }
             // RFC 9112: an HTTP/1.1 request needs exactly one Host; a body length must be
-            // unambiguous (a Transfer-Encoding that does not end in chunked, or one next
-            // to a Content-Length, is how requests get smuggled).
-            if (!http10 && !host) || (encoded && (!chunked || length.is_some())) {
+            // unambiguous, since a proxy that reads it another way is how requests get
+            // smuggled: chunked is the last coding and applied once (§6.1, over every
+            // Transfer-Encoding line), never next to a Content-Length (§6.3), and
+            // Transfer-Encoding in HTTP/1.0, which predates it, is faulty framing.
+            let framing_ok =
+                !encoded || (chunked && chunked_codings == 1 && length.is_none() && !http10);
+            if (!http10 && !host) || !framing_ok {
                 return self.error(out, counts, idx::BAD_REQUEST, pos);
             }
             session.body = if chunked {
@@ -394,6 +405,26 @@ impl Responder {
     /// The 408 for a request head that did not complete in time.
     pub fn timeout_response(&self, out: &mut Vec<u8>, counts: &mut [u64; 6]) {
         self.error_response(out, counts, idx::REQUEST_TIMEOUT);
+    }
+}
+
+/// The status (as a `counts` index) for a request head httparse rejects.
+fn parse_error(e: httparse::Error) -> usize {
+    match e {
+        httparse::Error::TooManyHeaders => idx::HEADERS_TOO_LARGE,
+        httparse::Error::Version => idx::VERSION_NOT_SUPPORTED,
+        _ => idx::BAD_REQUEST,
+    }
+}
+
+/// The status (as a `counts` index) for a head cut short at a bare LF: what the bytes
+/// before it already earn, else 400. The same answer as when the head arrives in pieces
+/// and the part before the LF is judged alone.
+fn error_before(before_lf: &[u8]) -> usize {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(before_lf) {
+        Err(e) => parse_error(e),
+        _ => idx::BAD_REQUEST,
     }
 }
 
@@ -743,6 +774,178 @@ HEAD / HTTP/1.1\r\nHost: a\r\n\r\n";
             "nothing is answered after the error"
         );
         assert_eq!((counts[idx::OK], counts[idx::METHOD_NOT_ALLOWED]), (1, 1));
+    }
+
+    const BAD_REQUEST: &str = "HTTP/1.1 400 Bad Request\r\nServer: edgepoll\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+    /// A chunked POST with `body` after its head.
+    macro_rules! chunked {
+        ($body:literal) => {
+            concat!(
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                $body
+            )
+            .as_bytes()
+        };
+    }
+
+    /// Requests a front proxy could frame differently from a lenient server (RFC 9112
+    /// §2.2, §5, §6.1, §7.1), each with the 200s owed before its 400: a chunked body is
+    /// checked after its head was answered.
+    const STRICT_400: &[(&str, &[u8], u64)] = &[
+        ("bare LF before the request line", b"\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 0),
+        ("bare LF after an empty line", b"\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 0),
+        ("bare LF ending the request line", b"GET / HTTP/1.1\nHost: a\r\n\r\n", 0),
+        ("bare LF ending a header", b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 0),
+        ("bare LF ending the head", b"GET / HTTP/1.1\r\nHost: a\r\n\n", 0),
+        ("bare LF line endings only", b"GET / HTTP/1.1\nHost: a\n\n", 0),
+        ("bare LF in the next request", b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\nHost: a\n\n", 1),
+        ("bare LF right after a body", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 1),
+        ("bare CR in the request line", b"GET / HTTP/1.1\rHost: a\r\n\r\n", 0),
+        ("bare CR in a header value", b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 0),
+        ("whitespace before a colon", b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 0),
+        ("whitespace before the first header", b"GET / HTTP/1.1\r\n Host: a\r\n\r\n", 0),
+        ("obs-fold line folding", b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n", 0),
+        ("two spaces in the request line", b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 0),
+        ("NUL in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 0),
+        // Past the 16 or 32 bytes that httparse checks at a time with SIMD.
+        ("DEL deep in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\x7fb\r\n\r\n", 0),
+        ("vertical tab deep in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\x0bb\r\n\r\n", 0),
+        ("bare LF deep in a header value", b"GET / HTTP/1.1\r\nHost: a\r\nX: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nb\r\n\r\n", 0),
+        ("Content-Length with a plus sign", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx", 0),
+        ("Content-Length with a space inside", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1 0\r\n\r\n", 0),
+        ("Content-Length over 64 bits", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551616\r\n\r\n", 0),
+        ("Transfer-Encoding on HTTP/1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0),
+        ("Transfer-Encoding: chunked, chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", 0),
+        ("chunked in two Transfer-Encoding headers", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 0),
+        ("chunked, then another coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n", 0),
+        ("empty chunk-size line", chunked!("\r\n\r\n"), 1),
+        ("chunk-size line of whitespace", chunked!(" \r\n\r\n"), 1),
+        ("chunk extension without a size", chunked!(";x\r\n\r\n"), 1),
+        ("bare LF ending a chunk-size line", chunked!("3\nabc\r\n0\r\n\r\n"), 1),
+        ("bare LF in a chunk extension", chunked!("3;x\nabc\r\n0\r\n\r\n"), 1),
+        ("bare CR in a chunk extension", chunked!("3;x\ry\r\nabc\r\n0\r\n\r\n"), 1),
+        ("chunk extension without a name", chunked!("3;=x\r\nabc\r\n0\r\n\r\n"), 1),
+        ("control byte in a chunk extension", chunked!("3;x=\x01\r\nabc\r\n0\r\n\r\n"), 1),
+        ("unterminated quoted chunk extension", chunked!("3;x=\"a\r\nabc\r\n0\r\n\r\n"), 1),
+        ("whitespace after a chunk size", chunked!("3 \r\nabc\r\n0\r\n\r\n"), 1),
+        ("chunk size over 64 bits", chunked!("10000000000000003\r\nabc\r\n0\r\n\r\n"), 1),
+        ("chunk size with 0x", chunked!("0x3\r\nabc\r\n0\r\n\r\n"), 1),
+        ("chunk size with a sign", chunked!("+3\r\nabc\r\n0\r\n\r\n"), 1),
+        ("bare LF after chunk data", chunked!("3\r\nabc\n0\r\n\r\n"), 1),
+        ("bare LF ending a trailer", chunked!("0\r\nX: y\n\r\n"), 1),
+        ("bare LF ending the trailers", chunked!("0\r\n\n"), 1),
+        ("bare CR in a trailer", chunked!("0\r\nX: a\rb\r\n\r\n"), 1),
+        ("trailer line without a colon", chunked!("0\r\nnot a field\r\n\r\n"), 1),
+        ("obs-fold in the trailers", chunked!("0\r\nX: a\r\n b\r\n\r\n"), 1),
+    ];
+
+    /// The input whole, one byte per read, and cut in two at every byte.
+    fn every_split(input: &[u8]) -> Vec<Vec<&[u8]>> {
+        let mut splits = vec![vec![input], input.chunks(1).collect()];
+        splits.extend((1..input.len()).map(|at| vec![&input[..at], &input[at..]]));
+        splits
+    }
+
+    /// The status codes in `out`, for failure messages.
+    fn statuses(out: &[u8]) -> Vec<String> {
+        let text = String::from_utf8_lossy(out);
+        text.match_indices("HTTP/1.1 ")
+            .map(|(i, _)| text[i + 9..i + 12].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn each_rfc_9112_leniency_gets_400_and_close_however_it_is_split() {
+        let r = responder();
+        let mut failures = Vec::new();
+        for &(name, input, oks) in STRICT_400 {
+            let mut counts = [0u64; 6];
+            counts[idx::OK] = oks;
+            counts[idx::BAD_REQUEST] = 1;
+            let ok = format!("{OK}\r\nHello, World!");
+            let want = (
+                format!("{}{BAD_REQUEST}", ok.repeat(oks as usize)).into_bytes(),
+                true,
+                counts,
+            );
+            for reads in every_split(input) {
+                let got = run(&r, &reads);
+                if got != want {
+                    let sizes: Vec<usize> = reads.iter().map(|p| p.len()).collect();
+                    failures.push(format!(
+                        "{name}: reads of {sizes:?} got {:?}, close: {}",
+                        statuses(&got.0),
+                        got.1
+                    ));
+                    break;
+                }
+            }
+        }
+        assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn a_bare_lf_gets_what_the_bytes_before_it_earned_however_split() {
+        let config = HttpConfig {
+            max_header_bytes: 100,
+            ..HttpConfig::default()
+        };
+        let mut r = Responder::new(&config);
+        r.refresh_date(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000));
+        let many: String = (0..70).map(|i| format!("X{i}:v\r\n")).collect();
+        let cases: Vec<(&str, Vec<u8>, usize)> = vec![
+            (
+                "a bad version before it",
+                b"GET / HTTP/1.2\nHost: a\n\n".to_vec(),
+                idx::VERSION_NOT_SUPPORTED,
+            ),
+            (
+                "too many headers before it",
+                format!("GET / HTTP/1.1\r\n{many}Host: a\n\n").into_bytes(),
+                idx::HEADERS_TOO_LARGE,
+            ),
+            (
+                "past --max-header-bytes",
+                format!("GET / HTTP/1.1\r\nX: {}\n\r\n", "a".repeat(100)).into_bytes(),
+                idx::HEADERS_TOO_LARGE,
+            ),
+            (
+                "before --max-header-bytes in a head that goes past it",
+                format!("GET / HTTP/1.1\nX: {}\r\n\r\n", "a".repeat(100)).into_bytes(),
+                idx::BAD_REQUEST,
+            ),
+        ];
+        for (name, input, index) in &cases {
+            let whole = run(&r, &[input]);
+            let mut counts = [0u64; 6];
+            counts[*index] = 1;
+            assert_eq!((whole.1, whole.2), (true, counts), "{name}");
+            for reads in every_split(input) {
+                assert_eq!(run(&r, &reads), whole, "{name}: {reads:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn strict_framing_still_accepts_what_rfc_9112_allows() {
+        let r = responder();
+        // An empty line before a request line (§2.2), chunk extensions with BWS, a
+        // quoted value holding ';' and an escaped quote (§7.1.1), leading zeros and
+        // upper-case hex, a trailer field (§7.1.2), and codings before chunked, in one
+        // header or two (§6.1).
+        let input = b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\
+POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+3 ;a = b\t; c=\"q;\\\"x\"\r\nabc\r\n00A;d\r\n0123456789\r\n000\r\nX-T: v\t1\r\n\r\n\
+POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n\
+POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let expected = format!("{OK}\r\nHello, World!").repeat(4);
+        for reads in every_split(input) {
+            let (out, close, counts) = run(&r, &reads);
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{reads:?}");
+            assert!(!close);
+            assert_eq!(counts[idx::OK], 4);
+        }
     }
 
     #[test]

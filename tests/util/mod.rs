@@ -350,6 +350,8 @@ pub fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split(' ').nth(1).unwrap().parse().unwrap();
     pages * 4096
+}
+
 /// Clients that hold a port the way broken or hostile ones do, from a thread of their
 /// own: `n` connections, each silent or sending one more byte of a request head that
 /// never ends at every pass. One the server closes or answers is replaced at the next
