@@ -216,19 +216,9 @@ fn is_field_vchar(b: u8) -> bool {
 /// take a bare LF as a line end; a server behind a proxy must not, since the proxy may
 /// not, and then the two disagree on where a request ends.
 pub fn bare_lf(buf: &[u8]) -> Option<usize> {
-    let [first, rest @ ..] = buf else {
-        return None;
-    };
-    // Every request head goes through this: a fold without early exit vectorizes, and
-    // is several times faster than stopping at each LF on a wrk-sized head.
-    let found = *first == b'\n'
-        || rest.iter().zip(buf).fold(false, |bad, (&b, &prev)| {
-            bad | ((b == b'\n') & (prev != b'\r'))
-        });
-    if !found {
-        return None;
-    }
-    (0..buf.len()).find(|&i| buf[i] == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
+    // Every request head goes through this, so it jumps from LF to LF with memchr's
+    // vectorised search (a wrk head has three) instead of looking at every byte.
+    memchr::memchr_iter(b'\n', buf).find(|&i| i == 0 || buf[i - 1] != b'\r')
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitive), as in

@@ -7,6 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -109,11 +110,18 @@ impl Server {
                             tracing::warn!(worker = id, "could not pin to core {}", core.id);
                         }
                     }
-                    if let Err(e) = worker.run() {
-                        let why = format!("worker {id} stopped: {e}");
-                        tracing::error!("{why}; the server cannot serve its share of connections and must be restarted");
-                        lifecycle.fail(why);
-                    }
+                    // A panic is a bug, never a peer's doing; it fails the server like
+                    // an event-loop error does, so the process exits non-zero.
+                    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| worker.run()));
+                    let why = match outcome {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => format!("worker {id} stopped: {e}"),
+                        Err(_) => format!("worker {id} panicked"),
+                    };
+                    tracing::error!(
+                        "{why}; the server cannot serve its share of connections and must be restarted"
+                    );
+                    lifecycle.fail(why);
                 })?;
             server.threads.push(thread);
         }

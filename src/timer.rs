@@ -34,6 +34,10 @@ pub struct TimerWheel {
     slots: Vec<Vec<Token>>,
     /// The first tick not yet expired.
     next_tick: u64,
+    /// No armed entry sits before this tick (a lower bound: removals leave it), so
+    /// finding the next deadline does not scan thousands of empty slots every loop
+    /// turn when every entry is a far idle deadline.
+    hint: u64,
     len: usize,
 }
 
@@ -49,6 +53,7 @@ impl TimerWheel {
             tick_ms,
             slots: vec![Vec::new(); n],
             next_tick: 0,
+            hint: 0,
             len: 0,
         }
     }
@@ -86,6 +91,7 @@ impl TimerWheel {
         let n = self.slots.len() as u64;
         self.slots[(tick % n) as usize].push(token);
         self.len += 1;
+        self.hint = self.hint.min(tick);
         *armed = tick + 1;
     }
 
@@ -106,15 +112,17 @@ impl TimerWheel {
         }
     }
 
-    /// The time the next non-empty slot comes due, if any.
-    pub fn next_deadline_ms(&self) -> Option<u64> {
+    /// The time the next non-empty slot comes due, if any. Each empty slot is passed
+    /// over once per turn of the wheel, not once per call: the scan moves the hint.
+    pub fn next_deadline_ms(&mut self) -> Option<u64> {
         if self.len == 0 {
             return None;
         }
         let n = self.slots.len() as u64;
-        (self.next_tick..self.next_tick + n)
-            .find(|t| !self.slots[(t % n) as usize].is_empty())
-            .map(|t| t * self.tick_ms)
+        let from = self.hint.max(self.next_tick);
+        let tick = (from..self.next_tick + n).find(|t| !self.slots[(t % n) as usize].is_empty())?;
+        self.hint = tick;
+        Some(tick * self.tick_ms)
     }
 
     /// Moves every entry due by `now_ms` into `due`. The caller must clear the
@@ -170,6 +178,28 @@ mod tests {
         assert_eq!(due, vec![Token(1)]);
         assert!(wheel.is_empty());
         assert_eq!(wheel.next_deadline_ms(), None);
+    }
+
+    #[test]
+    fn the_next_deadline_is_found_after_removals_and_expiries() {
+        let mut wheel = TimerWheel::new(Duration::from_secs(1), Duration::from_secs(600));
+        let (mut near, mut far) = (0, 0);
+        wheel.arm(Token(1), &mut far, 600_000);
+        wheel.arm(Token(2), &mut near, 500);
+        assert!(wheel.next_deadline_ms().unwrap() < 600);
+        // The near entry leaves: the hint stays behind it, and the scan finds the far
+        // one (once; later calls start from it).
+        wheel.disarm(Token(2), &mut near);
+        let far_at = wheel.next_deadline_ms().unwrap();
+        assert!(far_at > 100_000, "{far_at}");
+        assert_eq!(wheel.next_deadline_ms(), Some(far_at));
+        // An entry armed earlier than the hint is found at once.
+        wheel.arm(Token(3), &mut near, 2_000);
+        assert!(wheel.next_deadline_ms().unwrap() <= 2_100);
+        let mut due = Vec::new();
+        wheel.expire(2_100, &mut due);
+        assert_eq!(due, vec![Token(3)]);
+        assert_eq!(wheel.next_deadline_ms(), Some(far_at));
     }
 
     #[test]

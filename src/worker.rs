@@ -173,6 +173,8 @@ pub(crate) struct Worker {
     published_active: i64,
     published_buffered: i64,
     limits: Arc<Limits>,
+    /// Workers of the server, for this worker's share of the global room.
+    workers: i64,
     drain_deadline: Option<Instant>,
 }
 
@@ -228,6 +230,7 @@ impl Worker {
             published_active: 0,
             published_buffered: 0,
             limits: Arc::clone(&shared.limits),
+            workers: config.workers.max(1) as i64,
             drain_deadline: None,
         };
         Ok((worker, WorkerHandle { tx, waker }))
@@ -254,7 +257,12 @@ impl Worker {
             let timeout = self.next_timeout();
             self.wait(timeout)?;
             self.tick();
-            self.counters.global_room = self.limits.buffered_room();
+            // Each worker spends at most its share of the room it sees per turn: the
+            // workers refresh at different moments, and each taking all of it would
+            // let N workers overshoot `--max-buffered-bytes` N-fold. A lone busy
+            // worker still reaches the whole room over a few turns.
+            let room = self.limits.buffered_room();
+            self.counters.global_room = if room > 0 { room / self.workers } else { room };
             self.take_messages()?;
             for i in 0..self.events.len() {
                 let event = self.events.get(i);
@@ -296,7 +304,7 @@ impl Worker {
     }
 
     /// How long the next `epoll_wait` may block.
-    fn next_timeout(&self) -> Option<Duration> {
+    fn next_timeout(&mut self) -> Option<Duration> {
         if !self.ready.is_empty() || !self.rx.is_empty() {
             return Some(Duration::ZERO);
         }
@@ -540,6 +548,16 @@ impl Worker {
         self.published_buffered = self.counters.buffered;
         self.counters.timer_entries = self.wheel.len();
         self.metrics.publish(&mut self.counters);
+    }
+}
+
+impl Drop for Worker {
+    /// A worker that unwinds (a bug) still closes its connections by the close rule,
+    /// so no peer reads a cut stream as complete.
+    fn drop(&mut self) {
+        for token in self.slab.tokens() {
+            self.close(token, CloseReason::Error);
+        }
     }
 }
 

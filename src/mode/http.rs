@@ -261,8 +261,12 @@ impl Responder {
                 Ok(httparse::Status::Complete(n)) => n,
                 _ => judged,
             };
-            if let Some(lf) = bare_lf(&rest[..seen]) {
-                return self.error(out, counts, error_before(&rest[..lf]), pos);
+            let clean =
+                matches!(parsed, Ok(httparse::Status::Complete(n)) if crlf_only(&rest[..n], &req));
+            if !clean {
+                if let Some(lf) = bare_lf(&rest[..seen]) {
+                    return self.error(out, counts, error_before(&rest[..lf]), pos);
+                }
             }
             let head_len = match parsed {
                 Ok(httparse::Status::Complete(n)) => n,
@@ -426,6 +430,30 @@ fn error_before(before_lf: &[u8]) -> usize {
         Err(e) => parse_error(e),
         _ => idx::BAD_REQUEST,
     }
+}
+
+/// Whether every line of a complete head that httparse accepted ends in CRLF, read
+/// off where httparse found its parts instead of by scanning every byte: httparse
+/// allows an LF only as a line end (and folding is refused), so the line ends are the
+/// empty lines before the request line, the two bytes before each header name, and
+/// the last four bytes. False sends the caller to [`bare_lf`] for the position.
+fn crlf_only(head: &[u8], req: &httparse::Request<'_, '_>) -> bool {
+    let base = head.as_ptr() as usize;
+    let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base);
+    let Some(method) = req.method else {
+        return false;
+    };
+    let start = offset(method.as_bytes());
+    if start > head.len() || start % 2 != 0 || !head[..start].chunks(2).all(|p| p == b"\r\n") {
+        return false;
+    }
+    if !head.ends_with(b"\r\n\r\n") {
+        return false;
+    }
+    req.headers.iter().all(|h| {
+        let at = offset(h.name.as_bytes());
+        at >= 2 && at <= head.len() && &head[at - 2..at] == b"\r\n"
+    })
 }
 
 /// The reason phrase of the statuses edgepoll sends, and a generic one otherwise.

@@ -347,6 +347,11 @@ pub(crate) fn closing_reason(conn: &Conn) -> CloseReason {
 /// answers with a RST that would destroy bytes still in flight.
 pub(crate) fn finish(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
     if conn.outbound_len() > 0 {
+        if conn.linger_until_ms == 0 && conn.has(flags::PROTO_ERROR | flags::TIMED_OUT) {
+            // A peer that broke the protocol or timed out gets LINGER_MS to take its
+            // error response, not for ever: one that never reads is then reset.
+            conn.linger_until_ms = ctx.now_ms + LINGER_MS;
+        }
         return Step::Idle;
     }
     if conn.has(flags::PEER_FIN) {
@@ -357,7 +362,9 @@ pub(crate) fn finish(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
             return Step::Close(CloseReason::of_error(&e));
         }
         conn.set(flags::WRITE_SHUT);
-        conn.linger_until_ms = ctx.now_ms + LINGER_MS;
+        if conn.linger_until_ms == 0 {
+            conn.linger_until_ms = ctx.now_ms + LINGER_MS;
+        }
     }
     let mut budget = READ_BUDGET;
     loop {

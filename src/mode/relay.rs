@@ -301,9 +301,10 @@ impl Pair {
         self.c2u.pending() + self.u2c.pending()
     }
 
-    /// Bytes read from one peer and not yet written to the other, both ways.
+    /// Bytes read from one peer and not yet written to the other, both ways (the
+    /// PROXY header still queued is ours, not a peer's, and is not counted).
     pub fn owed(&self) -> usize {
-        self.c2u.owed() + self.u2c.owed()
+        self.c2u.owed() - self.c2u.header_left as usize + self.u2c.owed()
     }
 
     /// The connect deadline while connecting, or the next look at a send queue
@@ -316,15 +317,13 @@ impl Pair {
         }
     }
 
-    /// A pair ends with FIN only when both directions finished cleanly: never after
-    /// a failure, and never for a client that no upstream took (a direct connection
-    /// would have been refused), nor with a FIN read and not yet forwarded.
+    /// A pair ends with FIN only when both directions finished cleanly, each peer's
+    /// FIN forwarded to the other. Any other close (an idle or drain timeout, a
+    /// failure, a client no upstream took) cuts a stream that one peer has not
+    /// finished, and a FIN would tell the other that it had: a client that sent its
+    /// request and half-closed would read a cut answer as a complete one.
     pub fn must_abort(&self) -> bool {
-        self.failed.is_some()
-            || self.upstream.is_none()
-            || self.connecting_since.is_some()
-            || (self.c2u.has(half::EOF) && !self.c2u.is_done())
-            || (self.u2c.has(half::EOF) && !self.u2c.is_done())
+        self.failed.is_some() || !(self.c2u.is_done() && self.u2c.is_done())
     }
 
     pub fn upstream_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -633,27 +632,28 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
         *last_active_ms = ctx.now_ms;
     }
     if let Some((side, reason)) = *failed {
+        // A failed pair gets LINGER_MS from its failure to hand the other peer what
+        // the failed one sent; a peer that does not take it by then is reset anyway.
+        if *reset_wait_until_ms == 0 {
+            *reset_wait_until_ms = ctx.now_ms + super::LINGER_MS;
+            *reset_check_ms = *reset_wait_until_ms;
+        }
+        let out_of_time = ctx.now_ms >= *reset_wait_until_ms;
         let from_failed = from(c2u, u2c, side);
-        if !(from_failed.source_ended() && from_failed.owed() == 0) {
+        if !(from_failed.source_ended() && from_failed.owed() == 0) && !out_of_time {
             return if again { Step::Again } else { Step::Idle };
         }
         // Everything the failed peer sent has been written on. The reset must not
         // overtake it: it would destroy what still sits in the healthy socket's
-        // kernel send queue. Look again each tick until that queue is empty, for at
-        // most LINGER_MS (a healthy peer that stopped reading).
+        // kernel send queue. Look again each tick until that queue is empty.
         let healthy = match side {
             Side::Client => upstream,
             Side::Upstream => Some(client),
         };
         let unsent = healthy.map_or(0, |fd| socket::unsent_bytes(fd).unwrap_or(0));
-        if unsent > 0 {
-            if *reset_wait_until_ms == 0 {
-                *reset_wait_until_ms = ctx.now_ms + super::LINGER_MS;
-            }
-            if ctx.now_ms < *reset_wait_until_ms {
-                *reset_check_ms = ctx.now_ms + 1;
-                return Step::Idle;
-            }
+        if unsent > 0 && !out_of_time {
+            *reset_check_ms = ctx.now_ms + 1;
+            return Step::Idle;
         }
         *reset_check_ms = 0;
         return Step::Close(reason);
