@@ -96,7 +96,7 @@ fn a_405_behind_an_unread_response_still_closes_the_connection() {
 // with FIN" and "never a clean EOF that would pass a cut stream off as complete".
 // A client that half-closed (its request is complete, its FIN forwarded) is waiting
 // for the rest of the upstream's answer; the upstream never sent its FIN. When the
-// idle timeout (or the end of a drain) cuts the pair, nothing sits in a buffer, so the
+// idle timeout (or the end of a drain, or a dead worker) cuts the pair, nothing sits in a buffer, so the
 // worker's close rule sees nothing owed and closes with a plain close: the client
 // reads the partial answer and then EOF, exactly what issue 19 forbids (an
 // HTTP/1.0 close-delimited body, a download, a `nc -q` transfer are all accepted as
@@ -107,6 +107,7 @@ fn a_405_behind_an_unread_response_still_closes_the_connection() {
 enum Cut {
     Idle,
     Drain,
+    DeadWorker,
 }
 
 fn a_cut_upstream_answer_after_a_half_close_is_not_passed_off_as_complete(splice: bool, cut: Cut) {
@@ -126,16 +127,21 @@ fn a_cut_upstream_answer_after_a_half_close_is_not_passed_off_as_complete(splice
         match cut {
             Cut::Idle => c.idle_timeout = Some(Duration::from_secs(1)),
             Cut::Drain => c.drain_timeout = Duration::from_secs(1),
+            Cut::DeadWorker => {}
         }
     });
     let mut client = connect(relay.local_addr());
     client.write_all(REQUEST).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
-    if let Cut::Drain = cut {
+    if !matches!(cut, Cut::Idle) {
         wait_for("the first part to be relayed", || {
             total(&relay, |s| s.sent_bytes) == PART as u64
         });
-        relay.begin_drain();
+    }
+    match cut {
+        Cut::Idle => {}
+        Cut::Drain => relay.begin_drain(),
+        Cut::DeadWorker => relay.inject_worker_failure(0),
     }
     let (got, ending) = read_until_end(&mut client);
     hold_tx.send(()).unwrap();
@@ -162,6 +168,11 @@ fn relay_idle_timeout_after_a_client_half_close_resets_the_client_with_splice() 
 #[test]
 fn relay_drain_timeout_after_a_client_half_close_resets_the_client() {
     a_cut_upstream_answer_after_a_half_close_is_not_passed_off_as_complete(false, Cut::Drain);
+}
+
+#[test]
+fn relay_dead_worker_after_a_client_half_close_resets_the_client() {
+    a_cut_upstream_answer_after_a_half_close_is_not_passed_off_as_complete(false, Cut::DeadWorker);
 }
 
 // ---------------------------------------------------------------------------------
@@ -195,6 +206,51 @@ fn a_silent_client_no_upstream_takes_drops_no_bytes_with_proxy_v2() {
         0,
         "bytes counted as dropped for a client that sent none: the PROXY header"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// http: --max-buffered-bytes is a per-worker bound, not a global one.
+//
+// README: "--max-buffered-bytes: Outbound bytes all connections together may hold",
+// and "all of them together at most --max-buffered-bytes plus 4 KiB (http: one
+// response) per connection". Each worker refreshes its view of the room once per loop
+// turn (`counters.global_room`) and then spends it alone; an http feed turns one read
+// into up to a whole --max-pending-bytes of output at once, so two workers that take
+// bursts in the same turn each fill the whole room: with W workers the output held
+// approaches W times the bound (the default bound is a quarter of physical memory).
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn http_output_of_all_workers_together_stays_within_max_buffered_bytes() {
+    const MAX: usize = 1 << 20;
+    const CLIENTS: usize = 16;
+    const BODY: usize = 16 << 10;
+    let server = http_server(2, |c| {
+        c.http.body = vec![b'z'; BODY];
+        c.max_buffered_bytes = MAX;
+    });
+    let burst = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(65536 / 27);
+    let clients: Vec<_> = (0..CLIENTS).map(|_| connect(server.local_addr())).collect();
+    let writers: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let mut c = c.try_clone().unwrap();
+            let burst = burst.clone();
+            std::thread::spawn(move || c.write_all(&burst).unwrap())
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let held = settled(|| server.buffered_bytes() as u64);
+    // One response is its head (under 200 bytes here) and the body.
+    let bound = MAX + CLIENTS * (4096 + BODY + 200);
+    let per_worker: Vec<i64> = server.stats().iter().map(|s| s.buffered_bytes).collect();
+    assert!(
+        held as usize <= bound,
+        "{held} bytes of output held (per worker {per_worker:?}); the bound is {bound}"
+    );
+    drop(clients);
 }
 
 // ---------------------------------------------------------------------------------
@@ -438,4 +494,52 @@ fn guard_a_client_reset_while_connecting_reaches_the_upstream_after_its_bytes() 
     assert_eq!(got.len(), SIZE);
     assert_prefix(50, &got, SIZE as u64);
     assert_reset("upstream", got.len(), ending);
+}
+
+// ---------------------------------------------------------------------------------
+// Issue 14 items the change left open.
+// ---------------------------------------------------------------------------------
+
+/// Issue 14, item 3: "A user's Prometheus must get its scrape whatever other clients
+/// of that port do". Sixteen idle connections to the metrics port take every slot of
+/// the thread-per-request endpoint, and the scrape gets 503.
+#[test]
+fn a_scrape_succeeds_while_idle_connections_hold_the_metrics_port() {
+    let server = echo_server(1, |c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    });
+    let addr = server.metrics_addr().unwrap();
+    let idle: Vec<_> = (0..16).map(|_| connect(addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _, _) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "the scrape, with 16 idle connections open");
+    drop(idle);
+}
+
+/// Issue 14, item 5 (request smuggling): bare-LF line endings in a head,
+/// `Transfer-Encoding` on HTTP/1.0 and `Transfer-Encoding: chunked, chunked`, which a
+/// front proxy may read differently, each get 400 and the close, per RFC 9112.
+#[test]
+fn smuggling_shapes_of_issue_14_item_5_get_400() {
+    let r = edgepoll::mode::http::Responder::new(&edgepoll::config::HttpConfig::default());
+    let cases: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\nHost: a\n\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+    ];
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter_map(|input| {
+            let (out, close, _) = edgepoll::mode::http::feed_all(&r, &[input]);
+            let text = String::from_utf8_lossy(&out);
+            (!(close && text.starts_with("HTTP/1.1 400 "))).then(|| {
+                format!(
+                    "{:?} got {:?} (close: {close})",
+                    String::from_utf8_lossy(input),
+                    text.lines().next()
+                )
+            })
+        })
+        .collect();
+    assert!(wrong.is_empty(), "accepted: {wrong:#?}");
 }
