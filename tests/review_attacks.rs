@@ -175,6 +175,31 @@ fn relay_dead_worker_after_a_client_half_close_resets_the_client() {
     a_cut_upstream_answer_after_a_half_close_is_not_passed_off_as_complete(false, Cut::DeadWorker);
 }
 
+/// The mirror case, issue 19's own scenario with the stopped peer on the other side: a
+/// client uploads 1 MiB and stops (a process stopped with SIGSTOP, a hung uploader)
+/// with nothing left in any buffer; the idle timeout cuts the pair and the upstream,
+/// which read every byte relayed, gets a clean EOF: "the upload is complete".
+#[test]
+fn relay_idle_timeout_of_a_stalled_upload_resets_the_upstream() {
+    const SIZE: usize = 1 << 20;
+    let (up, t) = upstream_once(|mut s| read_until_end(&mut s));
+    let relay = relay_server(1, vec![up], |c| {
+        c.idle_timeout = Some(Duration::from_secs(1));
+    });
+    let mut client = connect(relay.local_addr());
+    client.write_all(&pattern(8, 0, SIZE)).unwrap();
+    // The client is still there, just silent: no FIN, no reset.
+    let (got, ending) = t.join().unwrap();
+    assert_prefix(8, &got, SIZE as u64);
+    assert_eq!(got.len(), SIZE, "premise: every byte sent was relayed");
+    assert_reset(
+        "upstream whose client never finished its upload",
+        got.len(),
+        ending,
+    );
+    drop(client);
+}
+
 // ---------------------------------------------------------------------------------
 // Counters: the PROXY v2 header is counted as dropped client bytes.
 //
