@@ -191,7 +191,10 @@ mod tests {
         // one (once; later calls start from it).
         wheel.disarm(Token(2), &mut near);
         let far_at = wheel.next_deadline_ms().unwrap();
-        assert!(far_at > 100_000, "{far_at}");
+        assert!(
+            far_at > 50_000,
+            "clamped to the last slot, not lost: {far_at}"
+        );
         assert_eq!(wheel.next_deadline_ms(), Some(far_at));
         // An entry armed earlier than the hint is found at once.
         wheel.arm(Token(3), &mut near, 2_000);

@@ -640,7 +640,8 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
         }
         let out_of_time = ctx.now_ms >= *reset_wait_until_ms;
         let from_failed = from(c2u, u2c, side);
-        if !(from_failed.source_ended() && from_failed.owed() == 0) && !out_of_time {
+        let forwarded = from_failed.source_ended() && from_failed.owed() == 0;
+        if !forwarded && !out_of_time {
             return if again { Step::Again } else { Step::Idle };
         }
         // Everything the failed peer sent has been written on. The reset must not
