@@ -31,7 +31,10 @@ fn t01_echo_idle_timeout_fires_after_many_rearms() {
         std::thread::sleep(Duration::from_millis(40));
     }
     let (_, ending, took) = read_end_within(&mut s, Duration::from_secs(5));
-    assert!(took < Duration::from_secs(2), "idle close took {took:?} ({ending:?})");
+    assert!(
+        took < Duration::from_secs(2),
+        "idle close took {took:?} ({ending:?})"
+    );
 }
 
 /// http: idle 300 ms next to a 40 s header timeout (the wheel clamps the header
@@ -50,7 +53,10 @@ fn t02_http_idle_timeout_with_far_header_timeout() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (_, ending, took) = read_end_within(&mut s, Duration::from_secs(5));
-    assert!(took < Duration::from_secs(2), "idle close took {took:?} ({ending:?})");
+    assert!(
+        took < Duration::from_secs(2),
+        "idle close took {took:?} ({ending:?})"
+    );
 }
 
 /// The server sat idle (no connection) for longer than the wheel's whole span, then a
@@ -66,7 +72,10 @@ fn t03_idle_timeout_after_the_server_sat_idle_past_the_span() {
     let mut s = connect(server.local_addr());
     echo_roundtrip(&mut s, b"x");
     let (_, ending, took) = read_end_within(&mut s, Duration::from_secs(5));
-    assert!(took < Duration::from_secs(2), "idle close took {took:?} ({ending:?})");
+    assert!(
+        took < Duration::from_secs(2),
+        "idle close took {took:?} ({ending:?})"
+    );
 }
 
 /// Slowloris: one byte every 100 ms with idle 300 ms; the header timeout (1.5 s) gives
@@ -81,7 +90,8 @@ fn t04_slowloris_gets_408_next_to_short_idle() {
     let start = Instant::now();
     let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let mut got = Vec::new();
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     for &b in head.iter().cycle().take(100) {
         if s.write_all(&[b]).is_err() {
             break;
@@ -99,7 +109,10 @@ fn t04_slowloris_gets_408_next_to_short_idle() {
     }
     let took = start.elapsed();
     let text = String::from_utf8_lossy(&got);
-    assert!(text.starts_with("HTTP/1.1 408 "), "after {took:?}: {text:?}");
+    assert!(
+        text.starts_with("HTTP/1.1 408 "),
+        "after {took:?}: {text:?}"
+    );
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
@@ -133,7 +146,9 @@ fn t06_error_response_never_read_is_reset_after_linger() {
         w.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
     }
     w.write_all(b"BAD\n\n").unwrap();
-    wait_for("the connection to register", || total(&server, |w| w.active as u64) == 1);
+    wait_for("the connection to register", || {
+        total(&server, |w| w.active as u64) == 1
+    });
     let start = Instant::now();
     wait_for("the connection to be closed", || {
         total(&server, |w| w.active as u64) == 0 || start.elapsed() > Duration::from_secs(12)
@@ -158,7 +173,10 @@ fn status_of(pieces: &[&[u8]], split: bool) -> (String, bool) {
         }
     }
     let (raw, ending, _) = read_end_within(&mut s, Duration::from_secs(5));
-    (String::from_utf8_lossy(&raw).into_owned(), ending == Ending::Fin)
+    (
+        String::from_utf8_lossy(&raw).into_owned(),
+        ending == Ending::Fin,
+    )
 }
 
 #[test]
@@ -180,7 +198,11 @@ fn t07_bare_lf_anywhere_gets_400() {
         for split in [false, true] {
             let (text, _) = status_of(&[case], split);
             if !text.starts_with("HTTP/1.1 400 ") {
-                bad.push(format!("{:?} split={split}: {:?}", String::from_utf8_lossy(case), text.lines().next()));
+                bad.push(format!(
+                    "{:?} split={split}: {:?}",
+                    String::from_utf8_lossy(case),
+                    text.lines().next()
+                ));
             }
         }
     }
@@ -190,8 +212,16 @@ fn t07_bare_lf_anywhere_gets_400() {
             &[b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"],
             split,
         );
-        if !(text.starts_with("HTTP/1.1 200 ") && text.matches("HTTP/1.1 ").count() == 2 && text.contains("HTTP/1.1 400 ")) {
-            bad.push(format!("after a body split={split}: {:?}", text.lines().filter(|l| l.starts_with("HTTP")).collect::<Vec<_>>()));
+        if !(text.starts_with("HTTP/1.1 200 ")
+            && text.matches("HTTP/1.1 ").count() == 2
+            && text.contains("HTTP/1.1 400 "))
+        {
+            bad.push(format!(
+                "after a body split={split}: {:?}",
+                text.lines()
+                    .filter(|l| l.starts_with("HTTP"))
+                    .collect::<Vec<_>>()
+            ));
         }
     }
     assert!(bad.is_empty(), "{bad:#?}");
@@ -249,7 +279,8 @@ fn t10_http_pipelined_progresses_with_a_tiny_room() {
     let mut r = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let mut w = &s;
-        w.write_all(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(64)).unwrap();
+        w.write_all(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(64))
+            .unwrap();
         s
     });
     r.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -387,7 +418,9 @@ fn t13_slow_but_steady_reader_behind_a_400_loses_valid_responses() {
         ending == Ending::Error(ErrorKind::WouldBlock) || ending == Ending::Fin,
         "after {took:?}: {} bytes, {} complete 200s, then {ending:?}",
         got.len(),
-        String::from_utf8_lossy(&got).matches("HTTP/1.1 200 ").count()
+        String::from_utf8_lossy(&got)
+            .matches("HTTP/1.1 200 ")
+            .count()
     );
 }
 
@@ -483,6 +516,31 @@ fn t16_healthy_pair_reset_as_idle_while_the_client_drains_the_queue() {
         s.write_all(&pattern(13, 0, n)).unwrap();
     });
     let server = relay_server(1, vec![up], |c| {
+        c.idle_timeout = Some(Duration::from_secs(1));
+        c.max_pending_bytes = 64 << 20;
+        c.max_buffered_bytes = 64 << 20;
+    });
+    let mut s = connect(server.local_addr());
+    let start = Instant::now();
+    let (got, ending) = read_slowly(&mut s, 1_300_000);
+    t.join().unwrap();
+    let took = start.elapsed();
+    assert!(
+        got.len() == n,
+        "after {took:?}: {} of the {n} bytes the upstream sent and finished, {ending:?}",
+        got.len()
+    );
+}
+
+/// [`t16_healthy_pair_reset_as_idle_while_the_client_drains_the_queue`] with `--splice`.
+#[test]
+fn t17_healthy_pair_reset_as_idle_while_the_client_drains_the_queue_with_splice() {
+    let n = 4 << 20;
+    let (up, t) = upstream_once(move |mut s| {
+        s.write_all(&pattern(13, 0, n)).unwrap();
+    });
+    let server = relay_server(1, vec![up], |c| {
+        c.relay.splice = true;
         c.idle_timeout = Some(Duration::from_secs(1));
         c.max_pending_bytes = 64 << 20;
         c.max_buffered_bytes = 64 << 20;

@@ -50,5 +50,9 @@ fn failed_pair_waiting_on_a_kernel_send_queue_costs_no_cpu() {
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_time() - before;
     let share = used.as_secs_f64() / wall.elapsed().as_secs_f64();
-    assert!(share < 0.05, "{:.1}% of a core while 20 failed pairs wait", share * 100.0);
+    assert!(
+        share < 0.05,
+        "{:.1}% of a core while 20 failed pairs wait",
+        share * 100.0
+    );
 }
