@@ -475,8 +475,14 @@ impl Worker {
                 .idle_timeout_ms
                 .is_some_and(|idle| conn.last_active_ms + idle <= now)
             {
-                self.close(token, CloseReason::IdleTimeout);
-                continue;
+                let crate::conn::Conn { fd, state, .. } = &mut *conn;
+                if state.kernel_progress(fd.as_fd()) {
+                    // Its peers are still reading what the kernel holds: not idle.
+                    conn.last_active_ms = now;
+                } else {
+                    self.close(token, CloseReason::IdleTimeout);
+                    continue;
+                }
             }
             let mode_deadline = conn.state.deadline_ms();
             if mode_deadline != 0 && mode_deadline <= now {
@@ -507,11 +513,14 @@ impl Worker {
             self.counters.global_room += held;
             self.limits.add_buffered(-held);
         }
-        if let Some(dropped) = undelivered(&conn, reason) {
+        let (client, upstream, dropped) = undelivered(&conn, reason);
+        if client {
             let _ = socket::set_linger_zero(conn.fd.as_fd());
-            if let Some(up) = conn.state.upstream_fd() {
-                let _ = socket::set_linger_zero(up);
-            }
+        }
+        if let (true, Some(up)) = (upstream, conn.state.upstream_fd()) {
+            let _ = socket::set_linger_zero(up);
+        }
+        if client || upstream {
             self.counters.aborted[reason as usize] += 1;
             self.counters.dropped[reason as usize] += dropped as u64;
         }
@@ -587,33 +596,43 @@ fn next_deadline(conn: &Conn, idle_timeout_ms: Option<u64>) -> u64 {
     }
 }
 
-/// The close rule's question: does closing `conn` now leave anything undelivered?
-/// `Some(bytes dropped)` if so (the connection must be aborted), `None` for a clean
-/// FIN.
-fn undelivered(conn: &Conn, reason: CloseReason) -> Option<usize> {
-    let mut owed = conn.outbound_len() + conn.state.owed();
-    let mut abort = owed > 0 || conn.state.must_abort();
-    // Input the peer sent that nobody read is owed too (its echo, its answer, its
-    // forwarding), unless the server already sent its FIN and is discarding input
-    // by design (a lingering close). A clean EOF has read everything.
+/// The close rule's question: does closing `conn` now leave anything undelivered, and
+/// to whom? Returns whether to reset the client socket and the upstream socket, and
+/// the bytes those resets drop.
+fn undelivered(conn: &Conn, reason: CloseReason) -> (bool, bool, usize) {
+    let (owed_client, owed_upstream) = conn.state.owed();
+    let owed_client = owed_client + conn.outbound_len();
+    let (mut client, mut upstream) = conn.state.must_abort();
+    client |= owed_client > 0;
+    upstream |= owed_upstream > 0;
+    let mut dropped = owed_client + owed_upstream;
+    // Input a peer sent that nobody read is owed too (its echo or answer, or its
+    // forwarding to the other peer), unless the server already sent its FIN and is
+    // discarding input by design (a lingering close). A clean EOF has read
+    // everything. The kernel resets a socket closed with unread input anyway; the
+    // peer it was meant for is reset here.
     if reason != CloseReason::Eof && !conn.has(flags::WRITE_SHUT) {
-        let unread = socket::unread_bytes(conn.fd.as_fd()).unwrap_or(0)
-            + conn
-                .state
-                .upstream_fd()
-                .map_or(0, |up| socket::unread_bytes(up).unwrap_or(0));
-        if unread > 0 {
-            abort = true;
-            owed += unread;
+        let from_client = socket::unread_bytes(conn.fd.as_fd()).unwrap_or(0);
+        let from_upstream = conn
+            .state
+            .upstream_fd()
+            .map_or(0, |up| socket::unread_bytes(up).unwrap_or(0));
+        if from_client > 0 {
+            client = true;
+            upstream |= conn.state.upstream_fd().is_some();
         }
+        if from_upstream > 0 {
+            client = true;
+            upstream = true;
+        }
+        dropped += from_client + from_upstream;
     }
-    if !abort {
-        return None;
+    // A reset also destroys what the kernel has not yet delivered on that socket.
+    if client {
+        dropped += socket::unsent_bytes(conn.fd.as_fd()).unwrap_or(0);
     }
-    // The reset also destroys what the kernel has not yet delivered.
-    owed += socket::unsent_bytes(conn.fd.as_fd()).unwrap_or(0);
-    if let Some(up) = conn.state.upstream_fd() {
-        owed += socket::unsent_bytes(up).unwrap_or(0);
+    if let (true, Some(up)) = (upstream, conn.state.upstream_fd()) {
+        dropped += socket::unsent_bytes(up).unwrap_or(0);
     }
-    Some(owed)
+    (client, upstream, dropped)
 }

@@ -52,21 +52,32 @@ impl State {
         }
     }
 
-    /// Bytes received or produced for a peer and not yet delivered (beyond the
-    /// connection's outbound buffer): what a close now would drop.
-    pub fn owed(&self) -> usize {
+    /// Bytes received or produced for each peer, (client, upstream), and not yet
+    /// delivered (beyond the connection's outbound buffer): what a close now would
+    /// drop.
+    pub fn owed(&self) -> (usize, usize) {
         match self {
-            State::Echo => 0,
-            State::Http(s) => s.owed(),
+            State::Echo => (0, 0),
+            State::Http(s) => (s.owed(), 0),
             State::Relay(p) => p.owed(),
         }
     }
 
-    /// Whether a close now must reset whatever is owed: relay pairs whose other side
-    /// failed, or that never reached an upstream.
-    pub fn must_abort(&self) -> bool {
+    /// Which sockets a close now must reset whatever they owe, (client, upstream):
+    /// relay's sockets whose peer would otherwise take an unfinished stream for a
+    /// finished one.
+    pub fn must_abort(&self) -> (bool, bool) {
         match self {
             State::Relay(p) => p.must_abort(),
+            _ => (false, false),
+        }
+    }
+
+    /// At an idle timeout: whether the peers are still draining bytes the kernel
+    /// holds for them (relay, whose traffic can all be in the kernel by then).
+    pub fn kernel_progress(&mut self, client: std::os::fd::BorrowedFd<'_>) -> bool {
+        match self {
+            State::Relay(p) => p.kernel_progress(client),
             _ => false,
         }
     }
@@ -206,6 +217,12 @@ pub(crate) fn flush_owed(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Result<(), Step>
                     ctx.counters.sent += n as u64;
                     ctx.counters.global_room += n as i64;
                     conn.last_active_ms = ctx.now_ms;
+                    if conn.linger_until_ms != 0 && !conn.has(flags::WRITE_SHUT) {
+                        // A closing peer still taking what it is owed gets its
+                        // LINGER_MS again: the bound is on stalling, not on reading
+                        // slowly.
+                        conn.linger_until_ms = ctx.now_ms + LINGER_MS;
+                    }
                 }
             }
             Err(e) => return Err(Step::Close(CloseReason::of_error(&e))),
@@ -348,8 +365,9 @@ pub(crate) fn closing_reason(conn: &Conn) -> CloseReason {
 pub(crate) fn finish(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
     if conn.outbound_len() > 0 {
         if conn.linger_until_ms == 0 && conn.has(flags::PROTO_ERROR | flags::TIMED_OUT) {
-            // A peer that broke the protocol or timed out gets LINGER_MS to take its
-            // error response, not for ever: one that never reads is then reset.
+            // A peer that broke the protocol or timed out gets LINGER_MS at a time
+            // to take what it is owed (each write that goes out renews it), not for
+            // ever: one that stops reading is then reset.
             conn.linger_until_ms = ctx.now_ms + LINGER_MS;
         }
         return Step::Idle;

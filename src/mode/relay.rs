@@ -189,6 +189,11 @@ impl Relay {
     }
 }
 
+/// How often a failed pair looks at whether the healthy socket's kernel send queue
+/// has drained, so that its reset can go: often enough that the reset follows within
+/// a blink, rarely enough that a thousand such pairs cost nothing.
+const RESET_POLL_MS: u64 = 50;
+
 /// State bits of one direction.
 mod half {
     /// The source may have input: an edge said so and no read has hit EAGAIN since.
@@ -279,6 +284,8 @@ pub struct Pair {
     connecting_since: Option<Instant>,
     /// Worker clock (ms) by which the connect must complete; 0 once connected.
     connect_deadline_ms: u64,
+    /// Bytes in both sockets' kernel send queues at the last idle-timeout look.
+    queued_seen: usize,
     /// After a failure, while the healthy side's kernel send queue still holds what
     /// was forwarded to it: when to look again (a reset now would destroy those
     /// bytes), and when to stop waiting.
@@ -301,10 +308,14 @@ impl Pair {
         self.c2u.pending() + self.u2c.pending()
     }
 
-    /// Bytes read from one peer and not yet written to the other, both ways (the
-    /// PROXY header still queued is ours, not a peer's, and is not counted).
-    pub fn owed(&self) -> usize {
-        self.c2u.owed() - self.c2u.header_left as usize + self.u2c.owed()
+    /// Bytes owed to each peer, (client, upstream): read from the other one and not
+    /// yet written on (the PROXY header still queued is ours, not a peer's, and is
+    /// not counted).
+    pub fn owed(&self) -> (usize, usize) {
+        (
+            self.u2c.owed(),
+            self.c2u.owed() - self.c2u.header_left as usize,
+        )
     }
 
     /// The connect deadline while connecting, or the next look at a send queue
@@ -317,13 +328,33 @@ impl Pair {
         }
     }
 
-    /// A pair ends with FIN only when both directions finished cleanly, each peer's
-    /// FIN forwarded to the other. Any other close (an idle or drain timeout, a
-    /// failure, a client no upstream took) cuts a stream that one peer has not
-    /// finished, and a FIN would tell the other that it had: a client that sent its
-    /// request and half-closed would read a cut answer as a complete one.
-    pub fn must_abort(&self) -> bool {
-        self.failed.is_some() || !(self.c2u.is_done() && self.u2c.is_done())
+    /// Which sockets a close now must reset, (client, upstream). A FIN on a socket
+    /// tells its peer that the other peer finished, so it is sent only where that is
+    /// true: a direction not finished (its source sent no FIN, or it was not
+    /// forwarded) resets its destination. A client that sent its request and
+    /// half-closed would otherwise read a cut answer as complete; an upstream would
+    /// take a stalled upload for a whole one. After a failure, or for a client no
+    /// upstream took, both are reset.
+    pub fn must_abort(&self) -> (bool, bool) {
+        if self.failed.is_some() || self.upstream.is_none() || self.connecting_since.is_some() {
+            return (true, true);
+        }
+        (!self.u2c.is_done(), !self.c2u.is_done())
+    }
+
+    /// At an idle timeout: whether the peers are still taking bytes out of the
+    /// kernel's send queues (their length changed since the last look), which the
+    /// relay cannot see as traffic of its own. A client slowly reading a response
+    /// that is all in the kernel is not idle.
+    pub fn kernel_progress(&mut self, client: BorrowedFd<'_>) -> bool {
+        let queued = socket::unsent_bytes(client).unwrap_or(0)
+            + self
+                .upstream
+                .as_ref()
+                .map_or(0, |up| socket::unsent_bytes(up.as_fd()).unwrap_or(0));
+        let progressed = queued > 0 && queued != self.queued_seen;
+        self.queued_seen = queued;
+        progressed
     }
 
     pub fn upstream_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -653,7 +684,7 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
         };
         let unsent = healthy.map_or(0, |fd| socket::unsent_bytes(fd).unwrap_or(0));
         if unsent > 0 && !out_of_time {
-            *reset_check_ms = ctx.now_ms + 1;
+            *reset_check_ms = ctx.now_ms + RESET_POLL_MS;
             return Step::Idle;
         }
         *reset_check_ms = 0;
