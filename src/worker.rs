@@ -37,12 +37,13 @@
 //! # The close rule
 //!
 //! Every close goes through [`Worker::close`], whatever its reason (EOF, reset, idle
-//! timeout, header timeout, drain timeout, upstream failure). A connection that still
-//! owes a peer anything (bytes in an outbound buffer or a pipe, requests or input
-//! received and not yet answered or forwarded, a FIN not yet forwarded, or a relayed
-//! pair whose other side failed) is aborted: SO_LINGER 0 on every socket of it, so
-//! each peer gets a reset. Only a connection whose every direction finished cleanly
-//! ends with FIN, so a FIN never passes truncated data off as complete. Aborts and the
+//! timeout, header timeout, drain timeout, upstream failure). A socket whose peer is
+//! still owed anything (bytes in an outbound buffer or a pipe, requests or input
+//! received and not yet answered or forwarded, or, in relay, a direction toward it
+//! whose source has not finished) is aborted with SO_LINGER 0, so that peer gets a
+//! reset; after a relay failure both sockets are. A socket gets FIN only when
+//! everything toward it finished cleanly, so a FIN never passes truncated data off as
+//! complete. Aborts and the
 //! bytes they dropped are counted by reason (`edgepoll_connections_aborted_total`,
 //! `edgepoll_dropped_bytes_total`).
 //!
