@@ -9,14 +9,6 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_comm.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
 #[test]
 fn failed_pair_waiting_on_a_kernel_send_queue_costs_no_cpu() {
     use std::os::fd::AsFd;
@@ -45,10 +37,10 @@ fn failed_pair_waiting_on_a_kernel_send_queue_costs_no_cpu() {
         t.join().unwrap();
     }
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_time();
+    let before = process_cpu_time();
     let wall = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_time() - before;
+    let used = process_cpu_time() - before;
     let share = used.as_secs_f64() / wall.elapsed().as_secs_f64();
     assert!(
         share < 0.05,

@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-/// CPU time this process has used (user + system), from /proc/self/stat.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_comm.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the comm.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
 /// Guard: pathological peers that hold their connections (a relayed pair whose
 /// upstream reset while its client, half-closed, reads nothing; an echo client,
 /// half-closed, that reads nothing; an http client that pipelines and reads nothing)
@@ -52,10 +42,10 @@ fn guard_held_pathological_connections_cost_no_cpu() {
     w.write_all(&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".repeat(2000))
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let before = cpu_time();
+    let before = process_cpu_time();
     let wall = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_time() - before;
+    let used = process_cpu_time() - before;
     let share = used.as_secs_f64() / wall.elapsed().as_secs_f64();
     assert!(share < 0.05, "{:.1}% of a core while held", share * 100.0);
     for (name, server) in [("relay", &relay), ("echo", &echo), ("http", &http)] {
