@@ -80,4 +80,4 @@ mod worker;
 
 pub use config::{Config, Mode};
 pub use metrics::{CloseReason, RejectReason, WorkerStats};
-pub use server::{Server, StartError};
+pub use server::{Server, Sockets, StartError};

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,6 +38,32 @@ pub enum StartError {
     Io(#[from] io::Error),
 }
 
+/// The listening sockets a server serves: bound by [`Sockets::bind`] from the
+/// configuration, or taken over from systemd (socket activation) or from the
+/// process a reload replaces.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// The connection listeners, in the order the acceptor serves them.
+    pub listeners: Vec<OwnedFd>,
+    /// The metrics endpoint's listener, if the endpoint runs.
+    pub metrics: Option<OwnedFd>,
+}
+
+impl Sockets {
+    /// Binds every `config.listen` address and the metrics address.
+    pub fn bind(config: &Config) -> Result<Sockets, StartError> {
+        let mut sockets = Sockets::default();
+        for &addr in &config.listen {
+            let fd = socket::listen(addr, config.backlog).map_err(StartError::Bind)?;
+            sockets.listeners.push(fd);
+        }
+        if let Some(addr) = config.metrics_listen {
+            sockets.metrics = Some(Endpoint::bind(addr).map_err(StartError::Metrics)?);
+        }
+        Ok(sockets)
+    }
+}
+
 /// A running server.
 pub struct Server {
     config: Config,
@@ -56,10 +82,18 @@ impl Server {
     /// starts the acceptor and the workers.
     pub fn start(config: Config) -> Result<Server, StartError> {
         config.validate()?;
-        let mut listeners = Vec::with_capacity(config.listen.len());
-        for &addr in &config.listen {
-            let fd = socket::listen(addr, config.backlog).map_err(StartError::Bind)?;
-            let addr = socket::local_addr(fd.as_fd()).map_err(StartError::Bind)?;
+        let sockets = Sockets::bind(&config)?;
+        Server::start_with(config, sockets)
+    }
+
+    /// Starts a server on sockets already listening: `sockets.listeners` replace the
+    /// addresses of `config.listen`, and `sockets.metrics` (if any) serves the
+    /// endpoint, which is off without it.
+    pub fn start_with(config: Config, sockets: Sockets) -> Result<Server, StartError> {
+        config.validate()?;
+        let mut listeners = Vec::with_capacity(sockets.listeners.len());
+        for fd in sockets.listeners {
+            let addr = socket::adopt_listener(fd.as_fd()).map_err(StartError::Bind)?;
             listeners.push(Listener { fd, addr });
         }
         let local_addrs = listeners.iter().map(|l| l.addr).collect();
@@ -145,9 +179,9 @@ impl Server {
             .name("edgepoll-accept".into())
             .spawn(move || acceptor.run())?;
         server.threads.push(thread);
-        if let Some(addr) = config.metrics_listen {
+        if let Some(fd) = sockets.metrics {
             let endpoint =
-                Endpoint::start(addr, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
+                Endpoint::start(fd, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
                     .map_err(StartError::Metrics)?;
             server.endpoint = Some(endpoint);
         }

@@ -79,13 +79,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Binds `addr` and serves it on a new thread.
+    /// Binds `addr` as the endpoint's listener, with the endpoint's own backlog.
+    pub fn bind(addr: SocketAddr) -> io::Result<OwnedFd> {
+        socket::listen(addr, BACKLOG)
+    }
+
+    /// Serves `listener` (bound by [`Endpoint::bind`], or inherited) on a new thread.
     pub(crate) fn start(
-        addr: SocketAddr,
+        listener: OwnedFd,
         metrics: Arc<Metrics>,
         shared: Arc<Lifecycle>,
     ) -> io::Result<Endpoint> {
-        let listener = socket::listen(addr, BACKLOG)?;
         let addr = socket::local_addr(listener.as_fd())?;
         let epoll = Epoll::new()?;
         let stop = EventFd::new()?;

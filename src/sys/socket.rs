@@ -370,3 +370,42 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
     }
 }
+
+/// Takes over a listening socket this process did not bind (socket activation, or a
+/// reload handing it down): checks that it is a listening TCP socket, makes it
+/// non-blocking (the acceptor accepts until EAGAIN) and close-on-exec, and returns
+/// the address it is bound to.
+pub fn adopt_listener(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let raw = fd.as_raw_fd();
+    let kind = get_int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+        .map_err(|e| super::context(e, format!("getsockopt SO_TYPE fd {raw}")))?;
+    let listening = get_int_option(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+        .map_err(|e| super::context(e, format!("getsockopt SO_ACCEPTCONN fd {raw}")))?;
+    let addr = local_addr(fd)?;
+    if kind != libc::SOCK_STREAM || listening == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} ({addr}) is not a listening TCP socket"),
+        ));
+    }
+    set_nonblocking_cloexec(fd)?;
+    Ok(addr)
+}
+
+/// Sets O_NONBLOCK and FD_CLOEXEC on a descriptor this process was handed.
+pub fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl with F_GETFL/F_SETFL/F_GETFD/F_SETFD takes and returns plain ints.
+    let status = syscall!(fcntl(raw, libc::F_GETFL))
+        .map_err(|e| super::context(e, format!("fcntl F_GETFL fd {raw}")))?;
+    // SAFETY: as above.
+    syscall!(fcntl(raw, libc::F_SETFL, status | libc::O_NONBLOCK))
+        .map_err(|e| super::context(e, format!("fcntl F_SETFL O_NONBLOCK fd {raw}")))?;
+    // SAFETY: as above.
+    let fd_flags = syscall!(fcntl(raw, libc::F_GETFD))
+        .map_err(|e| super::context(e, format!("fcntl F_GETFD fd {raw}")))?;
+    // SAFETY: as above.
+    syscall!(fcntl(raw, libc::F_SETFD, fd_flags | libc::FD_CLOEXEC))
+        .map_err(|e| super::context(e, format!("fcntl F_SETFD FD_CLOEXEC fd {raw}")))?;
+    Ok(())
+}
