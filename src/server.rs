@@ -180,9 +180,8 @@ impl Server {
             .spawn(move || acceptor.run())?;
         server.threads.push(thread);
         if let Some(fd) = sockets.metrics {
-            let endpoint =
-                Endpoint::start(fd, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
-                    .map_err(StartError::Metrics)?;
+            let endpoint = Endpoint::start(fd, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
+                .map_err(StartError::Metrics)?;
             server.endpoint = Some(endpoint);
         }
         Ok(server)

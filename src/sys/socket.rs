@@ -342,35 +342,6 @@ fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn raw_address_round_trip() {
-        for addr in ["127.0.0.1:7000", "[::1]:8080", "[fe80::1%2]:1", "0.0.0.0:0"] {
-            let addr: SocketAddr = addr.parse().unwrap();
-            let (raw, _) = to_raw(&addr);
-            assert_eq!(from_raw(&raw), Some(addr));
-        }
-    }
-
-    #[test]
-    fn listen_on_port_zero_reports_the_bound_port() {
-        let fd = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let addr = local_addr(fd.as_fd()).unwrap();
-        assert_eq!(addr.ip(), Ipv4Addr::LOCALHOST);
-        assert_ne!(addr.port(), 0);
-    }
-
-    #[test]
-    fn accept_on_an_empty_queue_would_block() {
-        let fd = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
-        let err = accept(fd.as_fd()).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
-    }
-}
-
 /// Takes over a listening socket this process did not bind (socket activation, or a
 /// reload handing it down): checks that it is a listening TCP socket, makes it
 /// non-blocking (the acceptor accepts until EAGAIN) and close-on-exec, and returns
@@ -408,4 +379,33 @@ pub fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     syscall!(fcntl(raw, libc::F_SETFD, fd_flags | libc::FD_CLOEXEC))
         .map_err(|e| super::context(e, format!("fcntl F_SETFD FD_CLOEXEC fd {raw}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_address_round_trip() {
+        for addr in ["127.0.0.1:7000", "[::1]:8080", "[fe80::1%2]:1", "0.0.0.0:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let (raw, _) = to_raw(&addr);
+            assert_eq!(from_raw(&raw), Some(addr));
+        }
+    }
+
+    #[test]
+    fn listen_on_port_zero_reports_the_bound_port() {
+        let fd = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(fd.as_fd()).unwrap();
+        assert_eq!(addr.ip(), Ipv4Addr::LOCALHOST);
+        assert_ne!(addr.port(), 0);
+    }
+
+    #[test]
+    fn accept_on_an_empty_queue_would_block() {
+        let fd = listen("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let err = accept(fd.as_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+    }
 }
