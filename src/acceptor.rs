@@ -126,6 +126,16 @@ impl Acceptor {
             }
         }
         let _ = self.wake.drain();
+        // Connections the kernel completed and queued are clients that already sent
+        // their SYN, and often their data: closing the listener would reset them. They
+        // are accepted and served like any open connection (draining), and only then
+        // is the listener closed. A SYN that arrives between this last accept and the
+        // close is still reset by the kernel; `--shutdown-delay` exists so that load
+        // balancers stop sending before that moment.
+        self.paused_until = None;
+        for i in 0..self.listeners.len() {
+            self.accept_all(i);
+        }
         let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr.to_string()).collect();
         // Closing the listeners makes new connection attempts fail at once (RST).
         self.listeners.clear();
@@ -139,6 +149,9 @@ impl Acceptor {
 
     /// Accepts from listener `i` until its queue is empty (its edge is spent).
     fn accept_all(&mut self, i: usize) {
+        if self.lifecycle.accepting_held() {
+            return;
+        }
         loop {
             match socket::accept(self.listeners[i].fd.as_fd()) {
                 Ok((fd, peer)) => {

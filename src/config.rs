@@ -79,6 +79,10 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// Time open connections get to flush what is owed once draining begins.
     pub drain_timeout: Duration,
+    /// On SIGTERM, how long `/readyz` answers 503 while connections are still
+    /// accepted, before the drain begins: time for a load balancer or a Kubernetes
+    /// Service to take this instance out of rotation, so no client meets a closed port.
+    pub shutdown_delay: Duration,
     /// Address of the Prometheus endpoint; None: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// The response and limits of http mode.
@@ -292,6 +296,7 @@ impl Config {
             // peer vanished) must not live forever; nginx's proxy_timeout is 10m too.
             idle_timeout: (mode == Mode::Relay).then_some(DEFAULT_RELAY_IDLE_TIMEOUT),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            shutdown_delay: Duration::ZERO,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
             http: HttpConfig::default(),
             relay: RelayConfig::default(),

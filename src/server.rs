@@ -249,8 +249,23 @@ impl Server {
         }
     }
 
-    /// Starts a graceful drain with the configured `drain_timeout`: the listeners close
-    /// at once, connections flush what they owe, then the workers exit. Idempotent.
+    /// Makes the acceptor leave new connections in the kernel's accept queue until
+    /// the drain begins, as a process too busy to accept would: a test hook for what
+    /// the drain does with a full backlog.
+    #[doc(hidden)]
+    pub fn hold_accepting(&self) {
+        self.lifecycle.hold_accepting();
+    }
+
+    /// Tells load balancers to stop sending connections (`/readyz` answers 503) while
+    /// connections are still accepted: the start of `--shutdown-delay`.
+    pub fn set_unready(&self) {
+        self.lifecycle.set_unready();
+    }
+
+    /// Starts a graceful drain with the configured `drain_timeout`: the connections
+    /// already in the accept queues are accepted, then the listeners close;
+    /// connections flush what they owe, then the workers exit. Idempotent.
     pub fn begin_drain(&self) {
         self.begin_drain_within(self.config.drain_timeout);
     }

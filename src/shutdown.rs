@@ -12,8 +12,15 @@ use parking_lot::Mutex;
 /// [`Server`]: crate::Server
 #[derive(Debug, Default)]
 pub struct Lifecycle {
-    /// Set when draining begins; `/readyz` answers 503 from then on.
+    /// Set when the server should leave its load balancer (SIGTERM with
+    /// `--shutdown-delay`, or draining): `/readyz` answers 503 from then on, while
+    /// connections are still accepted until draining begins.
+    unready: AtomicBool,
+    /// Set when draining begins.
     draining: AtomicBool,
+    /// The acceptor leaves connections in the accept queue until draining begins:
+    /// a test hook standing for a process too busy to accept.
+    hold_accepting: AtomicBool,
     /// When the drain gives up on connections that still owe bytes.
     deadline: Mutex<Option<Instant>>,
     /// Why the server can no longer serve (a worker's event loop died); the binary
@@ -24,6 +31,27 @@ pub struct Lifecycle {
 impl Lifecycle {
     pub fn new() -> Lifecycle {
         Lifecycle::default()
+    }
+
+    /// Whether `/readyz` should still answer 200.
+    pub fn is_ready(&self) -> bool {
+        !self.unready.load(Ordering::SeqCst)
+    }
+
+    /// Tells load balancers to stop sending new connections (`/readyz` turns 503);
+    /// accepting goes on until [`Lifecycle::begin_drain`].
+    pub fn set_unready(&self) {
+        self.unready.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the acceptor should leave the accept queue alone for now.
+    pub fn accepting_held(&self) -> bool {
+        self.hold_accepting.load(Ordering::SeqCst) && !self.is_draining()
+    }
+
+    /// See `hold_accepting`.
+    pub fn hold_accepting(&self) {
+        self.hold_accepting.store(true, Ordering::SeqCst);
     }
 
     pub fn is_draining(&self) -> bool {
@@ -37,6 +65,7 @@ impl Lifecycle {
             return false;
         }
         *slot = Some(deadline);
+        self.unready.store(true, Ordering::SeqCst);
         self.draining.store(true, Ordering::SeqCst);
         true
     }

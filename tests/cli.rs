@@ -271,6 +271,48 @@ fn sigterm_drains_owed_bytes_and_exits_0() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `--shutdown-delay`: on SIGTERM `/readyz` turns 503 at once while new connections
+/// are still accepted and served for the delay; then the drain closes the port.
+#[test]
+fn shutdown_delay_keeps_accepting_while_readyz_is_503() {
+    let (mut child, addr, metrics) =
+        spawn_server(&["--metrics-listen", "127.0.0.1:0", "--shutdown-delay", "2"]);
+    let metrics = metrics.expect("the start-up line names the metrics address");
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    let mut before = connect(addr);
+    echo_roundtrip(&mut before, b"before");
+
+    let signalled = std::time::Instant::now();
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("/readyz to turn 503", || {
+        http_get(metrics, "/readyz").0 == 503
+    });
+    // A load balancer that has not noticed yet still gets served, and so does the
+    // connection that was open.
+    let mut late = connect(addr);
+    echo_roundtrip(&mut late, b"still accepted during the delay");
+    echo_roundtrip(&mut before, b"still served");
+    assert!(
+        signalled.elapsed() < Duration::from_millis(1500),
+        "the checks above ran inside the delay"
+    );
+    drop((before, late));
+
+    wait_for("the drain to close the port", || {
+        std::net::TcpStream::connect(addr).is_err()
+    });
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "not before the delay"
+    );
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn pin_workers_puts_worker_i_on_core_i() {
     let cores = core_affinity::get_core_ids().unwrap_or_default();

@@ -105,3 +105,49 @@ fn drain_gives_up_on_a_peer_that_never_reads_at_the_deadline() {
     };
     assert!(ended);
 }
+
+/// Clients the kernel completed and queued before the drain (the process was too busy
+/// to accept them) have sent their data: the drain serves them, it does not reset them
+/// by closing the listener under them.
+#[test]
+fn connections_queued_in_the_backlog_at_the_drain_are_served_not_reset() {
+    let server = echo_server(2, |c| c.drain_timeout = Duration::from_secs(10));
+    let addr = server.local_addr();
+    server.hold_accepting();
+    let mut clients: Vec<(TcpStream, Vec<u8>)> = (0..5u64)
+        .map(|i| {
+            let mut c = connect(addr);
+            let data = pattern(40 + i, 0, 1000 + i as usize * 3000);
+            c.write_all(&data).unwrap();
+            (c, data)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(server.open_connections(), 0, "the queue was left alone");
+
+    server.begin_drain();
+    for (i, (client, data)) in clients.iter_mut().enumerate() {
+        let (back, ending) = read_until_end(client);
+        assert!(
+            matches!(ending, Ending::Fin),
+            "client {i}: {ending:?}, not a FIN after its echo"
+        );
+        assert_same(data, &back);
+    }
+    let metrics = server.metrics().clone();
+    server.join();
+    let stats = metrics.worker_stats();
+    assert_eq!(stats.iter().map(|s| s.accepted).sum::<u64>(), 5);
+    let shutdown: u64 = stats
+        .iter()
+        .map(|s| s.closed_for(CloseReason::Shutdown))
+        .sum();
+    assert_eq!(shutdown, 5);
+    assert_eq!(
+        stats
+            .iter()
+            .map(|s| s.aborted.iter().sum::<u64>())
+            .sum::<u64>(),
+        0
+    );
+}

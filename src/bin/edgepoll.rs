@@ -217,6 +217,11 @@ struct ServerArgs {
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
     drain_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, keep accepting for this long with /readyz answering 503,
+    /// so load balancers stop sending first; then drain
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_duration)]
+    shutdown_delay: Duration,
+
     /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz), or "off"
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464")]
     metrics_listen: String,
@@ -346,6 +351,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             anyhow::bail!("the server stopped by itself; see the errors above");
         }
     };
+    if let (Some(sig), false) = (sig, server.config().shutdown_delay.is_zero()) {
+        let delay = server.config().shutdown_delay;
+        server.set_unready();
+        tracing::info!(
+            "{} received: /readyz answers 503; accepting for {delay:?} more before draining",
+            edgepoll::sys::signal::name(sig)
+        );
+        let until = std::time::Instant::now() + delay;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Some(again) = signals.wait(left.min(Duration::from_millis(200)))? {
+                tracing::info!(
+                    "{} received again: draining now",
+                    edgepoll::sys::signal::name(again)
+                );
+                break;
+            }
+            if server.failure().is_some() {
+                break;
+            }
+        }
+    }
     match (sig, &failure) {
         (Some(sig), _) => tracing::info!(
             "{} received: draining {} connections for up to {:?}",
@@ -405,6 +435,7 @@ fn build_config(config: &mut Config, args: ServerArgs) -> anyhow::Result<()> {
         config.idle_timeout = args.idle_timeout;
     }
     config.drain_timeout = args.drain_timeout;
+    config.shutdown_delay = args.shutdown_delay;
     config.metrics_listen = match args.metrics_listen.as_str() {
         "off" | "none" | "" => None,
         s => Some(

@@ -48,6 +48,7 @@ impl Routes {
             "/metrics" => (200, prometheus::TEXT_FORMAT, self.metrics.encode()),
             "/healthz" => (200, TEXT, b"ok\n".to_vec()),
             _ if self.shared.is_draining() => (503, TEXT, b"draining\n".to_vec()),
+            _ if !self.shared.is_ready() => (503, TEXT, b"shutting down\n".to_vec()),
             _ => (200, TEXT, b"ready\n".to_vec()),
         }
     }
