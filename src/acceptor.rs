@@ -96,7 +96,7 @@ impl Acceptor {
         for i in 0..self.listeners.len() {
             self.accept_all(i);
         }
-        while !self.lifecycle.is_draining() {
+        while !self.lifecycle.is_draining() && self.lifecycle.handover().is_none() {
             let timeout = self
                 .paused_until
                 .map(|t| t.saturating_duration_since(Instant::now()));
@@ -105,7 +105,7 @@ impl Acceptor {
                 std::thread::sleep(EXHAUSTED_PAUSE);
                 continue;
             }
-            if self.lifecycle.is_draining() {
+            if self.lifecycle.is_draining() || self.lifecycle.handover().is_some() {
                 break;
             }
             if let Some(until) = self.paused_until {
@@ -126,6 +126,10 @@ impl Acceptor {
             }
         }
         let _ = self.wake.drain();
+        if let Some(drain) = self.lifecycle.handover() {
+            self.hand_over(&drain);
+            return;
+        }
         // Connections the kernel completed and queued are clients that already sent
         // their SYN, and often their data: closing the listener would reset them. They
         // are accepted and served like any open connection (draining), and only then
@@ -145,6 +149,21 @@ impl Acceptor {
             let _ = worker.tx.send(Msg::Drain(deadline));
             let _ = worker.waker.notify();
         }
+    }
+
+    /// Stops for a reload. A listener the new process took is shared with it, so
+    /// closing this process's descriptor leaves it open and its queue to the new
+    /// process; a listener it did not take (its address left the configuration) is
+    /// emptied first, and its connections move with the others.
+    fn hand_over(&mut self, drain: &[bool]) {
+        self.paused_until = None;
+        for i in 0..self.listeners.len() {
+            if drain.get(i).copied().unwrap_or(true) {
+                self.accept_all(i);
+                tracing::info!("stopped listening on {}", self.listeners[i].addr);
+            }
+        }
+        self.listeners.clear();
     }
 
     /// Accepts from listener `i` until its queue is empty (its edge is spent).

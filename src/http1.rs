@@ -46,6 +46,29 @@ impl Chunked {
         }
     }
 
+    /// Where the body stands, as two numbers (for a connection handed to another
+    /// process): the part being read, and the data bytes left in the chunk.
+    pub fn to_parts(self) -> (u8, u64) {
+        match self.state {
+            ChunkState::Size => (0, 0),
+            ChunkState::Data { remaining } => (1, remaining),
+            ChunkState::DataEnd => (2, 0),
+            ChunkState::Trailers => (3, 0),
+        }
+    }
+
+    /// The inverse of [`Chunked::to_parts`]; None for parts no body can be in.
+    pub fn from_parts(part: u8, remaining: u64) -> Option<Chunked> {
+        let state = match part {
+            0 => ChunkState::Size,
+            1 => ChunkState::Data { remaining },
+            2 => ChunkState::DataEnd,
+            3 => ChunkState::Trailers,
+            _ => return None,
+        };
+        Some(Chunked { state })
+    }
+
     /// Consumes body bytes from the front of `buf`. Returns how many were consumed and
     /// whether the body ended there. Fewer than `buf.len()` consumed without the end
     /// means a line is incomplete: call again with those bytes and more.

@@ -67,6 +67,7 @@
 mod acceptor;
 pub mod config;
 pub mod conn;
+pub mod handover;
 pub mod http1;
 pub mod limits;
 pub mod load;
@@ -80,4 +81,4 @@ mod worker;
 
 pub use config::{Config, Mode};
 pub use metrics::{CloseReason, RejectReason, WorkerStats};
-pub use server::{Server, Sockets, StartError};
+pub use server::{HandOver, Server, Sockets, StartError};

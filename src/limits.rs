@@ -89,6 +89,26 @@ impl Limits {
         })
     }
 
+    /// Counts a connection that arrived established from the process a reload
+    /// replaced. It is never refused: it was admitted once, and refusing it now would
+    /// cut it. Over a limit lowered by the reload, new connections are refused until
+    /// the count falls below it.
+    pub fn acquire_moved(self: &Arc<Self>, ip: Option<IpAddr>) -> ConnPermit {
+        let counted_ip = match (&self.per_ip, ip) {
+            (Some(per_ip), Some(ip)) => {
+                let ip = ip.to_canonical();
+                *per_ip.open.lock().entry(ip).or_insert(0) += 1;
+                Some(ip)
+            }
+            _ => None,
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        ConnPermit {
+            limits: Arc::clone(self),
+            ip: counted_ip,
+        }
+    }
+
     /// Connections holding a permit now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)

@@ -17,6 +17,7 @@ use crate::config::{Config, ConfigError, Mode};
 use crate::limits::Limits;
 use crate::metrics::endpoint::Endpoint;
 use crate::metrics::{Metrics, WorkerStats};
+use crate::mode::moved::Moved;
 use crate::mode::relay::Upstreams;
 use crate::shutdown::Lifecycle;
 use crate::sys::eventfd::EventFd;
@@ -64,6 +65,14 @@ impl Sockets {
     }
 }
 
+/// The connections of a server being handed over (see [`Server::hand_over`]).
+pub struct HandOver {
+    /// Each connection, and one `None` per worker when it is done.
+    pub rx: crossbeam_channel::Receiver<Option<Moved>>,
+    /// Workers that will send their `None`.
+    pub workers: usize,
+}
+
 /// A running server.
 pub struct Server {
     config: Config,
@@ -74,7 +83,15 @@ pub struct Server {
     acceptor_wake: Option<Arc<EventFd>>,
     workers: Vec<WorkerHandle>,
     threads: Vec<JoinHandle<()>>,
+    /// The acceptor's thread, apart from the workers': a reload stops it first.
+    acceptor_thread: Option<JoinHandle<()>>,
     endpoint: Option<Endpoint>,
+    /// Second descriptors of the listeners (in `local_addrs` order) and of the
+    /// metrics listener, for a reload to hand to the new process.
+    listener_dups: Vec<OwnedFd>,
+    metrics_dup: Option<OwnedFd>,
+    /// The worker that gets the next connection moved in by a reload.
+    next_adopt: std::sync::atomic::AtomicUsize,
 }
 
 impl Server {
@@ -97,6 +114,15 @@ impl Server {
             listeners.push(Listener { fd, addr });
         }
         let local_addrs = listeners.iter().map(|l| l.addr).collect();
+        let listener_dups = listeners
+            .iter()
+            .map(|l| l.fd.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        let metrics_dup = sockets
+            .metrics
+            .as_ref()
+            .map(|m| m.try_clone())
+            .transpose()?;
         let metrics = Metrics::new(&config)?;
         let shared = WorkerShared {
             limits: Limits::new(
@@ -117,7 +143,11 @@ impl Server {
             acceptor_wake: None,
             workers: Vec::new(),
             threads: Vec::new(),
+            acceptor_thread: None,
             endpoint: None,
+            listener_dups,
+            metrics_dup,
+            next_adopt: std::sync::atomic::AtomicUsize::new(0),
         };
         // On any error below, dropping `server` stops what has started.
         let cores = if config.pin_workers {
@@ -178,7 +208,7 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("edgepoll-accept".into())
             .spawn(move || acceptor.run())?;
-        server.threads.push(thread);
+        server.acceptor_thread = Some(thread);
         if let Some(fd) = sockets.metrics {
             let endpoint = Endpoint::start(fd, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
                 .map_err(StartError::Metrics)?;
@@ -293,6 +323,68 @@ impl Server {
     /// Whether every acceptor and worker thread has exited.
     pub fn is_finished(&self) -> bool {
         self.threads.iter().all(|t| t.is_finished())
+            && self
+                .acceptor_thread
+                .as_ref()
+                .is_none_or(|t| t.is_finished())
+    }
+
+    /// The listening sockets (in [`Server::local_addrs`] order) and the metrics
+    /// listener, for a reload to hand to the process that replaces this one.
+    pub fn listeners(&self) -> (&[OwnedFd], Option<&OwnedFd>) {
+        (&self.listener_dups, self.metrics_dup.as_ref())
+    }
+
+    /// Stops accepting and takes every connection out of the workers, for a reload.
+    /// Listener i's accept queue is emptied into the workers first when
+    /// `drain_listener[i]` is true (the new process did not take it); the others are
+    /// left to the new process. Each connection then arrives on the returned channel,
+    /// and one `None` per worker says that worker is done and has exited. Call
+    /// [`Server::join`] after the last.
+    pub fn hand_over(&mut self, drain_listener: Vec<bool>) -> HandOver {
+        self.lifecycle.begin_handover(drain_listener);
+        if let Some(wake) = &self.acceptor_wake {
+            if let Err(e) = wake.wake() {
+                tracing::error!("waking the acceptor: {e}");
+            }
+        }
+        if let Some(t) = self.acceptor_thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the acceptor thread panicked");
+            }
+        }
+        self.listener_dups.clear();
+        self.metrics_dup = None;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut workers = 0;
+        for w in &self.workers {
+            if w.tx.send(Msg::Export(tx.clone())).is_ok() {
+                workers += 1;
+                let _ = w.waker.notify();
+            }
+        }
+        HandOver { rx, workers }
+    }
+
+    /// Gives a connection that a reload moved here to the next worker.
+    pub fn adopt(&self, moved: Moved) {
+        let n = self.workers.len();
+        let mut msg = Msg::Adopt(moved);
+        for _ in 0..n {
+            let i = self
+                .next_adopt
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % n;
+            match self.workers[i].tx.send(msg) {
+                Ok(()) => {
+                    let _ = self.workers[i].waker.notify();
+                    self.metrics.reload.moved.inc();
+                    return;
+                }
+                Err(returned) => msg = returned.into_inner(),
+            }
+        }
+        tracing::error!("no worker left to take a connection that moved here");
     }
 
     /// Waits for the acceptor and workers to exit (after [`Server::begin_drain`]), then
@@ -308,7 +400,12 @@ impl Server {
     }
 
     fn join_threads(&mut self) {
-        for t in self.threads.drain(..) {
+        for t in self
+            .acceptor_thread
+            .take()
+            .into_iter()
+            .chain(self.threads.drain(..))
+        {
             if t.join().is_err() {
                 tracing::error!("a server thread panicked");
             }
@@ -320,7 +417,7 @@ impl Server {
 impl Drop for Server {
     /// A server dropped without `shutdown` stops at once: open connections are closed.
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if !self.threads.is_empty() || self.acceptor_thread.is_some() {
             self.begin_drain_within(Duration::ZERO);
             self.join_threads();
         }

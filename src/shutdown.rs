@@ -18,6 +18,10 @@ pub struct Lifecycle {
     unready: AtomicBool,
     /// Set when draining begins.
     draining: AtomicBool,
+    /// A reload is handing the server to a new process: the acceptor stops. Listener
+    /// i's accept queue is accepted first when entry i is true (the new process did
+    /// not take that listener), and left to the new process otherwise.
+    handing_over: Mutex<Option<Vec<bool>>>,
     /// The acceptor leaves connections in the accept queue until draining begins:
     /// a test hook standing for a process too busy to accept.
     hold_accepting: AtomicBool,
@@ -42,6 +46,16 @@ impl Lifecycle {
     /// accepting goes on until [`Lifecycle::begin_drain`].
     pub fn set_unready(&self) {
         self.unready.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops the acceptor for a hand-over (see `handing_over`).
+    pub fn begin_handover(&self, drain_listener: Vec<bool>) {
+        *self.handing_over.lock() = Some(drain_listener);
+    }
+
+    /// Whether a hand-over has begun, and which listeners to empty before it.
+    pub fn handover(&self) -> Option<Vec<bool>> {
+        self.handing_over.lock().clone()
     }
 
     /// Whether the acceptor should leave the accept queue alone for now.

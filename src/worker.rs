@@ -73,6 +73,7 @@ use crate::conn::{flags, Slab, Token};
 use crate::limits::{ConnPermit, Limits};
 use crate::metrics::{CloseReason, Counters, RejectReason, WorkerMetrics, PUBLISH_INTERVAL};
 use crate::mode::http::Responder;
+use crate::mode::moved::Moved;
 use crate::mode::relay::{Relay, Upstreams};
 use crate::mode::READ_BUFFER_SIZE;
 use crate::mode::{closing_reason, Conn, Ctx, Edge, Handler, Step, Wake, LINGER_MS};
@@ -95,6 +96,19 @@ pub(crate) enum Msg {
     /// Fail as if `epoll_wait` had (fault injection for tests of what a dead worker
     /// does to the process).
     Fail,
+    /// A reload: take every connection apart, send each on the channel (then `None`),
+    /// and exit.
+    Export(Sender<Option<Moved>>),
+    /// A connection that arrived from the process a reload replaced.
+    Adopt(Moved),
+}
+
+/// Whether the worker goes on after taking its messages.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    Serving,
+    /// Every connection was handed over: the worker exits.
+    Exported,
 }
 
 /// The wake-up of one worker, shared with the acceptor.
@@ -264,7 +278,9 @@ impl Worker {
             // worker still reaches the whole room over a few turns.
             let room = self.limits.buffered_room();
             self.counters.global_room = if room > 0 { room / self.workers } else { room };
-            self.take_messages()?;
+            if self.take_messages()? == Turn::Exported {
+                return Ok(());
+            }
             for i in 0..self.events.len() {
                 let event = self.events.get(i);
                 let token = Token(event.token);
@@ -349,15 +365,95 @@ impl Worker {
         self.now_ms = now_ms;
     }
 
-    fn take_messages(&mut self) -> io::Result<()> {
+    fn take_messages(&mut self) -> io::Result<Turn> {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
                 Msg::Conn(fd, permit) => self.register(fd, permit),
                 Msg::Drain(deadline) => self.begin_drain(deadline),
                 Msg::Fail => return Err(io::Error::other("injected worker failure")),
+                Msg::Export(tx) => {
+                    self.export(&tx);
+                    return Ok(Turn::Exported);
+                }
+                Msg::Adopt(moved) => self.adopt(moved),
             }
         }
-        Ok(())
+        Ok(Turn::Serving)
+    }
+
+    /// Hands every connection to `tx`, for the process that replaces this one. Nothing
+    /// is closed and nothing is counted as closed: the connections live on there.
+    fn export(&mut self, tx: &Sender<Option<Moved>>) {
+        let tokens = self.slab.tokens();
+        let n = tokens.len();
+        for token in tokens {
+            let Some(mut conn) = self.slab.remove(token) else {
+                continue;
+            };
+            self.wheel.disarm(token, &mut conn.timer);
+            self.counters.active -= 1;
+            let held = buffered(&conn) as i64;
+            if held != 0 {
+                self.counters.buffered -= held;
+                self.limits.add_buffered(-held);
+            }
+            // Its epoll registrations go with this worker's epoll, closed when the
+            // worker exits right after; the sockets stay open in the message.
+            let moved = self.handler.export(conn, self.now_ms);
+            if tx.send(Some(moved)).is_err() {
+                // The hand-over was abandoned: the connection is lost with this process.
+                tracing::error!(worker = self.id, "hand-over channel closed");
+            }
+        }
+        let _ = tx.send(None);
+        tracing::debug!(worker = self.id, connections = n, "handed over");
+    }
+
+    /// Takes in a connection from the process a reload replaced.
+    fn adopt(&mut self, moved: Moved) {
+        let ip = moved
+            .fds
+            .first()
+            .and_then(|fd| socket::peer_addr(fd.as_fd()).ok())
+            .map(|a| a.ip());
+        let permit = self.limits.acquire_moved(ip);
+        let mut conn = match self.handler.import(moved, self.now_ms, Some(permit)) {
+            Ok(conn) => conn,
+            Err(e) => {
+                // A message this version cannot read: its sockets close (reset, since
+                // what they were owed is unknown) rather than go on wrong.
+                tracing::error!(
+                    worker = self.id,
+                    "{e}; resetting a connection that moved here"
+                );
+                self.metrics.reject(RejectReason::Error);
+                return;
+            }
+        };
+        if self.drain_deadline.is_some() {
+            conn.set(flags::DRAINING);
+        }
+        let held = buffered(&conn) as i64;
+        if held != 0 {
+            self.counters.buffered += held;
+            self.limits.add_buffered(held);
+        }
+        self.counters.active += 1;
+        let token = self.slab.insert(conn);
+        let Some(conn) = self.slab.get_mut(token) else {
+            unreachable!("a token just issued names its connection");
+        };
+        if let Err(e) = self.epoll.add(conn.fd.as_fd(), token.0, SOCKET_INTEREST) {
+            // As for a new connection (ENOMEM, ENOSPC); closed by the close rule.
+            tracing::warn!(
+                worker = self.id,
+                "{e}; closing a connection that moved here"
+            );
+            self.close(token, CloseReason::Error);
+            return;
+        }
+        self.serve(token, Wake::Moved);
+        self.push_ready(token);
     }
 
     fn register(&mut self, fd: OwnedFd, permit: ConnPermit) {

@@ -1,14 +1,16 @@
 //! `edgepoll`: argument parsing, logging and signals; the server is the library's.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use edgepoll::config::{self, parse_duration, parse_listen, parse_size, Config, Mode};
+use edgepoll::handover;
 use edgepoll::sys::{rlimit, signal::ShutdownSignals};
-use edgepoll::Server;
+use edgepoll::{Server, Sockets};
 
 #[derive(Parser)]
 #[command(
@@ -276,6 +278,16 @@ const FAULT_WORKER_ENV: &str = "EDGEPOLL_TEST_FAIL_WORKER";
 const USAGE_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The binary a reload starts: the path as it is on disk now (an upgraded package
+    // replaces the file), and the same arguments (a --config file is read anew).
+    let exe = std::env::current_exe()?;
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    // Started by a reload: the running process hands over its listeners and, once
+    // this one serves, its connections.
+    let mut predecessor = handover::predecessor()?;
+    // Listeners that came from systemd are kept whatever --listen says (socket
+    // activation is wired in by the systemd module; until then, never).
+    let activated = false;
     let (mode, args, http, relay) = match cli.mode {
         Command::Echo(args) => (Mode::Echo, args, None, None),
         Command::Http(http) => (Mode::Http, http.server, Some(http.response), None),
@@ -297,12 +309,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edgepoll: {e:#}");
+            if let Some(pred) = &predecessor {
+                pred.fail(&format!("{e:#}"));
+            }
             return Ok(ExitCode::from(USAGE_ERROR));
         }
     };
-    // Block SIGINT/SIGTERM before any thread starts, so all inherit the mask.
+    // Block SIGINT/SIGTERM/SIGHUP before any thread starts, so all inherit the mask.
     let signals = ShutdownSignals::block()?;
-    let server = Server::start(config)?;
+    let sockets = match predecessor.as_mut() {
+        Some(pred) => match pred.sockets(&config) {
+            Ok(s) => s,
+            Err(why) => {
+                pred.fail(&why);
+                anyhow::bail!("cannot take over from pid {}: {why}", pred.pid);
+            }
+        },
+        None => Sockets::bind(&config)?,
+    };
+    let server = match Server::start_with(config, sockets) {
+        Ok(server) => server,
+        Err(e) => {
+            if let Some(pred) = &predecessor {
+                pred.fail(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
     let listen: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
     let metrics = match server.metrics_addr() {
         Some(a) => format!("metrics on http://{a}/metrics"),
@@ -338,9 +371,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     {
         server.inject_worker_failure(id);
     }
+    if let Some(pred) = predecessor.take() {
+        let started = Instant::now();
+        let from = pred.pid;
+        match pred.take_over(&server) {
+            Ok(moved) => {
+                let m = &server.metrics().reload;
+                m.total.with_label_values(&["success"]).inc();
+                m.last_successful.set(1);
+                m.last_success_timestamp.set(edgepoll::metrics::unix_now());
+                tracing::info!(
+                    "reloaded: took over from pid {from} with {moved} connection{} moved in {} ms",
+                    if moved == 1 { "" } else { "s" },
+                    started.elapsed().as_millis()
+                );
+            }
+            // The predecessor died or broke the protocol mid-transfer: what arrived is
+            // served; what did not closed with it.
+            Err(e) => tracing::error!("taking over from pid {from}: {e}"),
+        }
+    }
     let mut failure = None;
+    let mut server = server;
     let sig = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200))? {
+            if sig == libc::SIGHUP {
+                server = match reload(server, &exe, &argv, activated) {
+                    Reloaded::HandedOver => return Ok(ExitCode::SUCCESS),
+                    Reloaded::Failed(server) => *server,
+                };
+                continue;
+            }
             break Some(sig);
         }
         if let Some(why) = server.failure() {
@@ -407,6 +468,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// How a reload ended for the running process.
+enum Reloaded {
+    /// The new process serves everything: this one exits.
+    HandedOver,
+    /// The new process could not start or refused: this one goes on serving.
+    Failed(Box<Server>),
+}
+
+/// SIGHUP: starts the binary on disk with the same arguments as this process's
+/// successor and hands it the listeners and the connections. On any failure before
+/// the successor is ready, it is killed and this process goes on as before; the
+/// failure is logged and counted.
+fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: bool) -> Reloaded {
+    let started = Instant::now();
+    tracing::info!("SIGHUP received: reloading ({})", exe.display());
+    let attempt =
+        handover::start_successor(&server, exe, args, activated).and_then(|mut s| {
+            match s.wait_ready() {
+                Ok(ready) => Ok((s, ready)),
+                Err(e) => {
+                    s.abort();
+                    Err(e)
+                }
+            }
+        });
+    let (successor, ready) = match attempt {
+        Ok(pair) => pair,
+        Err(e) => {
+            let m = &server.metrics().reload;
+            m.total.with_label_values(&["failure"]).inc();
+            m.last_successful.set(0);
+            tracing::error!("reload failed: {e}; still serving with the running configuration");
+            return Reloaded::Failed(Box::new(server));
+        }
+    };
+    tracing::info!(
+        "pid {} is serving; handing over {} connections",
+        ready.pid,
+        server.open_connections()
+    );
+    match successor.transfer(server, &ready) {
+        Ok(moved) => tracing::info!(
+            "handed over to pid {} ({moved} connections) in {} ms; exiting",
+            ready.pid,
+            started.elapsed().as_millis()
+        ),
+        Err(e) => tracing::error!("handing over to pid {}: {e}; exiting", ready.pid),
+    }
+    Reloaded::HandedOver
 }
 
 /// Applies the flags every mode shares, and fits `--max-connections` to the

@@ -5,6 +5,7 @@
 //! (in practice every [`PUBLISH_INTERVAL`], and before it goes to sleep), which adds the
 //! deltas to label children that were looked up once at start-up.
 
+pub mod carry;
 pub mod endpoint;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +20,13 @@ use prometheus::{
 };
 
 use crate::config::{Config, Mode};
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// How often a busy worker publishes its counters. A worker about to sleep publishes
 /// at once, so an idle server's counters are exact.
@@ -234,6 +242,23 @@ pub struct Metrics {
     /// Entries in worker i's timer wheel as last published (library stats only: it
     /// shows that entries do not pile up).
     timer_entries: Vec<AtomicUsize>,
+    /// Reloads, as Prometheus names its own configuration reload metrics.
+    pub reload: ReloadMetrics,
+    /// Counters of the processes this one replaced, added at every scrape.
+    carried: parking_lot::Mutex<Vec<prometheus::proto::MetricFamily>>,
+}
+
+/// What reloads did: kept by the process that reloads (a failure) or that a reload
+/// started (a success).
+pub struct ReloadMetrics {
+    /// 1 while the last reload succeeded (or none was tried), 0 after a failure.
+    pub last_successful: IntGauge,
+    /// Reloads by `result`: `success` or `failure`.
+    pub total: IntCounterVec,
+    /// Unix time of the start of this process, or of the last successful reload.
+    pub last_success_timestamp: prometheus::Gauge,
+    /// Established connections received from the process a reload replaced.
+    pub moved: IntCounter,
 }
 
 impl Metrics {
@@ -437,7 +462,39 @@ impl Metrics {
         }
         let peak_pending = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         let timer_entries = (0..workers).map(|_| AtomicUsize::new(0)).collect();
+        let reload = ReloadMetrics {
+            last_successful: IntGauge::new(
+                "edgepoll_config_last_reload_successful",
+                "Whether the last reload (SIGHUP) succeeded: 1, or 0 after a failed one.",
+            )?,
+            total: IntCounterVec::new(
+                Opts::new(
+                    "edgepoll_config_reloads_total",
+                    "Reloads (SIGHUP), by result: success or failure.",
+                ),
+                &["result"],
+            )?,
+            last_success_timestamp: prometheus::Gauge::new(
+                "edgepoll_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful reload, or of the start.",
+            )?,
+            moved: IntCounter::new(
+                "edgepoll_reload_connections_moved_total",
+                "Established connections received from the process a reload replaced.",
+            )?,
+        };
+        registry.register(Box::new(reload.last_successful.clone()))?;
+        registry.register(Box::new(reload.total.clone()))?;
+        registry.register(Box::new(reload.last_success_timestamp.clone()))?;
+        registry.register(Box::new(reload.moved.clone()))?;
+        for result in ["success", "failure"] {
+            reload.total.with_label_values(&[result]);
+        }
+        reload.last_successful.set(1);
+        reload.last_success_timestamp.set(unix_now());
         Ok(Arc::new(Metrics {
+            reload,
+            carried: parking_lot::Mutex::new(Vec::new()),
             http_requests,
             http_statuses,
             registry,
@@ -473,10 +530,24 @@ impl Metrics {
         let mut out = Vec::with_capacity(8192);
         // Encoding to a Vec cannot fail on I/O; a failure would be a metric family
         // without samples, which this registry never produces.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&self.families(), &mut out) {
             tracing::error!("encoding metrics: {e}");
         }
         out
+    }
+
+    /// Every metric family as exported: this process's, plus the counters carried
+    /// from the processes it replaced.
+    pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.registry.gather();
+        carry::merge(&mut families, &self.carried.lock());
+        families
+    }
+
+    /// Adds the counters of the process a reload replaced (see [`carry`]).
+    pub fn carry(&self, families: Vec<prometheus::proto::MetricFamily>) {
+        let mut carried = self.carried.lock();
+        carry::merge(&mut carried, &families);
     }
 
     /// The handles worker `id` publishes to, looked up once.

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::config::HttpConfig;
 use crate::conn::flags;
+use crate::handover::wire::{Reader, WireError, Writer};
 use crate::http1::{bare_lf, content_length, count_token, has_token, is_chunked, Chunked};
 use crate::metrics::http_index as idx;
 use crate::metrics::CloseReason;
@@ -57,6 +58,55 @@ impl State {
             .as_ref()
             .filter(|s| s.stalled)
             .map_or(0, |s| s.pending.len())
+    }
+
+    /// Writes the session for a hand-over to another process (see
+    /// `crate::handover`): input not yet answered, the body being skipped, and the
+    /// header deadline. Requests that arrive with it are answered by the new process's
+    /// response.
+    pub fn export(&self, w: &mut Writer, now_ms: u64) {
+        w.u64(super::relay::time_left(self.head_deadline_ms, now_ms));
+        let Some(s) = self.session.as_ref() else {
+            w.u8(0);
+            return;
+        };
+        w.u8(1).bytes(&s.pending).u8(s.stalled as u8);
+        match s.body {
+            Body::None => w.u8(0).u64(0),
+            Body::Length(n) => w.u8(1).u64(n),
+            Body::Chunked(c) => {
+                let (part, remaining) = c.to_parts();
+                w.u8(2 + part).u64(remaining)
+            }
+        };
+    }
+
+    /// Reads a session written by [`State::export`].
+    pub fn import(r: &mut Reader<'_>, now_ms: u64) -> Result<State, WireError> {
+        let head_deadline_ms = super::relay::deadline_in(r.u64()?, now_ms);
+        if r.u8()? == 0 {
+            return Ok(State {
+                session: None,
+                head_deadline_ms,
+            });
+        }
+        let pending = r.bytes()?.to_vec();
+        let stalled = r.u8()? != 0;
+        let body = match (r.u8()?, r.u64()?) {
+            (0, _) => Body::None,
+            (1, n) => Body::Length(n),
+            (k, remaining) => Body::Chunked(
+                Chunked::from_parts(k - 2, remaining).ok_or(WireError("unknown body state"))?,
+            ),
+        };
+        Ok(State {
+            session: Some(Box::new(Session {
+                pending,
+                body,
+                stalled,
+            })),
+            head_deadline_ms,
+        })
     }
 
     fn is_stalled(&self) -> bool {

@@ -3,6 +3,7 @@
 
 pub mod echo;
 pub mod http;
+pub mod moved;
 pub mod proxy;
 pub mod relay;
 
@@ -109,6 +110,8 @@ pub enum Wake {
     Ready,
     /// Its mode deadline passed.
     Timer,
+    /// It just arrived from the process a reload replaced.
+    Moved,
 }
 
 /// Which socket an event is for, and what it reported.
@@ -146,11 +149,13 @@ impl Handler {
         match self {
             Handler::Echo => match wake {
                 Wake::Timer | Wake::Open => Step::Idle,
+                Wake::Moved => echo::serve(conn, ctx, false),
                 _ => echo::serve(conn, ctx, matches!(wake, Wake::Edge(e) if e.readable)),
             },
             Handler::Http(r) => match wake {
                 Wake::Timer => http::on_deadline(conn, ctx, r),
                 Wake::Open => Step::Idle,
+                Wake::Moved => http::serve(conn, ctx, false, r),
                 _ => http::serve(conn, ctx, matches!(wake, Wake::Edge(e) if e.readable), r),
             },
             Handler::Relay(r) => match wake {
@@ -158,6 +163,7 @@ impl Handler {
                 Wake::Timer => relay::on_deadline(conn, ctx, r),
                 Wake::Edge(e) => relay::serve(conn, ctx, r, Some(e)),
                 Wake::Ready => relay::serve(conn, ctx, r, None),
+                Wake::Moved => relay::moved(conn, ctx, r),
             },
         }
     }

@@ -51,6 +51,7 @@ use prometheus::IntGauge;
 use super::{room, Conn, Ctx, Edge, Step, READ_BUDGET, READ_BUFFER_SIZE};
 use crate::config::{Balance, RelayConfig};
 use crate::conn::Outbound;
+use crate::handover::wire::{Reader, WireError, Writer};
 use crate::metrics::{CloseReason, ConnectError, Counters, Metrics, UpstreamMetrics};
 use crate::sys::epoll::SOCKET_INTEREST;
 use crate::sys::socket;
@@ -954,4 +955,182 @@ fn splice_once(
         Err(e) => return Err(Fault::Dst(e)),
     }
     Ok(n)
+}
+
+/// A deadline (worker ms, 0 for none) as the time left from `now_ms`, for a hand-over:
+/// the two processes' clocks differ. A deadline already due stays due (1 ms).
+pub(crate) fn time_left(deadline_ms: u64, now_ms: u64) -> u64 {
+    if deadline_ms == 0 {
+        0
+    } else {
+        deadline_ms.saturating_sub(now_ms).max(1)
+    }
+}
+
+/// The inverse of [`time_left`] in the receiving process.
+pub(crate) fn deadline_in(left_ms: u64, now_ms: u64) -> u64 {
+    if left_ms == 0 {
+        0
+    } else {
+        now_ms + left_ms
+    }
+}
+
+impl Half {
+    fn export(&mut self, w: &mut Writer, fds: &mut Vec<OwnedFd>) {
+        w.bytes(self.pending.as_ref().map_or(&[][..], |p| p.as_slice()));
+        match self.pipe.take() {
+            Some(pipe) => {
+                w.u8(1);
+                fds.push(pipe.read);
+                fds.push(pipe.write);
+            }
+            None => {
+                w.u8(0);
+            }
+        }
+        w.u32(self.in_pipe).u32(self.header_left).u8(self.flags);
+    }
+
+    fn import(
+        r: &mut Reader<'_>,
+        fds: &mut impl Iterator<Item = OwnedFd>,
+    ) -> Result<Half, WireError> {
+        let pending = r.bytes()?;
+        let pipe = match r.u8()? {
+            0 => None,
+            _ => Some(Pipe {
+                read: fds
+                    .next()
+                    .ok_or(WireError("a pipe without its descriptors"))?,
+                write: fds
+                    .next()
+                    .ok_or(WireError("a pipe without its descriptors"))?,
+            }),
+        };
+        let in_pipe = r.u32()?;
+        let header_left = r.u32()?;
+        // The source may have input that arrived during the move: look without an edge.
+        let flags = r.u8()? | half::READY;
+        if header_left as usize > pending.len() || (pipe.is_none() && in_pipe != 0) {
+            return Err(WireError("a relay direction's counts disagree"));
+        }
+        Ok(Half {
+            pending: (!pending.is_empty()).then(|| Box::new(Outbound::from_slice(pending))),
+            pipe,
+            in_pipe,
+            header_left,
+            flags,
+        })
+    }
+}
+
+impl Pair {
+    /// Writes the pair for a hand-over to another process (see `crate::handover`):
+    /// its upstream socket and pipes go to `fds` in order, its bytes and states to `w`.
+    pub fn export(&mut self, w: &mut Writer, fds: &mut Vec<OwnedFd>, relay: &Relay, now_ms: u64) {
+        let addr = relay.upstreams.list.get(self.index).map(|u| u.addr);
+        match (self.upstream.take(), addr) {
+            (Some(fd), Some(addr)) => {
+                fds.push(fd);
+                w.u8(1).str(&addr.to_string());
+            }
+            _ => {
+                w.u8(0);
+            }
+        }
+        self.release();
+        w.u8(self.connecting_since.is_some() as u8)
+            .u64(time_left(self.connect_deadline_ms, now_ms))
+            .u64(time_left(self.reset_check_ms, now_ms))
+            .u64(time_left(self.reset_wait_until_ms, now_ms))
+            .u32(self.tries);
+        match self.failed {
+            None => w.u8(0).u8(0),
+            Some((side, reason)) => w.u8(1 + (side == Side::Upstream) as u8).u8(reason as u8),
+        };
+        self.c2u.export(w, fds);
+        self.u2c.export(w, fds);
+    }
+
+    /// Reads a pair written by [`Pair::export`]. Its upstream is matched to this
+    /// process's upstream list by address; an established pair whose upstream is no
+    /// longer listed keeps it (it is not counted in any upstream's gauge), and a
+    /// connect in progress to such an upstream is given up, to start again with a
+    /// listed one when the pair is first served.
+    pub fn import(
+        r: &mut Reader<'_>,
+        fds: &mut impl Iterator<Item = OwnedFd>,
+        relay: &Relay,
+        now_ms: u64,
+    ) -> Result<Pair, WireError> {
+        let mut pair = Pair::default();
+        if r.u8()? == 1 {
+            let fd = fds
+                .next()
+                .ok_or(WireError("an upstream without its descriptor"))?;
+            let addr = r.str()?;
+            let found = relay
+                .upstreams
+                .list
+                .iter()
+                .position(|u| u.addr.to_string() == addr);
+            pair.upstream = Some(fd);
+            if let Some(i) = found {
+                let up = &relay.upstreams.list[i];
+                up.metrics.active.inc();
+                pair.active = Some(up.metrics.active.clone());
+                pair.index = i;
+            }
+            let connecting = r.u8()? == 1;
+            if connecting && found.is_none() {
+                pair.upstream = None;
+            } else if connecting {
+                pair.connecting_since = Some(Instant::now());
+            }
+        } else {
+            r.u8()?;
+        }
+        let connect_left = r.u64()?;
+        if pair.connecting_since.is_some() {
+            pair.connect_deadline_ms = deadline_in(connect_left, now_ms);
+        }
+        pair.reset_check_ms = deadline_in(r.u64()?, now_ms);
+        pair.reset_wait_until_ms = deadline_in(r.u64()?, now_ms);
+        pair.tries = r.u32()?;
+        let failed_side = r.u8()?;
+        let reason = r.u8()?;
+        pair.failed = match failed_side {
+            0 => None,
+            n => {
+                let reason = *CloseReason::ALL
+                    .get(reason as usize)
+                    .ok_or(WireError("unknown close reason"))?;
+                Some((if n == 1 { Side::Client } else { Side::Upstream }, reason))
+            }
+        };
+        pair.c2u = Half::import(r, fds)?;
+        pair.u2c = Half::import(r, fds)?;
+        Ok(pair)
+    }
+}
+
+/// A pair that has just arrived from another process: its upstream socket joins this
+/// worker's epoll, and a pair whose connect was given up on import connects anew.
+pub fn moved(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
+    let p = pair(conn);
+    match p.upstream.as_ref() {
+        Some(up) => {
+            if let Err(e) = ctx
+                .epoll
+                .add(up.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
+            {
+                tracing::warn!("{e}; resetting a relayed pair that moved here");
+                return Step::Close(CloseReason::Error);
+            }
+        }
+        None if p.failed.is_none() => return connect_next(conn, ctx, relay),
+        None => {}
+    }
+    serve(conn, ctx, relay, None)
 }

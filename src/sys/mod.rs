@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod epoll;
 pub mod eventfd;
+pub mod fdpass;
 pub mod mem;
 pub mod poll;
 pub mod rlimit;

@@ -1,6 +1,6 @@
 //! Shutdown signals, taken synchronously.
 //!
-//! SIGINT and SIGTERM are blocked in the main thread before any other thread starts,
+//! SIGINT, SIGTERM and SIGHUP are blocked in the main thread before any other thread starts,
 //! so every thread inherits the mask and none is interrupted; the main thread then
 //! collects them with sigtimedwait(2). No handler runs, so nothing async-signal-unsafe
 //! can happen. SIGPIPE needs no handling: every socket write uses MSG_NOSIGNAL.
@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use super::syscall;
 
-/// The signals that ask edgepoll to drain and exit.
+/// The signals that ask edgepoll to drain and exit (SIGINT, SIGTERM) or to reload
+/// (SIGHUP).
 pub struct ShutdownSignals {
     set: libc::sigset_t,
 }
 
 impl ShutdownSignals {
-    /// Blocks SIGINT and SIGTERM in the calling thread. Call it before spawning
+    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread. Call it before spawning
     /// threads so they inherit the mask.
     pub fn block() -> io::Result<ShutdownSignals> {
         let mut set = MaybeUninit::<libc::sigset_t>::uninit();
@@ -28,6 +29,7 @@ impl ShutdownSignals {
             let mut set = set.assume_init();
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGHUP);
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             if rc != 0 {
                 return Err(super::context(
@@ -40,7 +42,7 @@ impl ShutdownSignals {
         Ok(ShutdownSignals { set })
     }
 
-    /// Waits up to `timeout` for SIGINT or SIGTERM; returns its number, or None.
+    /// Waits up to `timeout` for one of the signals; returns its number, or None.
     pub fn wait(&self, timeout: Duration) -> io::Result<Option<i32>> {
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as libc::time_t,
@@ -61,6 +63,7 @@ pub fn name(sig: i32) -> &'static str {
     match sig {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
         _ => "signal",
     }
 }

@@ -1,0 +1,113 @@
+//! A connection on its way to another process (a reload): its descriptors, and its
+//! state as bytes (`crate::handover::wire`). Everything a peer is owed or has sent
+//! moves with it: the outbound buffer, unanswered input, relay buffers and pipes,
+//! half-close flags and the time left on its deadlines. Bytes still in the kernel's
+//! socket queues need no moving: the sockets themselves move.
+
+use std::os::fd::OwnedFd;
+
+use super::{http, relay, Conn, Handler, State};
+use crate::conn::{flags, Outbound};
+use crate::handover::wire::{Reader, WireError, Writer};
+use crate::limits::ConnPermit;
+
+/// A connection taken out of a worker, ready to be sent.
+#[derive(Debug)]
+pub struct Moved {
+    /// The client socket first, then the mode's own (a relay's upstream and pipes).
+    pub fds: Vec<OwnedFd>,
+    pub state: Vec<u8>,
+}
+
+/// Mode tags of the encoding.
+const ECHO: u8 = 0;
+const HTTP: u8 = 1;
+const RELAY: u8 = 2;
+
+/// Flags that describe the peer and the stream, which move; the others describe this
+/// worker's lists and are set anew by the receiving worker.
+const MOVING_FLAGS: u16 = flags::PEER_FIN
+    | flags::PAUSED
+    | flags::INPUT_DONE
+    | flags::WRITE_SHUT
+    | flags::HUP_SEEN
+    | flags::PROTO_ERROR
+    | flags::TIMED_OUT
+    | flags::DRAINING;
+
+impl Handler {
+    /// Takes `conn` apart for a hand-over. Its timer entry must already be disarmed;
+    /// its permit is given back here (the receiving process counts it anew).
+    pub fn export(&self, mut conn: Conn, now_ms: u64) -> Moved {
+        let mut w = Writer::default();
+        let mut fds = Vec::with_capacity(2);
+        let tag = match conn.state {
+            State::Echo => ECHO,
+            State::Http(_) => HTTP,
+            State::Relay(_) => RELAY,
+        };
+        w.u8(tag)
+            .u16(conn.flags & MOVING_FLAGS)
+            .bytes(conn.outbound.as_ref().map_or(&[][..], |o| o.as_slice()))
+            .u64(now_ms.saturating_sub(conn.opened_ms))
+            .u64(now_ms.saturating_sub(conn.last_active_ms))
+            .u64(relay::time_left(conn.linger_until_ms, now_ms));
+        match (&mut conn.state, self) {
+            (State::Http(h), _) => h.export(&mut w, now_ms),
+            (State::Relay(pair), Handler::Relay(r)) => {
+                // The client socket goes first; the pair's own follow.
+                let mut own = Vec::new();
+                pair.export(&mut w, &mut own, r, now_ms);
+                fds.extend(own);
+            }
+            _ => {}
+        }
+        let Conn { fd, permit, .. } = conn;
+        drop(permit);
+        fds.insert(0, fd);
+        Moved { fds, state: w.buf }
+    }
+
+    /// Rebuilds a connection written by [`Handler::export`] (by this version of
+    /// edgepoll, in any mode's process of the same mode).
+    pub fn import(
+        &self,
+        moved: Moved,
+        now_ms: u64,
+        permit: Option<ConnPermit>,
+    ) -> Result<Conn, WireError> {
+        let mut fds = moved.fds.into_iter();
+        let fd = fds
+            .next()
+            .ok_or(WireError("a connection without its socket"))?;
+        let mut r = Reader::new(&moved.state);
+        let tag = r.u8()?;
+        let moved_flags = r.u16()? & MOVING_FLAGS;
+        let outbound = r.bytes()?;
+        let age = r.u64()?;
+        let idle = r.u64()?;
+        let linger_left = r.u64()?;
+        let state = match (tag, self) {
+            (ECHO, Handler::Echo) => State::Echo,
+            (HTTP, Handler::Http(_)) => State::Http(http::State::import(&mut r, now_ms)?),
+            (RELAY, Handler::Relay(relay)) => State::Relay(Box::new(relay::Pair::import(
+                &mut r, &mut fds, relay, now_ms,
+            )?)),
+            _ => return Err(WireError("a connection of another mode")),
+        };
+        if !r.is_empty() || fds.next().is_some() {
+            return Err(WireError("more in a connection than its mode wrote"));
+        }
+        let mut conn = Conn::new(fd, now_ms, permit, state);
+        conn.opened_ms = now_ms.saturating_sub(age);
+        conn.last_active_ms = now_ms.saturating_sub(idle);
+        conn.linger_until_ms = relay::deadline_in(linger_left, now_ms);
+        // Input may have arrived during the move, with its edge spent on the other
+        // process: read without waiting for one.
+        conn.flags = moved_flags | flags::READ_PENDING;
+        if !outbound.is_empty() {
+            conn.outbound = Some(Box::new(Outbound::from_slice(outbound)));
+        }
+        Ok(conn)
+    }
+}
