@@ -1,0 +1,414 @@
+//! Reload (SIGHUP) over the real binary: the listeners and every established
+//! connection move to a new process, and no peer notices.
+//!
+//! Each test starts `edgepoll`, follows its log (every process of the reload chain
+//! writes to the same stderr), and sends SIGHUP to whichever process serves now.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+/// A server process chain: the first process, and the one serving now.
+struct Daemon {
+    first: Child,
+    pid: u32,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+    lines: Receiver<String>,
+}
+
+impl Daemon {
+    fn start(exe: &Path, args: &[&str]) -> Daemon {
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("EDGEPOLL_TEST_LOG").is_some() {
+                    eprintln!("{line}");
+                }
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            first: child,
+            pid,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            metrics: None,
+            lines,
+        };
+        let line = d.expect_line(" listening on ");
+        let after = line.split(" listening on ").nth(1).unwrap();
+        d.addr = after.split([' ', ',']).next().unwrap().parse().unwrap();
+        d.metrics = line
+            .split("metrics on http://")
+            .nth(1)
+            .map(|m| m.trim_end_matches("/metrics").parse().unwrap());
+        d
+    }
+
+    /// The next log line containing `needle`, within [`PATIENCE`].
+    #[track_caller]
+    fn expect_line(&self, needle: &str) -> String {
+        let until = Instant::now() + PATIENCE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => panic!("no log line with {needle:?}"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the log ended before a line with {needle:?}")
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {}", self.pid);
+    }
+
+    /// Sends SIGHUP and follows the reload to its end: returns how long the old
+    /// process lived after the signal.
+    #[track_caller]
+    fn reload(&mut self) -> Duration {
+        let old = self.pid;
+        let sent = Instant::now();
+        self.signal("-HUP");
+        let line = self.expect_line(" is serving; handing over");
+        self.pid = line
+            .split("pid ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .expect("the new pid");
+        self.expect_line("reloaded: took over from pid");
+        while is_alive(old) {
+            assert!(sent.elapsed() < PATIENCE, "pid {old} did not exit");
+            if old == self.first.id() {
+                let _ = self.first.try_wait();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sent.elapsed()
+    }
+
+    fn scrape(&self) -> String {
+        let (status, _, body) = http_get(self.metrics.expect("metrics on"), "/metrics");
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
+        let _ = self.first.kill();
+        let _ = self.first.wait();
+    }
+}
+
+/// Whether `pid` still runs (a zombie waiting for its reaper has exited).
+fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_edgepoll"))
+}
+
+/// What the load threads saw.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// Clients that connect, send 64 bytes, check the echo and close, in a loop.
+fn churn(
+    addr: SocketAddr,
+    threads: usize,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|t| {
+            let (stop, tally) = (Arc::clone(stop), Arc::clone(tally));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let data = pattern(1000 + t as u64, n * 64, 64);
+                    n += 1;
+                    let ok = (|| {
+                        let mut s =
+                            TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        s.write_all(&data).map_err(|e| format!("write: {e}"))?;
+                        let mut back = vec![0u8; 64];
+                        s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+                        if back != data {
+                            return Err("mismatch".to_string());
+                        }
+                        Ok::<(), String>(())
+                    })();
+                    match ok {
+                        Ok(()) => tally.requests.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("churn client {t}: {e}");
+                            tally.errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect()
+}
+
+/// `streams` long-lived connections, each echoing its own pattern 1 KiB at a time and
+/// checking every byte; returns the bytes each stream had verified at the end.
+fn streams(
+    addr: SocketAddr,
+    streams: usize,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> std::thread::JoinHandle<Vec<u64>> {
+    let (stop, tally) = (Arc::clone(stop), Arc::clone(tally));
+    let mut conns: Vec<TcpStream> = (0..streams).map(|_| connect(addr)).collect();
+    std::thread::spawn(move || {
+        let mut done = vec![0u64; conns.len()];
+        let mut back = vec![0u8; 1024];
+        while !stop.load(Ordering::Relaxed) {
+            for (i, c) in conns.iter_mut().enumerate() {
+                let data = pattern(i as u64, done[i], 1024);
+                let ok = c.write_all(&data).and_then(|_| c.read_exact(&mut back));
+                match ok {
+                    Ok(()) if back == data => {
+                        done[i] += 1024;
+                        tally.requests.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(()) => panic!("stream {i}: mismatch at byte {}", done[i]),
+                    Err(e) => panic!("stream {i}: {e} after {} bytes", done[i]),
+                }
+            }
+        }
+        done
+    })
+}
+
+/// The storm: churn and long-lived streams while the server reloads 10 times.
+/// Every request of both is answered and verified; each old process is gone within
+/// 1 s of its SIGHUP.
+#[test]
+fn ten_reloads_under_churn_and_long_lived_streams_lose_nothing() {
+    let mut d = Daemon::start(
+        &exe(),
+        &[
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let long = streams(d.addr, 50, &stop, &tally);
+    let churners = churn(d.addr, 4, &stop, &tally);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let before = tally.requests.load(Ordering::Relaxed);
+        slowest = slowest.max(d.reload());
+        wait_for("traffic after the reload", || {
+            tally.requests.load(Ordering::Relaxed) > before + 100
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in churners {
+        t.join().unwrap();
+    }
+    let verified = long
+        .join()
+        .expect("every long-lived stream verified every byte");
+    assert!(verified.iter().all(|&b| b > 0));
+    assert_eq!(
+        tally.errors.load(Ordering::Relaxed),
+        0,
+        "connect, read or mismatch errors"
+    );
+    eprintln!(
+        "10 reloads: {} requests, {} long-lived bytes verified, slowest old process gone {} ms after its SIGHUP",
+        tally.requests.load(Ordering::Relaxed),
+        verified.iter().sum::<u64>(),
+        slowest.as_millis()
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "old process lived {slowest:?}"
+    );
+
+    let text = d.scrape();
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"success\"}"),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_last_reload_successful"),
+        Some(1.0)
+    );
+    // Counters are carried: every connection ever accepted is counted, once.
+    let accepted = sum_samples(&text, "edgepoll_connections_accepted_total");
+    assert!(accepted >= 50.0 + 4.0, "accepted {accepted}");
+}
+
+/// A client that writes without reading has bytes in the server's outbound buffer and
+/// unread input in its socket at the reload; one that half-closed is owed its echo
+/// and then a FIN. Both get every byte, in order, from the new process.
+#[test]
+fn buffered_bytes_and_half_close_move_with_the_connection() {
+    let mut d = Daemon::start(
+        &exe(),
+        &[
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "off",
+        ],
+    );
+    let mut hoarder = connect(d.addr);
+    let sent = write_until_stalled(&hoarder, 7, 64 << 20);
+    assert!(
+        sent > 256 * 1024,
+        "the server's outbound buffer filled ({sent} bytes)"
+    );
+    let mut halfway = connect(d.addr);
+    let half = pattern(8, 0, 100_000);
+    halfway.write_all(&half).unwrap();
+    halfway.shutdown(Shutdown::Write).unwrap();
+    let idle_before = connect(d.addr);
+
+    d.reload();
+    // The hoarder now reads: everything it sent comes back, then more goes through.
+    let mut back = vec![0u8; sent as usize];
+    hoarder.read_exact(&mut back).unwrap();
+    assert_same(&pattern(7, 0, sent as usize), &back);
+    echo_roundtrip(&mut hoarder, b"after the move");
+    let (got, ending) = read_until_end(&mut halfway);
+    assert_eq!(ending, Ending::Fin, "a FIN after the whole echo");
+    assert_same(&half, &got);
+    let mut idle = idle_before;
+    echo_roundtrip(&mut idle, b"still here");
+}
+
+/// A relayed transfer (copying, and with --splice, whose pipes move too) runs through
+/// 10 reloads and arrives intact both ways. `EDGEPOLL_RELOAD_RELAY_MIB` sets its size
+/// (CI runs 1 GiB on a release build).
+#[test]
+fn a_relayed_transfer_survives_ten_reloads_intact() {
+    for splice in [false, true] {
+        relay_through_reloads(splice);
+    }
+}
+
+fn relay_through_reloads(splice: bool) {
+    let mib: u64 = std::env::var("EDGEPOLL_RELOAD_RELAY_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let total = mib << 20;
+    let upstream = echo_server(1, |_| {});
+    let up = upstream.local_addr().to_string();
+    let mut args = vec![
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "off",
+        "--upstream",
+        &up,
+    ];
+    if splice {
+        args.push("--splice");
+    }
+    let mut d = Daemon::start(&exe(), &args);
+    let client = connect(d.addr);
+    let mut reader = client.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut c = client;
+        let mut off = 0u64;
+        while off < total {
+            let n = (256 * 1024).min(total - off) as usize;
+            c.write_all(&pattern(99, off, n)).unwrap();
+            off += n as u64;
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+    });
+    let progress = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&progress);
+    let checker = std::thread::spawn(move || {
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => panic!("read after {got} bytes: {e}"),
+            };
+            assert_same(&pattern(99, got, n), &buf[..n]);
+            got += n as u64;
+            seen.store(got, Ordering::Relaxed);
+        }
+        got
+    });
+    for i in 1..=10u64 {
+        wait_for("the transfer to progress", || {
+            progress.load(Ordering::Relaxed) >= total * i / 11
+        });
+        d.reload();
+    }
+    writer.join().unwrap();
+    let got = checker.join().unwrap();
+    assert_eq!(got, total, "splice {splice}: every byte, then FIN");
+}
