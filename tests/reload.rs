@@ -412,3 +412,103 @@ fn relay_through_reloads(splice: bool) {
     let got = checker.join().unwrap();
     assert_eq!(got, total, "splice {splice}: every byte, then FIN");
 }
+
+/// An upgrade is a reload with a new binary on disk. A binary that cannot start leaves
+/// the running process serving, logged and counted; the next good one takes over, and
+/// every counter carries on from where the old processes left it.
+#[test]
+fn a_binary_that_fails_to_start_keeps_the_old_one_serving_and_the_next_upgrade_works() {
+    let dir = std::env::temp_dir().join(format!("edgepoll-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let installed = dir.join("edgepoll");
+    install(&exe(), &installed);
+    let mut d = Daemon::start(
+        &installed,
+        &[
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut client = connect(d.addr);
+    echo_roundtrip(&mut client, b"before");
+    let pid = d.pid;
+
+    // A package that installed a broken binary (renamed over the old one, as package
+    // managers do).
+    let broken = dir.join("broken");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho 'edgepoll: cannot start' >&2\nexit 3\n",
+    )
+    .unwrap();
+    install(&broken, &installed);
+    d.signal("-HUP");
+    let line = d.expect_line("reload failed:");
+    assert!(line.contains("exit status: 3"), "{line}");
+    assert!(line.contains("still serving"), "{line}");
+    assert!(is_alive(pid));
+    echo_roundtrip(&mut client, b"served by the same process");
+    let mut fresh = connect(d.addr);
+    echo_roundtrip(&mut fresh, b"and new connections too");
+    let text = d.scrape();
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_last_reload_successful"),
+        Some(0.0)
+    );
+    wait_for("the accepts to be published", || {
+        sum_samples(&d.scrape(), "edgepoll_connections_accepted_total") == 2.0
+    });
+    let text = d.scrape();
+    let accepted = sum_samples(&text, "edgepoll_connections_accepted_total");
+    let received = sum_samples(&text, "edgepoll_received_bytes_total");
+
+    // The fixed package.
+    install(&exe(), &installed);
+    d.reload();
+    assert_ne!(d.pid, pid);
+    echo_roundtrip(&mut client, b"moved to the upgraded process");
+    let text = d.scrape();
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_last_reload_successful"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sum_samples(&text, "edgepoll_connections_accepted_total"),
+        accepted
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_reload_connections_moved_total"),
+        Some(2.0)
+    );
+    wait_for("the new process's bytes on top of the carried ones", || {
+        sum_samples(&d.scrape(), "edgepoll_received_bytes_total") > received
+    });
+    drop((client, fresh));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Copies `from` to `to` the way a package manager installs: a new file renamed over
+/// the old path (a running binary cannot be written in place).
+fn install(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}

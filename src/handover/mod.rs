@@ -194,9 +194,17 @@ pub fn start_successor(
             w.u8(0);
         }
     }
+    let mut successor = successor;
     if let Err(e) = successor.chan.send(kind::HELLO, &w.buf, &fds) {
+        let err = match e.kind() {
+            // It exited before it read its hello.
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                ReloadError::Exited(successor.exit_status())
+            }
+            _ => e.into(),
+        };
         successor.abort();
-        return Err(e.into());
+        return Err(err);
     }
     Ok(successor)
 }
@@ -216,7 +224,12 @@ impl Successor {
             {
                 return Err(ReloadError::Timeout(started.elapsed()))
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 return Err(ReloadError::Exited(self.exit_status()))
             }
             Err(e) => return Err(e.into()),
