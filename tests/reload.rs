@@ -512,3 +512,54 @@ fn install(from: &Path, to: &Path) {
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&tmp, to).unwrap();
 }
+
+/// HTTP connections move too: one between keep-alive requests, one in the middle of
+/// a request head, and one that pipelined far more requests than the server answers
+/// before the client reads. Each gets exactly one answer per request.
+#[test]
+fn http_connections_move_between_and_in_the_middle_of_requests() {
+    let mut d = Daemon::start(
+        &exe(),
+        &[
+            "http",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "off",
+            "--max-pending-bytes",
+            "16KiB",
+        ],
+    );
+    let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut between = connect(d.addr);
+    between.write_all(get).unwrap();
+    assert_eq!(read_responses(&mut between, 1).0, vec![200]);
+    let mut midway = connect(d.addr);
+    midway.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    let mut pipeliner = connect(d.addr);
+    let n = 30_000;
+    pipeliner.write_all(&get.repeat(n)).unwrap();
+    // Let the server answer what fits and hold the rest.
+    std::thread::sleep(Duration::from_millis(200));
+
+    d.reload();
+    between.write_all(get).unwrap();
+    assert_eq!(read_responses(&mut between, 1).0, vec![200]);
+    midway.write_all(b"st: t\r\n\r\n").unwrap();
+    assert_eq!(read_responses(&mut midway, 1).0, vec![200]);
+    let (statuses, _, closed) = read_responses(&mut pipeliner, n);
+    assert!(!closed);
+    assert_eq!(statuses.len(), n);
+    assert!(statuses.iter().all(|&s| s == 200));
+    // Nothing more: one response per request.
+    pipeliner
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut extra = [0u8; 1];
+    assert!(
+        pipeliner.read(&mut extra).is_err(),
+        "no response beyond the requests"
+    );
+}
