@@ -19,15 +19,18 @@
 //! # Layout
 //!
 //! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets and their
-//!   queue lengths, splice and pipes, signals, rlimits, timer slack, poll and select
+//!   queue lengths, splice and pipes, signals, rlimits, descriptor passing
+//!   (SCM_RIGHTS), timer slack, poll and select
 //!   for the benchmark that compares them, a counting allocator for tests), as thin
 //!   safe wrappers returning `io::Result`.
 //! - [`config`]: the validated configuration the command line builds.
 //! - [`limits`]: `--max-connections`, `--max-connections-per-ip` and
 //!   `--max-buffered-bytes`; a connection's counts are a [`limits::ConnPermit`] that
 //!   gives them back on drop.
-//! - [`shutdown`]: the lifecycle every thread sees: draining and its deadline, and
-//!   the failure of a worker.
+//! - [`shutdown`]: the lifecycle every thread sees: not ready (`--shutdown-delay`),
+//!   draining and its deadline, a reload's hand-over, and the failure of a worker.
+//! - [`handover`]: reload: the messages that hand listeners, established connections
+//!   and counters to the process that replaces this one, and their byte encoding.
 //! - [`server`]: starts the acceptor, the workers and the metrics endpoint; the handle
 //!   tests use.
 //! - `acceptor`: the accept loop, permits, fd-exhaustion handling and the round-robin
@@ -41,11 +44,11 @@
 //!   ([`mode::State`]), dispatched in one place ([`mode::Handler::serve`]) through one
 //!   context ([`mode::Ctx`]): `echo`, `http` (a fixed response, keep-alive and
 //!   pipelining, output bounded by the room left), `relay` (a TCP proxy: pairs,
-//!   upstream selection and failover, splice) and `proxy` (the PROXY protocol v2
-//!   header).
+//!   upstream selection and failover, splice), `proxy` (the PROXY protocol v2
+//!   header) and `moved` (a connection taken apart for a reload, and rebuilt).
 //! - [`http1`]: the chunked-body decoder and header helpers http mode uses.
-//! - [`metrics`]: the Prometheus registry, per-worker counters and the `/metrics`,
-//!   `/healthz`, `/readyz` endpoint.
+//! - [`metrics`]: the Prometheus registry, per-worker counters, counters carried
+//!   across a reload, and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`load`]: the engine behind `edgeload`: per-thread epoll loops, the verified
 //!   echo pattern, the HTTP response parser, reports and plots.
 //! - `src/bin/edgepoll.rs`, `src/bin/edgeload.rs`: argument parsing, logging and
