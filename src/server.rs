@@ -118,11 +118,6 @@ impl Server {
             .iter()
             .map(|l| l.fd.try_clone())
             .collect::<io::Result<Vec<_>>>()?;
-        let metrics_dup = sockets
-            .metrics
-            .as_ref()
-            .map(|m| m.try_clone())
-            .transpose()?;
         let metrics = Metrics::new(&config)?;
         let shared = WorkerShared {
             limits: Limits::new(
@@ -146,7 +141,7 @@ impl Server {
             acceptor_thread: None,
             endpoint: None,
             listener_dups,
-            metrics_dup,
+            metrics_dup: None,
             next_adopt: std::sync::atomic::AtomicUsize::new(0),
         };
         // On any error below, dropping `server` stops what has started.
@@ -210,11 +205,27 @@ impl Server {
             .spawn(move || acceptor.run())?;
         server.acceptor_thread = Some(thread);
         if let Some(fd) = sockets.metrics {
-            let endpoint = Endpoint::start(fd, Arc::clone(&metrics), Arc::clone(&shared.lifecycle))
-                .map_err(StartError::Metrics)?;
-            server.endpoint = Some(endpoint);
+            server.serve_metrics(fd)?;
         }
         Ok(server)
+    }
+
+    /// Starts the metrics endpoint on `listener`, if it does not run yet. A reload
+    /// starts it only once the counters of the process it replaces have arrived, so
+    /// that no scrape ever sees a counter go down.
+    pub fn serve_metrics(&mut self, listener: OwnedFd) -> Result<(), StartError> {
+        if self.endpoint.is_some() {
+            return Ok(());
+        }
+        self.metrics_dup = Some(listener.try_clone()?);
+        let endpoint = Endpoint::start(
+            listener,
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.lifecycle),
+        )
+        .map_err(StartError::Metrics)?;
+        self.endpoint = Some(endpoint);
+        Ok(())
     }
 
     /// The configuration the server runs with.

@@ -247,6 +247,33 @@ fn ten_reloads_under_churn_and_long_lived_streams_lose_nothing() {
     let tally = Arc::new(Tally::default());
     let long = streams(d.addr, 50, &stop, &tally);
     let churners = churn(d.addr, 4, &stop, &tally);
+    // Prometheus scraping throughout: no counter may ever go down, or rate() would
+    // read the dip as a reset.
+    let scraper = {
+        let (stop, metrics) = (Arc::clone(&stop), d.metrics.expect("metrics on"));
+        std::thread::spawn(move || {
+            let mut last = [0.0f64; 2];
+            let mut scrapes = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (status, _, text) = http_get(metrics, "/metrics");
+                assert_eq!(status, 200);
+                let now = [
+                    sum_samples(&text, "edgepoll_connections_accepted_total"),
+                    sum_samples(&text, "edgepoll_received_bytes_total"),
+                ];
+                for i in 0..2 {
+                    assert!(
+                        now[i] >= last[i],
+                        "a counter went down: {last:?} then {now:?}"
+                    );
+                }
+                last = now;
+                scrapes += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            scrapes
+        })
+    };
     std::thread::sleep(Duration::from_millis(300));
     let mut slowest = Duration::ZERO;
     for _ in 0..10 {

@@ -278,6 +278,10 @@ const FAULT_WORKER_ENV: &str = "EDGEPOLL_TEST_FAIL_WORKER";
 const USAGE_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Block SIGINT/SIGTERM/SIGHUP first: before any thread starts, so all inherit the
+    // mask, and before the slow part of a start, so that a signal sent to a process a
+    // reload has just started waits for it instead of killing it.
+    let signals = ShutdownSignals::block()?;
     // The binary a reload starts: the path as it is on disk now (an upgraded package
     // replaces the file), and the same arguments (a --config file is read anew).
     let exe = std::env::current_exe()?;
@@ -315,8 +319,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(USAGE_ERROR));
         }
     };
-    // Block SIGINT/SIGTERM/SIGHUP before any thread starts, so all inherit the mask.
-    let signals = ShutdownSignals::block()?;
     let sockets = match predecessor.as_mut() {
         Some(pred) => match pred.sockets(&config) {
             Ok(s) => s,
@@ -326,6 +328,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         None => Sockets::bind(&config)?,
+    };
+    // After a reload, the metrics endpoint starts once the counters have moved (see
+    // Server::serve_metrics); meanwhile its listener queues scrapes.
+    let mut sockets = sockets;
+    let held_metrics = match predecessor {
+        Some(_) => sockets.metrics.take(),
+        None => None,
     };
     let server = match Server::start_with(config, sockets) {
         Ok(server) => server,
@@ -337,7 +346,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     };
     let listen: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
-    let metrics = match server.metrics_addr() {
+    let held_addr = held_metrics
+        .as_ref()
+        .and_then(|fd| edgepoll::sys::socket::local_addr(std::os::fd::AsFd::as_fd(fd)).ok());
+    let metrics = match server.metrics_addr().or(held_addr) {
         Some(a) => format!("metrics on http://{a}/metrics"),
         None => "metrics off".to_string(),
     };
@@ -391,8 +403,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Err(e) => tracing::error!("taking over from pid {from}: {e}"),
         }
     }
-    let mut failure = None;
     let mut server = server;
+    if let Some(fd) = held_metrics {
+        server.serve_metrics(fd)?;
+    }
+    let mut failure = None;
     let sig = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200))? {
             if sig == libc::SIGHUP {
