@@ -88,7 +88,9 @@ pub struct Server {
     endpoint: Option<Endpoint>,
     /// Second descriptors of the listeners (in `local_addrs` order) and of the
     /// metrics listener, for a reload to hand to the new process.
-    listener_dups: Vec<OwnedFd>,
+    /// Dropped when draining begins: a listener must close with the acceptor's
+    /// descriptor, and a second one would keep it open.
+    listener_dups: parking_lot::Mutex<Vec<OwnedFd>>,
     metrics_dup: Option<OwnedFd>,
     /// The worker that gets the next connection moved in by a reload.
     next_adopt: std::sync::atomic::AtomicUsize,
@@ -140,7 +142,7 @@ impl Server {
             threads: Vec::new(),
             acceptor_thread: None,
             endpoint: None,
-            listener_dups,
+            listener_dups: parking_lot::Mutex::new(listener_dups),
             metrics_dup: None,
             next_adopt: std::sync::atomic::AtomicUsize::new(0),
         };
@@ -315,6 +317,7 @@ impl Server {
         if !self.lifecycle.begin_drain(Instant::now() + timeout) {
             return;
         }
+        self.listener_dups.lock().clear();
         match &self.acceptor_wake {
             Some(wake) => {
                 if let Err(e) = wake.wake() {
@@ -340,10 +343,22 @@ impl Server {
                 .is_none_or(|t| t.is_finished())
     }
 
-    /// The listening sockets (in [`Server::local_addrs`] order) and the metrics
-    /// listener, for a reload to hand to the process that replaces this one.
-    pub fn listeners(&self) -> (&[OwnedFd], Option<&OwnedFd>) {
-        (&self.listener_dups, self.metrics_dup.as_ref())
+    /// New descriptors of the listening sockets (in [`Server::local_addrs`] order;
+    /// none once draining has begun) and of the metrics listener, for a reload to
+    /// hand to the process that replaces this one.
+    pub fn listeners(&self) -> io::Result<(Vec<OwnedFd>, Option<OwnedFd>)> {
+        let listeners = self
+            .listener_dups
+            .lock()
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        let metrics = self
+            .metrics_dup
+            .as_ref()
+            .map(|fd| fd.try_clone())
+            .transpose()?;
+        Ok((listeners, metrics))
     }
 
     /// Stops accepting and takes every connection out of the workers, for a reload.
@@ -364,7 +379,7 @@ impl Server {
                 tracing::error!("the acceptor thread panicked");
             }
         }
-        self.listener_dups.clear();
+        self.listener_dups.lock().clear();
         self.metrics_dup = None;
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut workers = 0;

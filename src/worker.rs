@@ -83,6 +83,12 @@ use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
 use crate::timer::TimerWheel;
 
+/// Where the worker clock starts, rather than at 0: a connection that a reload moved
+/// here carries stamps from before this worker started (its last activity for the
+/// idle timeout, its open time for the duration histogram), which must stay
+/// representable. 2^32 ms is 49 days of history.
+const CLOCK_BASE_MS: u64 = 1 << 32;
+
 /// Events taken per `epoll_wait`: large enough to amortise the call under load,
 /// small enough (12 KiB) to stay in cache.
 const EVENTS_PER_WAIT: usize = 1024;
@@ -225,7 +231,11 @@ impl Worker {
             id,
             handler,
             out: Vec::new(),
-            wheel: TimerWheel::new(shortest, longest),
+            wheel: {
+                let mut wheel = TimerWheel::new(shortest, longest);
+                wheel.expire(CLOCK_BASE_MS, &mut Vec::new());
+                wheel
+            },
             epoll,
             events: Events::with_capacity(EVENTS_PER_WAIT),
             slab: Slab::new(),
@@ -356,9 +366,9 @@ impl Worker {
     }
 
     fn tick(&mut self) {
-        let now_ms = self.clock.elapsed().as_millis() as u64;
+        let now_ms = CLOCK_BASE_MS + self.clock.elapsed().as_millis() as u64;
         if let Handler::Http(r) = &mut self.handler {
-            if now_ms / 1000 != self.now_ms / 1000 || now_ms == 0 {
+            if now_ms / 1000 != self.now_ms / 1000 {
                 r.refresh_date(std::time::SystemTime::now());
             }
         }

@@ -157,6 +157,10 @@ pub fn start_successor(
     args: &[OsString],
     activated: bool,
 ) -> Result<Successor, ReloadError> {
+    let (listeners, metrics) = server.listeners()?;
+    if listeners.len() != server.local_addrs().len() {
+        return Err(io::Error::other("the server is draining").into());
+    }
     let (ours, theirs) = fdpass::socketpair()?;
     fdpass::inherit(theirs.as_fd())?;
     let child = Command::new(exe)
@@ -173,7 +177,6 @@ pub fn start_successor(
         child,
         chan: Channel { sock: ours },
     };
-    let (listeners, metrics) = server.listeners();
     let mut w = Writer::default();
     w.u32(PROTOCOL)
         .str(server.config().mode.name())
@@ -185,7 +188,7 @@ pub fn start_successor(
         w.str(&addr.to_string());
         fds.push(fd.as_fd());
     }
-    match (metrics, server.metrics_addr()) {
+    match (metrics.as_ref(), server.metrics_addr()) {
         (Some(fd), Some(addr)) => {
             w.u8(1).str(&addr.to_string());
             fds.push(fd.as_fd());
