@@ -157,12 +157,12 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
             return Err(ConfigError::Relay(
-                "relay needs at least one --upstream HOST:PORT".into(),
+                "upstream (--upstream): relay needs at least one HOST:PORT".into(),
             ));
         }
         if let Some(a) = self.upstreams.iter().find(|a| a.port() == 0) {
             return Err(ConfigError::Relay(format!(
-                "--upstream {a}: port 0 is not a destination"
+                "upstream (--upstream) {a}: port 0 is not a destination"
             )));
         }
         if self.connect_timeout.is_zero() {
@@ -219,41 +219,41 @@ impl HttpConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(200..=599).contains(&self.status) {
             return Err(ConfigError::Http(format!(
-                "--status must be a final status code from 200 to 599, got {}",
+                "status (--status) must be a final status code from 200 to 599, got {}",
                 self.status
             )));
         }
         if matches!(self.status, 204 | 304) && !self.body.is_empty() {
             return Err(ConfigError::Http(format!(
-                "--status {} responses have no body; pass --body ''",
+                "status (--status) {}: such responses have no body; set body (--body) to ''",
                 self.status
             )));
         }
         if self.content_type.is_empty() || !is_field_value(&self.content_type) {
             return Err(ConfigError::Http(
-                "--content-type must be a non-empty header value".into(),
+                "content-type (--content-type) must be a non-empty header value".into(),
             ));
         }
         for (name, value) in &self.headers {
             if name.is_empty() || !name.bytes().all(is_token_byte) {
                 return Err(ConfigError::Http(format!(
-                    "--header: '{name}' is not a valid header name"
+                    "header (--header): '{name}' is not a valid header name"
                 )));
             }
             if !is_field_value(value) {
                 return Err(ConfigError::Http(format!(
-                    "--header {name}: the value has a control character"
+                    "header (--header) {name}: the value has a control character"
                 )));
             }
             if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
                 return Err(ConfigError::Http(format!(
-                    "--header {name}: edgepoll sets this header itself (use --content-type or --body)"
+                    "header (--header) {name}: edgepoll sets this header itself (use content-type or body)"
                 )));
             }
         }
         if self.max_header_bytes < 64 {
             return Err(ConfigError::Http(
-                "--max-header-bytes must be at least 64".into(),
+                "max-header-bytes (--max-header-bytes) must be at least 64".into(),
             ));
         }
         if self.header_timeout.is_zero() {
@@ -349,14 +349,16 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
-/// A configuration that cannot run.
+/// A configuration that cannot run. Each message names the setting both ways, as the
+/// configuration file's key and as the flag (`workers (--workers) ...`), since either
+/// may have set it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("at least one --listen address is required")]
+    #[error("at least one listen address (--listen) is required")]
     NoListenAddress,
-    #[error("--workers must be between 1 and {MAX_WORKERS}, got {0}")]
+    #[error("workers (--workers) must be between 1 and {MAX_WORKERS}, got {0}")]
     Workers(usize),
-    #[error("--{0} must be greater than zero")]
+    #[error("{0} (--{0}) must be greater than zero")]
     Zero(&'static str),
     #[error("{0}")]
     Http(String),
@@ -418,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn nonsense_values_are_rejected_with_the_flag_name() {
+    fn nonsense_values_are_rejected_with_the_key_and_flag_name() {
         let mut config = Config::new(Mode::Echo);
         config.workers = 0;
         assert_eq!(config.validate(), Err(ConfigError::Workers(0)));
@@ -427,7 +429,7 @@ mod tests {
         let err = config.validate().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--max-pending-bytes must be greater than zero"
+            "max-pending-bytes (--max-pending-bytes) must be greater than zero"
         );
         config.max_pending_bytes = 1;
         config.listen.clear();
