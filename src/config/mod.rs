@@ -2,13 +2,19 @@
 //!
 //! - `parse`: the value parsers flags and file keys share (sizes, durations,
 //!   addresses, headers).
+//! - [`settings`]: what one source (the flags, a file) sets, the merge of flags over
+//!   file, and [`load`], which applies the result over the defaults and validates it.
+//! - [`file`]: the TOML configuration file (`--config FILE`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub mod file;
 mod parse;
+pub mod settings;
 
-pub use parse::{parse_duration, parse_header, parse_listen, parse_size};
+pub use parse::{parse_duration, parse_header, parse_listen, parse_metrics_listen, parse_size};
+pub use settings::{load, Body, LoadError, Loaded, Settings};
 
 /// What the server does with the bytes of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +35,13 @@ impl Mode {
             Mode::Http => "http",
             Mode::Relay => "relay",
         }
+    }
+
+    /// The mode `name` names, as the subcommand and the `mode` key spell it.
+    pub fn from_name(name: &str) -> Option<Mode> {
+        [Mode::Echo, Mode::Http, Mode::Relay]
+            .into_iter()
+            .find(|m| m.name() == name)
     }
 
     /// The listen address a mode uses when none is given.
@@ -110,6 +123,13 @@ impl Balance {
             Balance::RoundRobin => "round-robin",
             Balance::LeastConn => "least-conn",
         }
+    }
+
+    /// The policy `name` names, as `--balance` spells it.
+    pub fn from_name(name: &str) -> Option<Balance> {
+        [Balance::RoundRobin, Balance::LeastConn]
+            .into_iter()
+            .find(|b| b.name() == name)
     }
 }
 

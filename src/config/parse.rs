@@ -86,6 +86,15 @@ pub fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
+/// Parses the metrics endpoint's address: an address as [`parse_listen`] takes it (its
+/// first one if a name has several), or `off` (also `none` or empty) for no endpoint.
+pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s {
+        "off" | "none" | "" => Ok(None),
+        s => Ok(parse_listen(s)?.first().copied()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
