@@ -4,7 +4,7 @@
 //!   addresses, headers).
 //! - [`settings`]: what one source (the flags, a file) sets, the merge of flags over
 //!   file, and [`load`], which applies the result over the defaults and validates it.
-//! - [`file`]: the TOML configuration file (`--config FILE`).
+//! - [`file`](mod@file): the TOML configuration file (`--config FILE`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
