@@ -156,7 +156,7 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
         ),
         (
             vec!["http", "--body-file", "/nonexistent/body"],
-            "--body-file /nonexistent/body",
+            "body-file (--body-file) /nonexistent/body",
         ),
         (vec!["relay"], "--upstream <ADDR>"),
         (
