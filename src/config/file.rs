@@ -57,13 +57,12 @@ struct ConfigFile {
     send_proxy_v2: Option<bool>,
 }
 
-/// Reads the file at `path`: the mode its `mode` key names, if any, and its settings.
-pub fn read(path: &Path) -> Result<(Option<Mode>, Settings), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+/// Reads the text of the file at `path`, for [`parse`].
+pub fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse(&text, path)
+    })
 }
 
 /// Parses `text`, the contents of the file at `path`. A relative `body-file` is taken
@@ -77,13 +76,18 @@ pub fn parse(text: &str, path: &Path) -> Result<(Option<Mode>, Settings), LoadEr
             line: None,
             reason,
         } => LoadError::Key {
-            line: key_at(text, |k, _| k == key).map(|(_, line)| line),
+            line: line_of_key(text, &key),
             path,
             key,
             reason,
         },
         other => other,
     })
+}
+
+/// The line (from 1) of the top-level `key` in `text`, if it is there.
+pub fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    key_at(text, |k, _| k == key).map(|(_, line)| line)
 }
 
 /// toml's error for a key of the wrong type or an unknown key, as the key and the

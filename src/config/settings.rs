@@ -138,9 +138,10 @@ pub struct Loaded {
 /// defaults, and validates it. A mode named by both the subcommand and the file's
 /// `mode` key must be the same.
 pub fn load(mode: Option<Mode>, flags: Settings, file: Option<&Path>) -> Result<Loaded, LoadError> {
-    let (file_mode, from_file) = match file {
-        Some(path) => file::read(path)?,
-        None => (None, Settings::default()),
+    let text = file.map(file::read).transpose()?;
+    let (file_mode, from_file) = match (file, &text) {
+        (Some(path), Some(text)) => file::parse(text, path)?,
+        _ => (None, Settings::default()),
     };
     let mode = match (mode, file_mode, file) {
         (Some(cli), Some(key), Some(path)) if cli != key => {
@@ -164,11 +165,13 @@ pub fn load(mode: Option<Mode>, flags: Settings, file: Option<&Path>) -> Result<
             return Err(LoadError::Mode(format!("no mode: {hint}")));
         }
     };
-    if let (Some((key, owner)), Some(path)) = (from_file.key_foreign_to(mode), file) {
+    if let (Some((key, owner)), Some(path), Some(text)) =
+        (from_file.key_foreign_to(mode), file, &text)
+    {
         return Err(LoadError::Key {
             path: path.to_owned(),
             key: key.to_owned(),
-            line: None,
+            line: file::line_of_key(text, key),
             reason: format!(
                 "only {} mode has this key, and the mode is {}",
                 owner.name(),
@@ -503,7 +506,7 @@ mod tests {
         let err = load(None, Settings::default(), Some(&file.0)).unwrap_err();
         assert!(
             err.to_string().ends_with(
-                "foreign.toml: key upstream: only relay mode has this key, and the mode is echo"
+                "foreign.toml:2: key upstream: only relay mode has this key, and the mode is echo"
             ),
             "{err}"
         );
