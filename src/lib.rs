@@ -23,7 +23,9 @@
 //!   (SCM_RIGHTS), timer slack, poll and select
 //!   for the benchmark that compares them, a counting allocator for tests), as thin
 //!   safe wrappers returning `io::Result`.
-//! - [`config`]: the validated configuration the command line builds.
+//! - [`config`]: the validated configuration the command line builds, from flags over
+//!   a TOML configuration file (`config::file`) over defaults, merged and validated
+//!   in one place ([`config::load`]).
 //! - [`limits`]: `--max-connections`, `--max-connections-per-ip` and
 //!   `--max-buffered-bytes`; a connection's counts are a [`limits::ConnPermit`] that
 //!   gives them back on drop.

@@ -137,7 +137,7 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
     for (args, expect) in [
         (
             vec!["echo", "--workers", "0"],
-            "--workers must be between 1 and 1024, got 0",
+            "workers (--workers) must be between 1 and 1024, got 0",
         ),
         (vec!["echo", "--listen", "7000"], "expected HOST:PORT"),
         (
@@ -148,7 +148,7 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
         (vec!["gopher"], "unrecognized subcommand"),
         (
             vec!["http", "--status", "99"],
-            "--status must be a final status code",
+            "status (--status) must be a final status code",
         ),
         (
             vec!["http", "--header", "Content-Length: 5"],
@@ -156,7 +156,7 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
         ),
         (
             vec!["http", "--body-file", "/nonexistent/body"],
-            "--body-file /nonexistent/body",
+            "body-file (--body-file) /nonexistent/body",
         ),
         (vec!["relay"], "--upstream <ADDR>"),
         (
@@ -181,7 +181,7 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
                 "--connect-retries",
                 "0",
             ],
-            "--connect-retries must be greater than zero",
+            "connect-retries (--connect-retries) must be greater than zero",
         ),
     ] {
         let out = edgepoll().args(&args).output().unwrap();

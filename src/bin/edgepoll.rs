@@ -3,11 +3,15 @@
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use edgepoll::config::{self, parse_duration, parse_listen, parse_size, Config, Mode};
+use edgepoll::config::{
+    self, parse_duration, parse_listen, parse_metrics_listen, parse_size, Body, Config, LoadError,
+    Mode, Settings,
+};
 use edgepoll::handover;
 use edgepoll::sys::{rlimit, signal::ShutdownSignals};
 use edgepoll::{Server, Sockets};
@@ -22,11 +26,22 @@ use edgepoll::{Server, Sockets};
         edge-triggered epoll instance. Prometheus metrics are served on --metrics-listen. \
         SIGTERM or SIGINT drains: listeners close at once, open connections get \
         --drain-timeout to flush, then the process exits 0. Log level from RUST_LOG \
-        (default info)."
+        (default info).\n\n\
+        Settings can also come from a TOML file (--config FILE) whose keys are the flags' \
+        names and `mode`: `edgepoll --config FILE` runs the mode the file names, \
+        `edgepoll MODE --config FILE [FLAGS]` lets flags override the file, and \
+        `edgepoll check --config FILE` validates it without starting.",
+    arg_required_else_help = true
 )]
 struct Cli {
+    /// TOML configuration file: keys are the flags' names (max-pending-bytes = "256KiB"),
+    /// plus mode = "echo"|"http"|"relay"; flags given as well override it
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+
+    /// The mode to run, or check; without one, the file's mode key says
     #[command(subcommand)]
-    mode: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -48,6 +63,10 @@ enum Command {
         after_help = "Example:\n  edgepoll relay --listen 0.0.0.0:6380 --upstream 10.0.0.5:6379 --upstream 10.0.0.6:6379 --balance least-conn --idle-timeout 10m"
     )]
     Relay(RelayArgs),
+    /// Validate the configuration file (--config) without starting: values, addresses,
+    /// the body file. Exits 0 if it would start, 2 with the key and the reason if not.
+    #[command(after_help = "Example:\n  edgepoll check --config /etc/edgepoll.toml")]
+    Check,
 }
 
 /// Flags of relay mode.
@@ -65,21 +84,27 @@ struct RelayArgs {
 struct UpstreamArgs {
     /// Upstream to relay to, IP:PORT or HOST:PORT (resolved at start-up; a name with
     /// several addresses adds each); repeat for several
-    #[arg(short, long = "upstream", value_name = "ADDR", required = true, value_parser = parse_listen)]
+    #[arg(
+        short,
+        long = "upstream",
+        value_name = "ADDR",
+        required_unless_present = "config",
+        value_parser = parse_listen
+    )]
     upstreams: Vec<Vec<SocketAddr>>,
 
-    /// How a client's upstream is picked
-    #[arg(long, value_enum, default_value = "round-robin")]
-    balance: BalanceArg,
+    /// How a client's upstream is picked [default: round-robin]
+    #[arg(long, value_enum)]
+    balance: Option<BalanceArg>,
 
-    /// An upstream connect not complete by then fails (reason timeout)
-    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_duration)]
-    connect_timeout: Duration,
+    /// An upstream connect not complete by then fails (reason timeout) [default: 5]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    connect_timeout: Option<Duration>,
 
     /// An upstream whose connect failed is skipped for this long (0: never skipped);
-    /// a lone upstream is never skipped
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
-    fail_timeout: Duration,
+    /// a lone upstream is never skipped [default: 10]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    fail_timeout: Option<Duration>,
 
     /// Upstreams tried per client before it is closed [default: the number of upstreams]
     #[arg(long, value_name = "N")]
@@ -105,23 +130,19 @@ enum BalanceArg {
 }
 
 impl UpstreamArgs {
-    fn apply(self, r: &mut config::RelayConfig) {
-        let mut upstreams: Vec<SocketAddr> = Vec::new();
-        for addr in self.upstreams.into_iter().flatten() {
-            if !upstreams.contains(&addr) {
-                upstreams.push(addr);
-            }
+    fn apply(&self, s: &mut Settings) {
+        if !self.upstreams.is_empty() {
+            s.upstreams = Some(self.upstreams.concat());
         }
-        r.upstreams = upstreams;
-        r.balance = match self.balance {
+        s.balance = self.balance.map(|b| match b {
             BalanceArg::RoundRobin => config::Balance::RoundRobin,
             BalanceArg::LeastConn => config::Balance::LeastConn,
-        };
-        r.connect_timeout = self.connect_timeout;
-        r.fail_timeout = self.fail_timeout;
-        r.connect_retries = self.connect_retries;
-        r.splice = self.splice;
-        r.send_proxy_v2 = self.send_proxy_v2;
+        });
+        s.connect_timeout = self.connect_timeout;
+        s.fail_timeout = self.fail_timeout;
+        s.connect_retries = self.connect_retries;
+        s.splice = self.splice.then_some(true);
+        s.send_proxy_v2 = self.send_proxy_v2.then_some(true);
     }
 }
 
@@ -144,28 +165,46 @@ struct ResponseArgs {
 
     /// Response body read from a file at start-up
     #[arg(long, value_name = "FILE")]
-    body_file: Option<std::path::PathBuf>,
+    body_file: Option<PathBuf>,
 
-    /// Response status code
-    #[arg(long, value_name = "CODE", default_value_t = 200)]
-    status: u16,
+    /// Response status code [default: 200]
+    #[arg(long, value_name = "CODE")]
+    status: Option<u16>,
 
-    /// Content-Type of the response
-    #[arg(long, value_name = "TYPE", default_value = "text/plain")]
-    content_type: String,
+    /// Content-Type of the response [default: text/plain]
+    #[arg(long, value_name = "TYPE")]
+    content_type: Option<String>,
 
     /// Extra response header; repeat for several
     #[arg(long = "header", value_name = "'Name: value'", value_parser = config::parse_header)]
     headers: Vec<(String, String)>,
 
     /// A request head larger than this gets 431 and the connection is closed
-    #[arg(long, value_name = "BYTES", default_value = "8KiB", value_parser = parse_size)]
-    max_header_bytes: usize,
+    /// [default: 8KiB]
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    max_header_bytes: Option<usize>,
 
     /// A request head not complete this long after it began (or after the connection
-    /// opened) gets 408 and the connection is closed (slowloris)
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
-    header_timeout: Duration,
+    /// opened) gets 408 and the connection is closed (slowloris) [default: 10]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    header_timeout: Option<Duration>,
+}
+
+impl ResponseArgs {
+    fn apply(&self, s: &mut Settings) {
+        s.body = match (&self.body, &self.body_file) {
+            (Some(text), _) => Some(Body::Text(text.clone())),
+            (None, Some(path)) => Some(Body::File(path.clone())),
+            (None, None) => None,
+        };
+        s.status = self.status;
+        s.content_type = self.content_type.clone();
+        if !self.headers.is_empty() {
+            s.headers = Some(self.headers.clone());
+        }
+        s.max_header_bytes = self.max_header_bytes;
+        s.header_timeout = self.header_timeout;
+    }
 }
 
 /// Flags every mode shares.
@@ -186,8 +225,9 @@ struct ServerArgs {
     pin_workers: bool,
 
     /// Accept queue length for listen(2); the kernel caps it at net.core.somaxconn
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_BACKLOG)]
-    backlog: u32,
+    /// [default: 4096]
+    #[arg(long, value_name = "N")]
+    backlog: Option<u32>,
 
     /// Open connections allowed; beyond it new ones are accepted and closed at once
     /// (counted as rejected). Lowered to fit the open-file limit if needed [default: 100000]
@@ -200,9 +240,9 @@ struct ServerArgs {
     max_connections_per_ip: Option<usize>,
 
     /// Outbound bytes held per connection for a peer that does not read; at the cap the
-    /// server stops reading from it (e.g. 262144, 256KiB, 1MiB)
-    #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_size)]
-    max_pending_bytes: usize,
+    /// server stops reading from it (e.g. 262144, 256KiB, 1MiB) [default: 256KiB]
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    max_pending_bytes: Option<usize>,
 
     /// Outbound bytes all connections together may hold; past it, connections that hold
     /// buffered bytes stop reading until the total falls (e.g. 4GiB) [default: a quarter
@@ -215,36 +255,85 @@ struct ServerArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
 
-    /// On SIGTERM/SIGINT, time open connections get to flush what they owe
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_duration)]
-    drain_timeout: Duration,
+    /// On SIGTERM/SIGINT, time open connections get to flush what they owe [default: 10]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
 
     /// On SIGTERM/SIGINT, keep accepting for this long with /readyz answering 503,
-    /// so load balancers stop sending first; then drain
-    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_duration)]
-    shutdown_delay: Duration,
+    /// so load balancers stop sending first; then drain [default: 0]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    shutdown_delay: Option<Duration>,
 
     /// Address of the Prometheus endpoint (/metrics, /healthz, /readyz), or "off"
-    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:9464")]
-    metrics_listen: String,
+    /// [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR|off")]
+    metrics_listen: Option<String>,
 }
 
-impl ResponseArgs {
-    fn apply(self, h: &mut config::HttpConfig) -> anyhow::Result<()> {
-        if let Some(body) = self.body {
-            h.body = body.into_bytes();
+impl ServerArgs {
+    fn apply(&self, s: &mut Settings) -> Result<(), LoadError> {
+        if !self.listen.is_empty() {
+            s.listen = Some(self.listen.concat());
         }
-        if let Some(path) = self.body_file {
-            h.body = std::fs::read(&path)
-                .map_err(|e| anyhow::anyhow!("--body-file {}: {e}", path.display()))?;
-        }
-        h.status = self.status;
-        h.content_type = self.content_type;
-        h.headers = self.headers;
-        h.max_header_bytes = self.max_header_bytes;
-        h.header_timeout = self.header_timeout;
+        s.workers = self.workers;
+        s.pin_workers = self.pin_workers.then_some(true);
+        s.backlog = self.backlog;
+        s.max_connections = self.max_connections;
+        s.max_connections_per_ip = self.max_connections_per_ip;
+        s.max_pending_bytes = self.max_pending_bytes;
+        s.max_buffered_bytes = self.max_buffered_bytes;
+        s.idle_timeout = self.idle_timeout;
+        s.drain_timeout = self.drain_timeout;
+        s.shutdown_delay = self.shutdown_delay;
+        s.metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .map(parse_metrics_listen)
+            .transpose()
+            .map_err(|reason| LoadError::Flag {
+                flag: "metrics-listen",
+                reason,
+            })?;
         Ok(())
     }
+}
+
+impl Cli {
+    /// The mode the subcommand names, if any, and what its flags set. A flag left out
+    /// sets nothing, so that the file or the default decides.
+    fn flag_settings(&self) -> Result<(Option<Mode>, Settings), LoadError> {
+        let mut s = Settings::default();
+        let mode = match &self.command {
+            Some(Command::Echo(server)) => {
+                server.apply(&mut s)?;
+                Some(Mode::Echo)
+            }
+            Some(Command::Http(http)) => {
+                http.server.apply(&mut s)?;
+                http.response.apply(&mut s);
+                Some(Mode::Http)
+            }
+            Some(Command::Relay(relay)) => {
+                relay.server.apply(&mut s)?;
+                relay.upstream.apply(&mut s);
+                Some(Mode::Relay)
+            }
+            Some(Command::Check) | None => None,
+        };
+        Ok((mode, s))
+    }
+}
+
+/// The one way from the command line to a configuration, for start-up, `check` and
+/// a reload alike: the flags over the `--config` file over the defaults, validated,
+/// with `--max-connections` fitted to the open-file limit (which this raises to the
+/// hard limit).
+fn load_config(cli: &Cli) -> Result<Config, LoadError> {
+    let (mode, flags) = cli.flag_settings()?;
+    let loaded = config::load(mode, flags, cli.config.as_deref())?;
+    let mut config = loaded.config;
+    fit_open_file_limit(&mut config, loaded.given.max_connections.is_some());
+    Ok(config)
 }
 
 /// Descriptors kept back from `--max-connections` for listeners, epoll instances,
@@ -254,10 +343,16 @@ const RESERVED_FDS: u64 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `check` answers in one line; what start-up would log (the open-file limit) is
+    // noise there unless it is a warning.
+    let default_level = match cli.command {
+        Some(Command::Check) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -286,39 +381,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // replaces the file), and the same arguments (a --config file is read anew).
     let exe = std::env::current_exe()?;
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if matches!(cli.command, Some(Command::Check)) && cli.config.is_none() {
+        eprintln!("edgepoll: check needs the file to check: edgepoll check --config FILE");
+        return Ok(ExitCode::from(USAGE_ERROR));
+    }
     // Started by a reload: the running process hands over its listeners and, once
-    // this one serves, its connections.
-    let mut predecessor = handover::predecessor()?;
+    // this one serves, its connections. (Never for `check`.)
+    let mut predecessor = match cli.command {
+        Some(Command::Check) => None,
+        _ => handover::predecessor()?,
+    };
     // Listeners that came from systemd are kept whatever --listen says (socket
     // activation is wired in by the systemd module; until then, never).
     let activated = false;
-    let (mode, args, http, relay) = match cli.mode {
-        Command::Echo(args) => (Mode::Echo, args, None, None),
-        Command::Http(http) => (Mode::Http, http.server, Some(http.response), None),
-        Command::Relay(relay) => (Mode::Relay, relay.server, None, Some(relay.upstream)),
-    };
-    let config = (|| {
-        let mut config = Config::new(mode);
-        if let Some(relay) = relay {
-            relay.apply(&mut config.relay);
-        }
-        build_config(&mut config, args)?;
-        if let Some(response) = http {
-            response.apply(&mut config.http)?;
-        }
-        config.validate()?;
-        Ok::<Config, anyhow::Error>(config)
-    })();
-    let config = match config {
+    let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("edgepoll: {e:#}");
+            eprintln!("edgepoll: {e}");
             if let Some(pred) = &predecessor {
-                pred.fail(&format!("{e:#}"));
+                pred.fail(&e.to_string());
             }
             return Ok(ExitCode::from(USAGE_ERROR));
         }
     };
+    if let (Some(Command::Check), Some(path)) = (&cli.command, &cli.config) {
+        println!(
+            "edgepoll: configuration {} is valid ({})",
+            path.display(),
+            summary(&config)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mode = config.mode;
     let sockets = match predecessor.as_mut() {
         Some(pred) => match pred.sockets(&config) {
             Ok(s) => s,
@@ -536,48 +630,42 @@ fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: b
     Reloaded::HandedOver
 }
 
-/// Applies the flags every mode shares, and fits `--max-connections` to the
-/// open-file limit.
-fn build_config(config: &mut Config, args: ServerArgs) -> anyhow::Result<()> {
-    if !args.listen.is_empty() {
-        let mut listen: Vec<SocketAddr> = Vec::new();
-        for addr in args.listen.into_iter().flatten() {
-            if !listen.contains(&addr) {
-                listen.push(addr);
-            }
-        }
-        config.listen = listen;
-    }
-    if let Some(w) = args.workers {
-        config.workers = w;
-    }
-    config.pin_workers = args.pin_workers;
-    config.max_connections_per_ip = args.max_connections_per_ip;
-    config.backlog = args.backlog;
-    config.max_pending_bytes = args.max_pending_bytes;
-    if let Some(b) = args.max_buffered_bytes {
-        config.max_buffered_bytes = b;
-    }
-    if args.idle_timeout.is_some() {
-        config.idle_timeout = args.idle_timeout;
-    }
-    config.drain_timeout = args.drain_timeout;
-    config.shutdown_delay = args.shutdown_delay;
-    config.metrics_listen = match args.metrics_listen.as_str() {
-        "off" | "none" | "" => None,
-        s => Some(
-            *parse_listen(s)
-                .map_err(|e| anyhow::anyhow!("--metrics-listen: {e}"))?
-                .first()
-                .expect("parse_listen returns at least one address"),
-        ),
+/// What `check` reports of a valid configuration: the mode, the listeners, the
+/// workers, the connection limit (as fitted to the open-file limit), the metrics
+/// endpoint and, for relay, the upstreams.
+fn summary(config: &Config) -> String {
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let list = |addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    let explicit = args.max_connections.is_some();
-    config.max_connections = args
-        .max_connections
-        .unwrap_or(config::DEFAULT_MAX_CONNECTIONS);
-    fit_open_file_limit(config, explicit);
-    Ok(())
+    let mut parts = vec![
+        config.mode.name().to_string(),
+        format!(
+            "{} on {}",
+            plural(config.listen.len(), "listener", "listeners"),
+            list(&config.listen)
+        ),
+        plural(config.workers, "worker", "workers"),
+        format!("at most {} connections", config.max_connections),
+        match config.metrics_listen {
+            Some(a) => format!("metrics on {a}"),
+            None => "metrics off".to_string(),
+        },
+    ];
+    if config.mode == Mode::Relay {
+        let ups = &config.relay.upstreams;
+        parts.push(format!(
+            "{} {}",
+            plural(ups.len(), "upstream", "upstreams"),
+            list(ups)
+        ));
+    }
+    parts.join(", ")
 }
 
 /// Raises the soft open-file limit to the hard one, and lowers `--max-connections` to

@@ -1,7 +1,20 @@
 //! The validated configuration that the command line builds and tests construct.
+//!
+//! - `parse`: the value parsers flags and file keys share (sizes, durations,
+//!   addresses, headers).
+//! - [`settings`]: what one source (the flags, a file) sets, the merge of flags over
+//!   file, and [`load`], which applies the result over the defaults and validates it.
+//! - [`file`](mod@file): the TOML configuration file (`--config FILE`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+pub mod file;
+mod parse;
+pub mod settings;
+
+pub use parse::{parse_duration, parse_header, parse_listen, parse_metrics_listen, parse_size};
+pub use settings::{load, Body, LoadError, Loaded, Settings};
 
 /// What the server does with the bytes of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +35,13 @@ impl Mode {
             Mode::Http => "http",
             Mode::Relay => "relay",
         }
+    }
+
+    /// The mode `name` names, as the subcommand and the `mode` key spell it.
+    pub fn from_name(name: &str) -> Option<Mode> {
+        [Mode::Echo, Mode::Http, Mode::Relay]
+            .into_iter()
+            .find(|m| m.name() == name)
     }
 
     /// The listen address a mode uses when none is given.
@@ -108,6 +128,13 @@ impl Balance {
             Balance::LeastConn => "least-conn",
         }
     }
+
+    /// The policy `name` names, as `--balance` spells it.
+    pub fn from_name(name: &str) -> Option<Balance> {
+        [Balance::RoundRobin, Balance::LeastConn]
+            .into_iter()
+            .find(|b| b.name() == name)
+    }
 }
 
 /// Where relay mode sends its clients, and how it treats upstreams that fail.
@@ -154,12 +181,12 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
             return Err(ConfigError::Relay(
-                "relay needs at least one --upstream HOST:PORT".into(),
+                "upstream (--upstream): relay needs at least one HOST:PORT".into(),
             ));
         }
         if let Some(a) = self.upstreams.iter().find(|a| a.port() == 0) {
             return Err(ConfigError::Relay(format!(
-                "--upstream {a}: port 0 is not a destination"
+                "upstream (--upstream) {a}: port 0 is not a destination"
             )));
         }
         if self.connect_timeout.is_zero() {
@@ -216,41 +243,41 @@ impl HttpConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !(200..=599).contains(&self.status) {
             return Err(ConfigError::Http(format!(
-                "--status must be a final status code from 200 to 599, got {}",
+                "status (--status) must be a final status code from 200 to 599, got {}",
                 self.status
             )));
         }
         if matches!(self.status, 204 | 304) && !self.body.is_empty() {
             return Err(ConfigError::Http(format!(
-                "--status {} responses have no body; pass --body ''",
+                "status (--status) {}: such responses have no body; set body (--body) to ''",
                 self.status
             )));
         }
         if self.content_type.is_empty() || !is_field_value(&self.content_type) {
             return Err(ConfigError::Http(
-                "--content-type must be a non-empty header value".into(),
+                "content-type (--content-type) must be a non-empty header value".into(),
             ));
         }
         for (name, value) in &self.headers {
             if name.is_empty() || !name.bytes().all(is_token_byte) {
                 return Err(ConfigError::Http(format!(
-                    "--header: '{name}' is not a valid header name"
+                    "header (--header): '{name}' is not a valid header name"
                 )));
             }
             if !is_field_value(value) {
                 return Err(ConfigError::Http(format!(
-                    "--header {name}: the value has a control character"
+                    "header (--header) {name}: the value has a control character"
                 )));
             }
             if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
                 return Err(ConfigError::Http(format!(
-                    "--header {name}: edgepoll sets this header itself (use --content-type or --body)"
+                    "header (--header) {name}: edgepoll sets this header itself (use content-type or body)"
                 )));
             }
         }
         if self.max_header_bytes < 64 {
             return Err(ConfigError::Http(
-                "--max-header-bytes must be at least 64".into(),
+                "max-header-bytes (--max-header-bytes) must be at least 64".into(),
             ));
         }
         if self.header_timeout.is_zero() {
@@ -268,14 +295,6 @@ fn is_token_byte(b: u8) -> bool {
 /// Visible characters, spaces and tabs only: no CR, LF or other controls.
 fn is_field_value(v: &str) -> bool {
     v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
-}
-
-/// Parses `--header 'Name: value'`.
-pub fn parse_header(s: &str) -> Result<(String, String), String> {
-    let (name, value) = s
-        .split_once(':')
-        .ok_or_else(|| format!("invalid header '{s}': expected 'Name: value'"))?;
-    Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
 impl Config {
@@ -355,14 +374,16 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
-/// A configuration that cannot run.
+/// A configuration that cannot run. Each message names the setting both ways, as the
+/// configuration file's key and as the flag (`workers (--workers) ...`), since either
+/// may have set it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("at least one --listen address is required")]
+    #[error("at least one listen address (--listen) is required")]
     NoListenAddress,
-    #[error("--workers must be between 1 and {MAX_WORKERS}, got {0}")]
+    #[error("workers (--workers) must be between 1 and {MAX_WORKERS}, got {0}")]
     Workers(usize),
-    #[error("--{0} must be greater than zero")]
+    #[error("{0} (--{0}) must be greater than zero")]
     Zero(&'static str),
     #[error("{0}")]
     Http(String),
@@ -421,12 +442,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("control character"));
-        assert_eq!(parse_header("X-A:  b c "), Ok(("X-A".into(), "b c".into())));
-        assert!(parse_header("nocolon").is_err());
     }
 
     #[test]
-    fn nonsense_values_are_rejected_with_the_flag_name() {
+    fn nonsense_values_are_rejected_with_the_key_and_flag_name() {
         let mut config = Config::new(Mode::Echo);
         config.workers = 0;
         assert_eq!(config.validate(), Err(ConfigError::Workers(0)));
@@ -435,122 +454,10 @@ mod tests {
         let err = config.validate().unwrap_err();
         assert_eq!(
             err.to_string(),
-            "--max-pending-bytes must be greater than zero"
+            "max-pending-bytes (--max-pending-bytes) must be greater than zero"
         );
         config.max_pending_bytes = 1;
         config.listen.clear();
         assert_eq!(config.validate(), Err(ConfigError::NoListenAddress));
-    }
-}
-
-/// Parses a byte count: a plain number, or one with a binary suffix (`K`/`KiB`,
-/// `M`/`MiB`, `G`/`GiB`; case-insensitive). `256KiB` is 262144.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, suffix) = t.split_at(split);
-    let n: usize = digits.parse().map_err(|_| {
-        format!("invalid size '{s}': expected a number of bytes such as 262144 or 256KiB")
-    })?;
-    let unit: usize = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "invalid size '{s}': unknown unit '{suffix}' (use KiB, MiB or GiB)"
-            ))
-        }
-    };
-    n.checked_mul(unit)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
-}
-
-/// Parses a duration as wrk writes them: `10s`, `2m`, `500ms`, `1h`, or a plain
-/// number of seconds (`2.5`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("invalid duration '{s}': expected e.g. 10, 2.5, 500ms, 10s, 2m or 1h")
-    })?;
-    let scale = match unit.trim() {
-        "" | "s" => 1.0,
-        "ms" => 0.001,
-        "us" => 0.000_001,
-        "m" => 60.0,
-        "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration '{s}': unknown unit '{other}' (use ms, s, m or h)"
-            ))
-        }
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("invalid duration '{s}': out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Parses a listen address: `IP:PORT` (`[::1]:7000` for IPv6), or `HOST:PORT`
-/// resolved now, which yields every address the name has.
-pub fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(vec![addr]);
-    }
-    use std::net::ToSocketAddrs;
-    let hint = "expected HOST:PORT such as 127.0.0.1:7000, [::1]:7000 or localhost:7000";
-    let addrs: Vec<SocketAddr> = s
-        .to_socket_addrs()
-        .map_err(|e| format!("invalid address '{s}': {e}; {hint}"))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!(
-            "invalid address '{s}': the name has no address; {hint}"
-        ));
-    }
-    Ok(addrs)
-}
-
-#[cfg(test)]
-mod parse_tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("262144"), Ok(262_144));
-        assert_eq!(parse_size("256KiB"), Ok(262_144));
-        assert_eq!(parse_size("1m"), Ok(1 << 20));
-        assert!(parse_size("12XB").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("-1").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
-    }
-
-    #[test]
-    fn listen_addresses() {
-        assert_eq!(
-            parse_listen("[::1]:7000"),
-            Ok(vec!["[::1]:7000".parse().unwrap()])
-        );
-        assert_eq!(
-            parse_listen("127.0.0.1:0"),
-            Ok(vec!["127.0.0.1:0".parse().unwrap()])
-        );
-        assert!(parse_listen("7000").unwrap_err().contains("HOST:PORT"));
     }
 }

@@ -1,0 +1,140 @@
+//! The parsers of flag and key values: sizes, durations, addresses, headers. Each
+//! error says what was given and what is expected; the caller adds the flag or key.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Parses `--header 'Name: value'`.
+pub fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("invalid header '{s}': expected 'Name: value'"))?;
+    Ok((name.trim().to_string(), value.trim().to_string()))
+}
+
+/// Parses a byte count: a plain number, or one with a binary suffix (`K`/`KiB`,
+/// `M`/`MiB`, `G`/`GiB`; case-insensitive). `256KiB` is 262144.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    let n: usize = digits.parse().map_err(|_| {
+        format!("invalid size '{s}': expected a number of bytes such as 262144 or 256KiB")
+    })?;
+    let unit: usize = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size '{s}': unknown unit '{suffix}' (use KiB, MiB or GiB)"
+            ))
+        }
+    };
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("invalid size '{s}': too large"))
+}
+
+/// Parses a duration as wrk writes them: `10s`, `2m`, `500ms`, `1h`, or a plain
+/// number of seconds (`2.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("invalid duration '{s}': expected e.g. 10, 2.5, 500ms, 10s, 2m or 1h")
+    })?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "us" => 0.000_001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        other => {
+            return Err(format!(
+                "invalid duration '{s}': unknown unit '{other}' (use ms, s, m or h)"
+            ))
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("invalid duration '{s}': out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses a listen address: `IP:PORT` (`[::1]:7000` for IPv6), or `HOST:PORT`
+/// resolved now, which yields every address the name has.
+pub fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    use std::net::ToSocketAddrs;
+    let hint = "expected HOST:PORT such as 127.0.0.1:7000, [::1]:7000 or localhost:7000";
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("invalid address '{s}': {e}; {hint}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!(
+            "invalid address '{s}': the name has no address; {hint}"
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Parses the metrics endpoint's address: an address as [`parse_listen`] takes it (its
+/// first one if a name has several), or `off` (also `none` or empty) for no endpoint.
+pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s {
+        "off" | "none" | "" => Ok(None),
+        s => Ok(parse_listen(s)?.first().copied()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers() {
+        assert_eq!(parse_header("X-A:  b c "), Ok(("X-A".into(), "b c".into())));
+        assert!(parse_header("nocolon").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("262144"), Ok(262_144));
+        assert_eq!(parse_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert!(parse_size("12XB").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen("[::1]:7000"),
+            Ok(vec!["[::1]:7000".parse().unwrap()])
+        );
+        assert_eq!(
+            parse_listen("127.0.0.1:0"),
+            Ok(vec!["127.0.0.1:0".parse().unwrap()])
+        );
+        assert!(parse_listen("7000").unwrap_err().contains("HOST:PORT"));
+    }
+}

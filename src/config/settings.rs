@@ -1,0 +1,566 @@
+//! Settings from one source, the command line or a configuration file, each unset
+//! unless that source gives it; [`load`] puts the flags over the file and applies the
+//! result over the defaults of [`Config::new`], the one place defaults come from.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{file, Balance, Config, ConfigError, Mode};
+
+/// Where the body of http mode's response comes from. One setting with two spellings,
+/// so that `--body` on the command line overrides `body-file` in a file and back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// `--body TEXT`, key `body`.
+    Text(String),
+    /// `--body-file FILE`, key `body-file`: read when the configuration is built.
+    File(PathBuf),
+}
+
+/// What one source sets. Every field is named after its key and flag (`workers`,
+/// `--workers`) and is None unless the source gives it; the meanings are those of the
+/// [`Config`] fields of the same names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settings {
+    /// `listen`: every address of every entry, resolved.
+    pub listen: Option<Vec<SocketAddr>>,
+    /// `workers`.
+    pub workers: Option<usize>,
+    /// `pin-workers`. A flag can only set it to true.
+    pub pin_workers: Option<bool>,
+    /// `backlog`.
+    pub backlog: Option<u32>,
+    /// `max-connections`.
+    pub max_connections: Option<usize>,
+    /// `max-connections-per-ip`.
+    pub max_connections_per_ip: Option<usize>,
+    /// `max-pending-bytes`.
+    pub max_pending_bytes: Option<usize>,
+    /// `max-buffered-bytes`.
+    pub max_buffered_bytes: Option<usize>,
+    /// `idle-timeout`.
+    pub idle_timeout: Option<Duration>,
+    /// `drain-timeout`.
+    pub drain_timeout: Option<Duration>,
+    /// `shutdown-delay`.
+    pub shutdown_delay: Option<Duration>,
+    /// `metrics-listen`; `Some(None)` is "off".
+    pub metrics_listen: Option<Option<SocketAddr>>,
+    /// `body` or `body-file` (http).
+    pub body: Option<Body>,
+    /// `status` (http).
+    pub status: Option<u16>,
+    /// `content-type` (http).
+    pub content_type: Option<String>,
+    /// `header`, every one (http).
+    pub headers: Option<Vec<(String, String)>>,
+    /// `max-header-bytes` (http).
+    pub max_header_bytes: Option<usize>,
+    /// `header-timeout` (http).
+    pub header_timeout: Option<Duration>,
+    /// `upstream`: every address of every entry, resolved (relay).
+    pub upstreams: Option<Vec<SocketAddr>>,
+    /// `balance` (relay).
+    pub balance: Option<Balance>,
+    /// `connect-timeout` (relay).
+    pub connect_timeout: Option<Duration>,
+    /// `fail-timeout` (relay).
+    pub fail_timeout: Option<Duration>,
+    /// `connect-retries` (relay).
+    pub connect_retries: Option<usize>,
+    /// `splice` (relay). A flag can only set it to true.
+    pub splice: Option<bool>,
+    /// `send-proxy-v2` (relay). A flag can only set it to true.
+    pub send_proxy_v2: Option<bool>,
+}
+
+/// Why no configuration could be built. Every message names the file, key or flag
+/// involved; the binary exits with status 2 for each, as for a bad flag.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The configuration file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not TOML; toml's message quotes the line and points at the column.
+    #[error("{}: {}", path.display(), message.trim_end())]
+    Syntax { path: PathBuf, message: String },
+    /// A key of the file whose value does not parse, is of the wrong type, does not
+    /// exist or does not belong to the mode; `line` is the key's (from 1), if known.
+    #[error("{}: key {key}: {reason}", place(path, *line))]
+    Key {
+        path: PathBuf,
+        key: String,
+        line: Option<usize>,
+        reason: String,
+    },
+    /// A flag whose value does not parse (clap parses the others itself).
+    #[error("--{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+    /// No mode was named, or the subcommand and the file name different ones.
+    #[error("{0}")]
+    Mode(String),
+    /// The response body file could not be read.
+    #[error("body-file (--body-file) {}: {source}", path.display())]
+    BodyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The merged settings cannot run; `file` is the configuration file, if any.
+    #[error("{}{error}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default())]
+    Invalid {
+        file: Option<PathBuf>,
+        error: ConfigError,
+    },
+}
+
+/// `path`, or `path:line` when the line is known, as compilers name a place in a file.
+fn place(path: &Path, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{}:{line}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+/// A configuration built by [`load`], with what its sources set.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The configuration, validated.
+    pub config: Config,
+    /// The flags over the file: None where the default applies, which tells an explicit
+    /// `--max-connections 100000` from the default one.
+    pub given: Settings,
+}
+
+/// Builds the configuration of `mode` (the subcommand, if one was named) from the
+/// flags' settings over those of the configuration file `file`, over the mode's
+/// defaults, and validates it. A mode named by both the subcommand and the file's
+/// `mode` key must be the same.
+pub fn load(mode: Option<Mode>, flags: Settings, file: Option<&Path>) -> Result<Loaded, LoadError> {
+    let text = file.map(file::read).transpose()?;
+    let (file_mode, from_file) = match (file, &text) {
+        (Some(path), Some(text)) => file::parse(text, path)?,
+        _ => (None, Settings::default()),
+    };
+    let mode = match (mode, file_mode, file) {
+        (Some(cli), Some(key), Some(path)) if cli != key => {
+            return Err(LoadError::Mode(format!(
+                "the subcommand is {} but {} has mode = \"{}\"; drop one of them",
+                cli.name(),
+                path.display(),
+                key.name()
+            )))
+        }
+        (Some(mode), _, _) | (None, Some(mode), _) => mode,
+        (None, None, Some(path)) => {
+            let path = path.display();
+            return Err(LoadError::Mode(format!(
+                "{path}: no mode key; add mode = \"echo\" (or \"http\", \"relay\"), or name \
+                 the mode: edgepoll echo --config {path}"
+            )));
+        }
+        (None, None, None) => {
+            let hint = "name one (edgepoll echo, http or relay) or give --config FILE";
+            return Err(LoadError::Mode(format!("no mode: {hint}")));
+        }
+    };
+    if let (Some((key, owner)), Some(path), Some(text)) =
+        (from_file.key_foreign_to(mode), file, &text)
+    {
+        return Err(LoadError::Key {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            line: file::line_of_key(text, key),
+            reason: format!(
+                "only {} mode has this key, and the mode is {}",
+                owner.name(),
+                mode.name()
+            ),
+        });
+    }
+    let given = flags.over(from_file);
+    let config = given.to_config(mode).map_err(|e| match e {
+        LoadError::Invalid { error, .. } => LoadError::Invalid {
+            file: file.map(Path::to_owned),
+            error,
+        },
+        other => other,
+    })?;
+    Ok(Loaded { config, given })
+}
+
+impl Settings {
+    /// These settings where they are set, `lower`'s elsewhere: the flags over a file.
+    /// A list (`listen`, `upstream`, `header`) replaces the lower one whole.
+    pub fn over(self, lower: Settings) -> Settings {
+        // Destructured, so that a new setting cannot be left out of the merge.
+        let Settings {
+            listen,
+            workers,
+            pin_workers,
+            backlog,
+            max_connections,
+            max_connections_per_ip,
+            max_pending_bytes,
+            max_buffered_bytes,
+            idle_timeout,
+            drain_timeout,
+            shutdown_delay,
+            metrics_listen,
+            body,
+            status,
+            content_type,
+            headers,
+            max_header_bytes,
+            header_timeout,
+            upstreams,
+            balance,
+            connect_timeout,
+            fail_timeout,
+            connect_retries,
+            splice,
+            send_proxy_v2,
+        } = self;
+        Settings {
+            listen: listen.or(lower.listen),
+            workers: workers.or(lower.workers),
+            pin_workers: pin_workers.or(lower.pin_workers),
+            backlog: backlog.or(lower.backlog),
+            max_connections: max_connections.or(lower.max_connections),
+            max_connections_per_ip: max_connections_per_ip.or(lower.max_connections_per_ip),
+            max_pending_bytes: max_pending_bytes.or(lower.max_pending_bytes),
+            max_buffered_bytes: max_buffered_bytes.or(lower.max_buffered_bytes),
+            idle_timeout: idle_timeout.or(lower.idle_timeout),
+            drain_timeout: drain_timeout.or(lower.drain_timeout),
+            shutdown_delay: shutdown_delay.or(lower.shutdown_delay),
+            metrics_listen: metrics_listen.or(lower.metrics_listen),
+            body: body.or(lower.body),
+            status: status.or(lower.status),
+            content_type: content_type.or(lower.content_type),
+            headers: headers.or(lower.headers),
+            max_header_bytes: max_header_bytes.or(lower.max_header_bytes),
+            header_timeout: header_timeout.or(lower.header_timeout),
+            upstreams: upstreams.or(lower.upstreams),
+            balance: balance.or(lower.balance),
+            connect_timeout: connect_timeout.or(lower.connect_timeout),
+            fail_timeout: fail_timeout.or(lower.fail_timeout),
+            connect_retries: connect_retries.or(lower.connect_retries),
+            splice: splice.or(lower.splice),
+            send_proxy_v2: send_proxy_v2.or(lower.send_proxy_v2),
+        }
+    }
+
+    /// The first key set here that `mode` does not have (an `upstream` for echo), with
+    /// the mode that has it; as the command line refuses `echo --upstream`.
+    pub fn key_foreign_to(&self, mode: Mode) -> Option<(&'static str, Mode)> {
+        let body_key = match self.body {
+            Some(Body::File(_)) => "body-file",
+            _ => "body",
+        };
+        let http = [
+            (body_key, self.body.is_some()),
+            ("status", self.status.is_some()),
+            ("content-type", self.content_type.is_some()),
+            ("header", self.headers.is_some()),
+            ("max-header-bytes", self.max_header_bytes.is_some()),
+            ("header-timeout", self.header_timeout.is_some()),
+        ];
+        let relay = [
+            ("upstream", self.upstreams.is_some()),
+            ("balance", self.balance.is_some()),
+            ("connect-timeout", self.connect_timeout.is_some()),
+            ("fail-timeout", self.fail_timeout.is_some()),
+            ("connect-retries", self.connect_retries.is_some()),
+            ("splice", self.splice.is_some()),
+            ("send-proxy-v2", self.send_proxy_v2.is_some()),
+        ];
+        let http = http.map(|(key, set)| (key, set, Mode::Http));
+        let relay = relay.map(|(key, set)| (key, set, Mode::Relay));
+        let foreign = match mode {
+            Mode::Echo => [&http[..], &relay[..]].concat(),
+            Mode::Http => relay.to_vec(),
+            Mode::Relay => http.to_vec(),
+        };
+        foreign
+            .into_iter()
+            .find(|(_, set, _)| *set)
+            .map(|(key, _, owner)| (key, owner))
+    }
+
+    /// The defaults of `mode` with every setting given here applied, the body file
+    /// read, and the result validated.
+    pub fn to_config(&self, mode: Mode) -> Result<Config, LoadError> {
+        let mut c = Config::new(mode);
+        if let Some(listen) = &self.listen {
+            c.listen = without_repeats(listen);
+        }
+        c.workers = self.workers.unwrap_or(c.workers);
+        c.pin_workers = self.pin_workers.unwrap_or(c.pin_workers);
+        c.backlog = self.backlog.unwrap_or(c.backlog);
+        c.max_connections = self.max_connections.unwrap_or(c.max_connections);
+        if self.max_connections_per_ip.is_some() {
+            c.max_connections_per_ip = self.max_connections_per_ip;
+        }
+        c.max_pending_bytes = self.max_pending_bytes.unwrap_or(c.max_pending_bytes);
+        c.max_buffered_bytes = self.max_buffered_bytes.unwrap_or(c.max_buffered_bytes);
+        if self.idle_timeout.is_some() {
+            c.idle_timeout = self.idle_timeout;
+        }
+        c.drain_timeout = self.drain_timeout.unwrap_or(c.drain_timeout);
+        c.shutdown_delay = self.shutdown_delay.unwrap_or(c.shutdown_delay);
+        c.metrics_listen = self.metrics_listen.unwrap_or(c.metrics_listen);
+
+        let h = &mut c.http;
+        match &self.body {
+            Some(Body::Text(text)) => h.body = text.clone().into_bytes(),
+            // Read only in http mode: no other mode sends it (and no other takes the flag).
+            Some(Body::File(path)) if mode == Mode::Http => {
+                h.body = std::fs::read(path).map_err(|source| LoadError::BodyFile {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Some(Body::File(_)) | None => {}
+        }
+        h.status = self.status.unwrap_or(h.status);
+        if let Some(t) = &self.content_type {
+            h.content_type = t.clone();
+        }
+        if let Some(headers) = &self.headers {
+            h.headers = headers.clone();
+        }
+        h.max_header_bytes = self.max_header_bytes.unwrap_or(h.max_header_bytes);
+        h.header_timeout = self.header_timeout.unwrap_or(h.header_timeout);
+
+        let r = &mut c.relay;
+        if let Some(upstreams) = &self.upstreams {
+            r.upstreams = without_repeats(upstreams);
+        }
+        r.balance = self.balance.unwrap_or(r.balance);
+        r.connect_timeout = self.connect_timeout.unwrap_or(r.connect_timeout);
+        r.fail_timeout = self.fail_timeout.unwrap_or(r.fail_timeout);
+        if self.connect_retries.is_some() {
+            r.connect_retries = self.connect_retries;
+        }
+        r.splice = self.splice.unwrap_or(r.splice);
+        r.send_proxy_v2 = self.send_proxy_v2.unwrap_or(r.send_proxy_v2);
+
+        c.validate()
+            .map_err(|error| LoadError::Invalid { file: None, error })?;
+        Ok(c)
+    }
+}
+
+/// `addrs` in order, each once: a name that resolves to an address given as well
+/// must not bind it twice.
+fn without_repeats(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file in a directory of this test's own, removed when the value drops.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, text: &str) -> TempFile {
+            let dir =
+                std::env::temp_dir().join(format!("edgepoll-settings-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn flags_win_the_file_fills_in_and_the_rest_stays_unset() {
+        let flags = Settings {
+            listen: Some(vec![addr("127.0.0.1:7100")]),
+            body: Some(Body::Text("flag".into())),
+            ..Settings::default()
+        };
+        let file = Settings {
+            listen: Some(vec![addr("127.0.0.1:7200"), addr("127.0.0.1:7201")]),
+            workers: Some(3),
+            body: Some(Body::File("index.html".into())),
+            headers: Some(vec![("X-A".into(), "b".into())]),
+            ..Settings::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(
+            merged,
+            Settings {
+                // A list replaces the file's whole, and --body replaces body-file.
+                listen: Some(vec![addr("127.0.0.1:7100")]),
+                body: Some(Body::Text("flag".into())),
+                workers: Some(3),
+                headers: Some(vec![("X-A".into(), "b".into())]),
+                ..Settings::default()
+            }
+        );
+    }
+
+    #[test]
+    fn unset_settings_keep_the_defaults_of_the_mode() {
+        for mode in [Mode::Echo, Mode::Http] {
+            let built = Settings::default().to_config(mode).unwrap();
+            let defaults = Config::new(mode);
+            assert_eq!(format!("{built:?}"), format!("{defaults:?}"));
+        }
+        let relay = Settings {
+            upstreams: Some(vec![addr("127.0.0.1:6379")]),
+            ..Settings::default()
+        };
+        let built = relay.to_config(Mode::Relay).unwrap();
+        assert_eq!(
+            built.idle_timeout,
+            Some(crate::config::DEFAULT_RELAY_IDLE_TIMEOUT)
+        );
+        assert_eq!(
+            built.relay,
+            crate::config::RelayConfig {
+                upstreams: vec![addr("127.0.0.1:6379")],
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_repeated_address_is_bound_once() {
+        let s = Settings {
+            listen: Some(vec![addr("127.0.0.1:7000"), addr("127.0.0.1:7000")]),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.to_config(Mode::Echo).unwrap().listen,
+            vec![addr("127.0.0.1:7000")]
+        );
+    }
+
+    #[test]
+    fn load_puts_flags_over_the_file_over_the_defaults() {
+        let file = TempFile::new(
+            "over.toml",
+            r#"
+            mode = "http"
+            listen = "127.0.0.1:7300"
+            workers = 3
+            status = 404
+            body = ""
+            max-pending-bytes = "1KiB"
+            "#,
+        );
+        let flags = Settings {
+            workers: Some(2),
+            ..Settings::default()
+        };
+        let loaded = load(None, flags, Some(&file.0)).unwrap();
+        let c = loaded.config;
+        assert_eq!(c.mode, Mode::Http);
+        assert_eq!(c.listen, vec![addr("127.0.0.1:7300")]);
+        assert_eq!(c.workers, 2);
+        assert_eq!(c.http.status, 404);
+        assert_eq!(c.max_pending_bytes, 1024);
+        assert_eq!(c.drain_timeout, crate::config::DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(loaded.given.max_connections, None);
+    }
+
+    #[test]
+    fn the_mode_comes_from_the_subcommand_or_the_file_and_they_must_agree() {
+        let echo = TempFile::new("echo.toml", "mode = \"echo\"\n");
+        let none = TempFile::new("none.toml", "workers = 2\n");
+        let ok = |mode, file: &TempFile| load(mode, Settings::default(), Some(&file.0));
+        assert_eq!(ok(None, &echo).unwrap().config.mode, Mode::Echo);
+        assert_eq!(ok(Some(Mode::Echo), &echo).unwrap().config.mode, Mode::Echo);
+        assert_eq!(ok(Some(Mode::Http), &none).unwrap().config.mode, Mode::Http);
+        let err = ok(Some(Mode::Http), &echo).unwrap_err().to_string();
+        assert!(err.starts_with("the subcommand is http but "), "{err}");
+        assert!(err.contains("echo.toml has mode = \"echo\""), "{err}");
+        let err = ok(None, &none).unwrap_err().to_string();
+        assert!(err.contains("none.toml: no mode key"), "{err}");
+    }
+
+    #[test]
+    fn a_key_of_another_mode_is_refused_with_the_mode_that_has_it() {
+        let file = TempFile::new(
+            "foreign.toml",
+            "mode = \"echo\"\nupstream = \"127.0.0.1:6379\"\n",
+        );
+        let err = load(None, Settings::default(), Some(&file.0)).unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "foreign.toml:2: key upstream: only relay mode has this key, and the mode is echo"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_the_file_the_key_and_the_flag() {
+        let file = TempFile::new("zero.toml", "mode = \"echo\"\nworkers = 0\n");
+        let err = load(None, Settings::default(), Some(&file.0)).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("zero.toml: workers (--workers) must be between 1 and 1024, got 0"),
+            "{err}"
+        );
+        let err = load(
+            Some(Mode::Echo),
+            Settings {
+                workers: Some(0),
+                ..Settings::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "workers (--workers) must be between 1 and 1024, got 0"
+        );
+        let missing = Path::new("/nonexistent/edgepoll.toml");
+        let err = load(None, Settings::default(), Some(missing)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/edgepoll.toml: No such file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_body_file_is_read_and_a_missing_one_named() {
+        let body = TempFile::new("body.html", "<p>hi</p>");
+        let file = TempFile::new("body.toml", "mode = \"http\"\nbody-file = \"body.html\"\n");
+        let c = load(None, Settings::default(), Some(&file.0))
+            .unwrap()
+            .config;
+        assert_eq!(c.http.body, b"<p>hi</p>");
+        drop(body);
+        let err = load(None, Settings::default(), Some(&file.0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("body-file (--body-file) "), "{err}");
+        assert!(err.contains("body.html: No such file"), "{err}");
+    }
+}
