@@ -595,3 +595,132 @@ fn http_connections_move_between_and_in_the_middle_of_requests() {
         "no response beyond the requests"
     );
 }
+
+/// A temporary directory removed when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("edgepoll-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `text` to `path` the way an editor or a configuration manager does: a new
+/// file renamed over the old one.
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A reload applies the configuration file as it is now. A file that does not validate
+/// keeps the running process and its configuration serving, logged and counted; once
+/// fixed, the next reload applies it, even to a keep-alive connection that moved.
+#[test]
+fn a_broken_configuration_keeps_the_old_one_serving_and_a_fixed_one_applies() {
+    let dir = TempDir::new("config-reload");
+    let file = dir.0.join("edgepoll.toml");
+    let config = |body: &str| {
+        format!(
+            "mode = \"http\"\nlisten = \"127.0.0.1:0\"\nworkers = 2\n\
+             metrics-listen = \"127.0.0.1:0\"\nbody = \"{body}\"\n"
+        )
+    };
+    write_config(&file, &config("first"));
+    let mut d = Daemon::start(&exe(), &["--config", file.to_str().unwrap()]);
+    let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut keepalive = connect(d.addr);
+    keepalive.write_all(get).unwrap();
+    let (_, raw, _) = read_responses(&mut keepalive, 1);
+    assert!(raw.ends_with(b"first"), "{}", String::from_utf8_lossy(&raw));
+
+    write_config(
+        &file,
+        &(config("second") + "max-pending-bytes = \"12XB\"\n"),
+    );
+    let pid = d.pid;
+    d.signal("-HUP");
+    let line = d.expect_line("reload failed:");
+    assert!(
+        line.contains("max-pending-bytes"),
+        "the log names the key: {line}"
+    );
+    assert!(is_alive(pid));
+    keepalive.write_all(get).unwrap();
+    let (_, raw, _) = read_responses(&mut keepalive, 1);
+    assert!(
+        raw.ends_with(b"first"),
+        "the running configuration still serves"
+    );
+    let text = d.scrape();
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_last_reload_successful"),
+        Some(0.0)
+    );
+
+    write_config(&file, &config("second"));
+    d.reload();
+    keepalive.write_all(get).unwrap();
+    let (_, raw, _) = read_responses(&mut keepalive, 1);
+    assert!(
+        raw.ends_with(b"second"),
+        "the moved connection gets the new response"
+    );
+    let text = d.scrape();
+    assert_eq!(
+        sample(&text, "edgepoll_config_last_reload_successful"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "edgepoll_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+}
+
+/// What cannot change in place: a new listen address is bound, the old one is
+/// drained (its connections move, its port closes); a change of mode is refused.
+#[test]
+fn a_new_listen_address_is_bound_and_the_old_one_drained_and_a_mode_change_is_refused() {
+    let dir = TempDir::new("listen-reload");
+    let file = dir.0.join("edgepoll.toml");
+    let old_port = dead_address();
+    let new_port = dead_address();
+    let config = |mode: &str, addr: SocketAddr| {
+        format!("mode = \"{mode}\"\nlisten = \"{addr}\"\nworkers = 1\nmetrics-listen = \"off\"\n")
+    };
+    write_config(&file, &config("echo", old_port));
+    let mut d = Daemon::start(&exe(), &["--config", file.to_str().unwrap()]);
+    assert_eq!(d.addr, old_port);
+    let mut on_old = connect(old_port);
+    echo_roundtrip(&mut on_old, b"before");
+
+    write_config(&file, &config("echo", new_port));
+    d.reload();
+    echo_roundtrip(&mut on_old, b"moved from the old address");
+    let mut on_new = connect(new_port);
+    echo_roundtrip(&mut on_new, b"on the new address");
+    assert!(
+        TcpStream::connect(old_port).is_err(),
+        "the old address is closed"
+    );
+
+    write_config(&file, &config("http", new_port));
+    let pid = d.pid;
+    d.signal("-HUP");
+    let line = d.expect_line("reload failed:");
+    assert!(line.contains("mode cannot change"), "{line}");
+    assert!(is_alive(pid));
+    echo_roundtrip(&mut on_new, b"still echo");
+}
