@@ -302,6 +302,12 @@ fn shutdown_delay_keeps_accepting_while_readyz_is_503() {
         "the checks above ran inside the delay"
     );
     drop((before, late));
+    // A reload asked for while shutting down is not one: the process goes on stopping.
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
 
     wait_for("the drain to close the port", || {
         std::net::TcpStream::connect(addr).is_err()

@@ -535,6 +535,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 break;
             }
             if let Some(again) = signals.wait(left.min(Duration::from_millis(200)))? {
+                if again == libc::SIGHUP {
+                    tracing::warn!("SIGHUP received while shutting down: no reload");
+                    continue;
+                }
                 tracing::info!(
                     "{} received again: draining now",
                     edgepoll::sys::signal::name(again)
@@ -564,6 +568,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     server.begin_drain();
     while !server.is_finished() {
         if let Some(sig) = signals.wait(Duration::from_millis(50))? {
+            if sig == libc::SIGHUP {
+                tracing::warn!("SIGHUP received while draining: no reload");
+                continue;
+            }
             tracing::warn!(
                 "{} received again: exiting without finishing the drain",
                 edgepoll::sys::signal::name(sig)
