@@ -20,8 +20,9 @@
 //!
 //! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets and their
 //!   queue lengths, splice and pipes, signals, rlimits, timer slack, poll and select
-//!   for the benchmark that compares them, a counting allocator for tests), as thin
-//!   safe wrappers returning `io::Result`.
+//!   for the benchmark that compares them, a counting allocator for tests, systemd's
+//!   readiness notifications and socket activation), as thin safe wrappers returning
+//!   `io::Result`.
 //! - [`config`]: the validated configuration the command line builds.
 //! - [`limits`]: `--max-connections`, `--max-connections-per-ip` and
 //!   `--max-buffered-bytes`; a connection's counts are a [`limits::ConnPermit`] that
