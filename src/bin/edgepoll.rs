@@ -2,13 +2,15 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use edgepoll::config::{self, parse_duration, parse_listen, parse_size, Config, Mode};
-use edgepoll::sys::{rlimit, signal::ShutdownSignals};
-use edgepoll::Server;
+use edgepoll::metrics::endpoint::Endpoint;
+use edgepoll::sys::{rlimit, signal::ShutdownSignals, socket, systemd};
+use edgepoll::{Server, Sockets, StartError};
 
 #[derive(Parser)]
 #[command(
@@ -297,7 +299,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     // Block SIGINT/SIGTERM before any thread starts, so all inherit the mask.
     let signals = ShutdownSignals::block()?;
-    let server = Server::start(config)?;
+    let sockets = listening_sockets(&config)?;
+    let server = Server::start_with(config, sockets)?;
     let listen: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
     let metrics = match server.metrics_addr() {
         Some(a) => format!("metrics on http://{a}/metrics"),
@@ -325,6 +328,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if r.send_proxy_v2 { ", PROXY v2" } else { "" },
         );
     }
+    announce_ready(&server);
     // Fault injection for the test that a dead worker stops the process (tests/cli.rs):
     // the named worker fails as if its epoll_wait had.
     if let Some(id) = std::env::var(FAULT_WORKER_ENV)
@@ -361,6 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         (None, None) => unreachable!("the wait loop ends with a signal or a failure"),
     }
+    announce_draining();
     server.begin_drain();
     while !server.is_finished() {
         if let Some(sig) = signals.wait(Duration::from_millis(50))? {
@@ -377,6 +382,73 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sockets to serve. Started by systemd with sockets (socket activation, e.g.
+/// `edgepoll.socket`): those, and `--listen` is not bound, since the socket unit's
+/// `ListenStream=` says where to listen; the metrics endpoint still binds
+/// `--metrics-listen`. Otherwise every `--listen` address, bound here.
+fn listening_sockets(config: &Config) -> anyhow::Result<Sockets> {
+    let inherited = systemd::listen_fds()?;
+    if inherited.is_empty() {
+        return Ok(Sockets::bind(config)?);
+    }
+    let addrs: Vec<String> = inherited
+        .iter()
+        .map(|fd| socket::local_addr(fd.as_fd()).map(|a| a.to_string()))
+        .collect::<std::io::Result<_>>()?;
+    tracing::info!(
+        "socket activation: serving the {} socket{} the service manager passed (LISTEN_FDS): {}",
+        addrs.len(),
+        if addrs.len() == 1 { "" } else { "s" },
+        addrs.join(", ")
+    );
+    // The default is never "given", so only an address someone chose is reported.
+    if config.listen != Config::new(config.mode).listen {
+        let listen: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            "--listen {} ignored: the inherited sockets replace it",
+            listen.join(", ")
+        );
+    }
+    let metrics = config
+        .metrics_listen
+        .map(Endpoint::bind)
+        .transpose()
+        .map_err(StartError::Metrics)?;
+    Ok(Sockets {
+        listeners: inherited,
+        metrics,
+    })
+}
+
+/// Tells systemd (`Type=notify`) that edgepoll serves, with a status line for
+/// `systemctl status`. Does nothing when systemd did not ask (no NOTIFY_SOCKET).
+fn announce_ready(server: &Server) {
+    let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
+    let status = format!(
+        "serving {} on {}",
+        server.config().mode.name(),
+        addrs.join(", ")
+    );
+    // STATUS first, so that the unit shows it from the moment it is active.
+    notify_systemd("STATUS", systemd::status(&status));
+    notify_systemd("READY=1", systemd::ready());
+}
+
+/// Tells systemd that edgepoll drains and will exit.
+fn announce_draining() {
+    notify_systemd("STOPPING=1", systemd::stopping());
+}
+
+/// A notification that fails is logged, not fatal: systemd then times the unit out as
+/// it would a service that never notifies, and the log says why.
+fn notify_systemd(what: &str, sent: std::io::Result<bool>) {
+    match sent {
+        Ok(true) => tracing::debug!("systemd notified: {what}"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("telling systemd {what}: {e}"),
+    }
 }
 
 /// Applies the flags every mode shares, and fits `--max-connections` to the
