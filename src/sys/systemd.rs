@@ -171,13 +171,13 @@ fn take_listen_fds(
             listen_pid.to_string_lossy()
         ))
     })?;
-    if pid != our_pid {
-        // Meant for another process (a parent that was activated and leaked them).
+    // Meant for another process (a parent that was activated and leaked them), or
+    // no count, which libsystemd too reads as none.
+    let (true, Some(listen_fds)) = (pid == our_pid, listen_fds) else {
         return Ok(Vec::new());
-    }
-    let shown = listen_fds.unwrap_or_default().to_string_lossy();
-    let count: RawFd = listen_fds
-        .and_then(parse_env)
+    };
+    let shown = listen_fds.to_string_lossy();
+    let count: RawFd = parse_env(listen_fds)
         .filter(|n: &RawFd| (0..=RawFd::MAX - LISTEN_FDS_START).contains(n))
         .ok_or_else(|| invalid(format!("LISTEN_FDS={shown}: not a number of descriptors")))?;
     let fds = LISTEN_FDS_START..LISTEN_FDS_START + count;
@@ -476,6 +476,7 @@ mod tests {
         assert!(taken(Some(&ours.to_string()), Some("0"))
             .unwrap()
             .is_empty());
+        assert!(taken(Some(&ours.to_string()), None).unwrap().is_empty());
     }
 
     #[test]
@@ -483,19 +484,16 @@ mod tests {
         let ours = std::process::id().to_string();
         let err = take_listen_fds(1, Some(OsStr::new("x1")), None).unwrap_err();
         assert_eq!(err.to_string(), "LISTEN_PID=x1: not a process id");
-        for fds in [Some("-1"), Some("two"), None] {
+        for fds in ["-1", "two", ""] {
             let err = take_listen_fds(
                 std::process::id(),
                 Some(OsStr::new(&ours)),
-                fds.map(OsStr::new),
+                Some(OsStr::new(fds)),
             )
             .unwrap_err();
             assert_eq!(
                 err.to_string(),
-                format!(
-                    "LISTEN_FDS={}: not a number of descriptors",
-                    fds.unwrap_or_default()
-                )
+                format!("LISTEN_FDS={fds}: not a number of descriptors")
             );
         }
     }
