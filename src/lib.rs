@@ -20,9 +20,9 @@
 //!
 //! - [`sys`]: every `unsafe` block and libc call (epoll, eventfd, sockets and their
 //!   queue lengths, splice and pipes, signals, rlimits, descriptor passing
-//!   (SCM_RIGHTS), timer slack, poll and select
-//!   for the benchmark that compares them, a counting allocator for tests), as thin
-//!   safe wrappers returning `io::Result`.
+//!   (SCM_RIGHTS), systemd's readiness notifications and socket activation, timer
+//!   slack, poll and select for the benchmark that compares them, a counting allocator
+//!   for tests), as thin safe wrappers returning `io::Result`.
 //! - [`config`]: the validated configuration the command line builds, from flags over
 //!   a TOML configuration file (`config::file`) over defaults, merged and validated
 //!   in one place ([`config::load`]).

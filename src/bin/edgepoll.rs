@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -13,8 +14,9 @@ use edgepoll::config::{
     Mode, Settings,
 };
 use edgepoll::handover;
-use edgepoll::sys::{rlimit, signal::ShutdownSignals};
-use edgepoll::{Server, Sockets};
+use edgepoll::metrics::endpoint::Endpoint;
+use edgepoll::sys::{rlimit, signal::ShutdownSignals, socket, systemd};
+use edgepoll::{Server, Sockets, StartError};
 
 #[derive(Parser)]
 #[command(
@@ -391,9 +393,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Check) => None,
         _ => handover::predecessor()?,
     };
-    // Listeners that came from systemd are kept whatever --listen says (socket
-    // activation is wired in by the systemd module; until then, never).
-    let activated = false;
+    // Listeners that came from systemd are kept across reloads whatever --listen says.
+    let mut activated = false;
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -421,7 +422,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("cannot take over from pid {}: {why}", pred.pid);
             }
         },
-        None => Sockets::bind(&config)?,
+        None => {
+            let (sockets, from_systemd) = listening_sockets(&config)?;
+            activated = from_systemd;
+            sockets
+        }
     };
     // After a reload, the metrics endpoint starts once the counters have moved (see
     // Server::serve_metrics); meanwhile its listener queues scrapes.
@@ -469,6 +474,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if r.send_proxy_v2 { ", PROXY v2" } else { "" },
         );
     }
+    let successor = predecessor.is_some();
+    if !successor {
+        announce_ready(&server);
+    }
     // Fault injection for the test that a dead worker stops the process (tests/cli.rs):
     // the named worker fails as if its epoll_wait had.
     if let Some(id) = std::env::var(FAULT_WORKER_ENV)
@@ -480,6 +489,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(pred) = predecessor.take() {
         let started = Instant::now();
         let from = pred.pid;
+        // Before the old process can exit: systemd must know the service's new main
+        // process by then (NotifyAccess=all lets this one say so), or it would take
+        // the old one's exit for the service's.
+        notify_systemd("MAINPID", systemd::main_pid(std::process::id()));
         match pred.take_over(&server) {
             Ok(moved) => {
                 let m = &server.metrics().reload;
@@ -500,6 +513,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut server = server;
     if let Some(fd) = held_metrics {
         server.serve_metrics(fd)?;
+    }
+    if successor {
+        announce_ready(&server);
     }
     let mut failure = None;
     let sig = loop {
@@ -565,6 +581,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         ),
         (None, None) => unreachable!("the wait loop ends with a signal or a failure"),
     }
+    announce_draining();
     server.begin_drain();
     while !server.is_finished() {
         if let Some(sig) = signals.wait(Duration::from_millis(50))? {
@@ -587,6 +604,76 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The sockets to serve. Started by systemd with sockets (socket activation, e.g.
+/// `edgepoll.socket`): those, and `--listen` is not bound, since the socket unit's
+/// `ListenStream=` says where to listen; the metrics endpoint still binds
+/// `--metrics-listen`. Otherwise every `--listen` address, bound here.
+fn listening_sockets(config: &Config) -> anyhow::Result<(Sockets, bool)> {
+    let inherited = systemd::listen_fds()?;
+    if inherited.is_empty() {
+        return Ok((Sockets::bind(config)?, false));
+    }
+    let addrs: Vec<String> = inherited
+        .iter()
+        .map(|fd| socket::local_addr(fd.as_fd()).map(|a| a.to_string()))
+        .collect::<std::io::Result<_>>()?;
+    tracing::info!(
+        "socket activation: serving the {} socket{} the service manager passed (LISTEN_FDS): {}",
+        addrs.len(),
+        if addrs.len() == 1 { "" } else { "s" },
+        addrs.join(", ")
+    );
+    // The default is never "given", so only an address someone chose is reported.
+    if config.listen != Config::new(config.mode).listen {
+        let listen: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+        tracing::info!(
+            "--listen {} ignored: the inherited sockets replace it",
+            listen.join(", ")
+        );
+    }
+    let metrics = config
+        .metrics_listen
+        .map(Endpoint::bind)
+        .transpose()
+        .map_err(StartError::Metrics)?;
+    Ok((
+        Sockets {
+            listeners: inherited,
+            metrics,
+        },
+        true,
+    ))
+}
+
+/// Tells systemd (`Type=notify`) that edgepoll serves, with a status line for
+/// `systemctl status`. Does nothing when systemd did not ask (no NOTIFY_SOCKET).
+fn announce_ready(server: &Server) {
+    let addrs: Vec<String> = server.local_addrs().iter().map(|a| a.to_string()).collect();
+    let status = format!(
+        "serving {} on {}",
+        server.config().mode.name(),
+        addrs.join(", ")
+    );
+    // STATUS first, so that the unit shows it from the moment it is active.
+    notify_systemd("STATUS", systemd::status(&status));
+    notify_systemd("READY=1", systemd::ready());
+}
+
+/// Tells systemd that edgepoll drains and will exit.
+fn announce_draining() {
+    notify_systemd("STOPPING=1", systemd::stopping());
+}
+
+/// A notification that fails is logged, not fatal: systemd then times the unit out as
+/// it would a service that never notifies, and the log says why.
+fn notify_systemd(what: &str, sent: std::io::Result<bool>) {
+    match sent {
+        Ok(true) => tracing::debug!("systemd notified: {what}"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("telling systemd {what}: {e}"),
+    }
+}
+
 /// How a reload ended for the running process.
 enum Reloaded {
     /// The new process serves everything: this one exits.
@@ -602,6 +689,7 @@ enum Reloaded {
 fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: bool) -> Reloaded {
     let started = Instant::now();
     tracing::info!("SIGHUP received: reloading ({})", exe.display());
+    notify_systemd("RELOADING=1", systemd::reloading());
     let attempt =
         handover::start_successor(&server, exe, args, activated).and_then(|mut s| {
             match s.wait_ready() {
@@ -619,6 +707,7 @@ fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: b
             m.total.with_label_values(&["failure"]).inc();
             m.last_successful.set(0);
             tracing::error!("reload failed: {e}; still serving with the running configuration");
+            notify_systemd("READY=1", systemd::ready());
             return Reloaded::Failed(Box::new(server));
         }
     };

@@ -17,6 +17,7 @@ pub mod rlimit;
 pub mod signal;
 pub mod socket;
 pub mod splice;
+pub mod systemd;
 pub mod thread;
 
 use std::io;

