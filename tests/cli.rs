@@ -4,7 +4,7 @@ mod util;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use util::*;
@@ -207,16 +207,6 @@ fn a_taken_port_is_reported_with_the_address_and_exit_1() {
     );
 }
 
-/// A child process that is killed when the test ends, even by a failed assertion.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts the binary on ephemeral ports and returns it with the addresses its
 /// start-up line names.
 fn spawn_server(extra: &[&str]) -> (Running, SocketAddr, Option<SocketAddr>) {
@@ -257,12 +247,8 @@ fn sigterm_drains_owed_bytes_and_exits_0() {
     // Let the server read what it can before the signal.
     std::thread::sleep(Duration::from_millis(200));
 
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = child.0.id();
+    kill(pid, "-TERM");
     let (back, eof) = read_to_end(&mut client);
     assert!(eof, "clean end after the last owed byte");
     assert_same(&data, &back);
@@ -283,12 +269,8 @@ fn shutdown_delay_keeps_accepting_while_readyz_is_503() {
     echo_roundtrip(&mut before, b"before");
 
     let signalled = std::time::Instant::now();
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = child.0.id();
+    kill(pid, "-TERM");
     wait_for("/readyz to turn 503", || {
         http_get(metrics, "/readyz").0 == 503
     });
@@ -303,11 +285,7 @@ fn shutdown_delay_keeps_accepting_while_readyz_is_503() {
     );
     drop((before, late));
     // A reload asked for while shutting down is not one: the process goes on stopping.
-    assert!(Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    kill(pid, "-HUP");
 
     wait_for("the drain to close the port", || {
         std::net::TcpStream::connect(addr).is_err()

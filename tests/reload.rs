@@ -82,13 +82,9 @@ impl Daemon {
         }
     }
 
+    #[track_caller]
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {}", self.pid);
+        kill(self.pid, sig);
     }
 
     /// Sends SIGHUP and follows the reload to its end: returns how long the old
@@ -131,6 +127,22 @@ impl Drop for Daemon {
         let _ = self.first.kill();
         let _ = self.first.wait();
     }
+}
+
+/// Asserts the reload counters of a scrape: successes, failures, and whether the last
+/// reload succeeded.
+#[track_caller]
+fn assert_reloads(text: &str, success: u32, failure: u32, last_ok: u32) {
+    let get = |series: &str| sample(text, series).map(|v| v as u32);
+    assert_eq!(
+        (
+            get("edgepoll_config_reloads_total{result=\"success\"}"),
+            get("edgepoll_config_reloads_total{result=\"failure\"}"),
+            get("edgepoll_config_last_reload_successful"),
+        ),
+        (Some(success), Some(failure), Some(last_ok)),
+        "(success, failure, last successful)"
+    );
 }
 
 /// Whether `pid` still runs (a zombie waiting for its reaper has exited).
@@ -313,18 +325,7 @@ fn ten_reloads_under_churn_and_long_lived_streams_lose_nothing() {
     );
 
     let text = d.scrape();
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"success\"}"),
-        Some(10.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
-        Some(0.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_last_reload_successful"),
-        Some(1.0)
-    );
+    assert_reloads(&text, 10, 0, 1);
     // Counters are carried: every connection ever accepted is counted, once.
     let accepted = sum_samples(&text, "edgepoll_connections_accepted_total");
     assert!(accepted >= 50.0 + 4.0, "accepted {accepted}");
@@ -488,14 +489,7 @@ fn a_binary_that_fails_to_start_keeps_the_old_one_serving_and_the_next_upgrade_w
     let mut fresh = connect(d.addr);
     echo_roundtrip(&mut fresh, b"and new connections too");
     let text = d.scrape();
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_last_reload_successful"),
-        Some(0.0)
-    );
+    assert_reloads(&text, 0, 1, 0);
     wait_for("the accepts to be published", || {
         sum_samples(&d.scrape(), "edgepoll_connections_accepted_total") == 2.0
     });
@@ -509,18 +503,7 @@ fn a_binary_that_fails_to_start_keeps_the_old_one_serving_and_the_next_upgrade_w
     assert_ne!(d.pid, pid);
     echo_roundtrip(&mut client, b"moved to the upgraded process");
     let text = d.scrape();
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"success\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_last_reload_successful"),
-        Some(1.0)
-    );
+    assert_reloads(&text, 1, 1, 1);
     assert_eq!(
         sum_samples(&text, "edgepoll_connections_accepted_total"),
         accepted
@@ -661,14 +644,7 @@ fn a_broken_configuration_keeps_the_old_one_serving_and_a_fixed_one_applies() {
         "the running configuration still serves"
     );
     let text = d.scrape();
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"failure\"}"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_last_reload_successful"),
-        Some(0.0)
-    );
+    assert_reloads(&text, 0, 1, 0);
 
     write_config(&file, &config("second"));
     d.reload();
@@ -678,15 +654,7 @@ fn a_broken_configuration_keeps_the_old_one_serving_and_a_fixed_one_applies() {
         raw.ends_with(b"second"),
         "the moved connection gets the new response"
     );
-    let text = d.scrape();
-    assert_eq!(
-        sample(&text, "edgepoll_config_last_reload_successful"),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, "edgepoll_config_reloads_total{result=\"success\"}"),
-        Some(1.0)
-    );
+    assert_reloads(&d.scrape(), 1, 1, 1);
 }
 
 /// What cannot change in place: a new listen address is bound, the old one is

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::process::{ChildStderr, Command, ExitStatus, Stdio};
 
 use edgepoll::sys::systemd::spawn_activated;
 use util::*;
@@ -23,16 +23,6 @@ fn edgepoll_echo(listen: SocketAddr) -> Command {
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped());
     cmd
-}
-
-/// A child process that is killed when the test ends, even by a failed assertion.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// How the child exited, polled rather than waited for, so that a child that keeps
@@ -146,12 +136,8 @@ fn an_inherited_socket_is_served_instead_of_listen_and_systemd_hears_ready_then_
     }
     notify.assert_none_pending();
 
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = child.0.id();
+    kill(pid, "-TERM");
     assert_eq!(notify.next(), "STOPPING=1");
     assert_eq!(exit_status(&mut child).code(), Some(0));
     notify.assert_none_pending();
@@ -244,11 +230,7 @@ fn a_reload_tells_systemd_reloading_then_the_new_main_pid_then_ready_and_keeps_t
     echo_roundtrip(&mut client, b"before");
 
     let old = child.0.id();
-    assert!(Command::new("kill")
-        .args(["-HUP", &old.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    kill(old, "-HUP");
     let reloading = notify.next();
     let mut parts = reloading.split('\n');
     assert_eq!(parts.next(), Some("RELOADING=1"));
@@ -271,10 +253,6 @@ fn a_reload_tells_systemd_reloading_then_the_new_main_pid_then_ready_and_keeps_t
     echo_roundtrip(&mut client, b"moved to the new main pid");
     let mut fresh = connect(addr);
     echo_roundtrip(&mut fresh, b"the socket systemd passed is still served");
-    assert!(Command::new("kill")
-        .args(["-TERM", &main_pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    kill(main_pid, "-TERM");
     assert_eq!(notify.next(), "STOPPING=1");
 }
