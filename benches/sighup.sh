@@ -29,9 +29,10 @@ count_lines() { grep -cF -- "$2" "$1" || true; }
 
 # edgepoll_reload LOG PID CAP_S: sends SIGHUP to PID, the edgepoll writing LOG, waits
 # for its successor to serve, then for PID to exit, at most CAP_S seconds in all.
-# Sets NEXT_PID (the pid serving now: PID itself if the reload failed) and RELOAD_MS
-# (milliseconds from the signal until PID had exited, or -1 if it was still alive at
-# the cap or the reload failed).
+# Sets NEXT_PID (the pid serving now: PID itself if the reload failed), READY_MS
+# (milliseconds from the signal until the successor serves) and RELOAD_MS (until PID
+# had exited as well); each -1 if it did not happen within the cap or the reload
+# failed.
 edgepoll_reload() {
     local log=$1 pid=$2 cap_ms=$(($3 * 1000)) serving failed start
     serving=$(count_lines "$log" ' is serving')
@@ -39,15 +40,18 @@ edgepoll_reload() {
     start=$(now_ms)
     kill -HUP "$pid"
     NEXT_PID=$pid
+    READY_MS=-1
     RELOAD_MS=-1
     while (($(now_ms) - start < cap_ms)); do
         if (($(count_lines "$log" ' is serving') > serving)); then
+            READY_MS=$(($(now_ms) - start))
             NEXT_PID=$(grep -oE 'pid [0-9]+ is serving' "$log" | tail -1 | cut -d' ' -f2)
             break
         fi
         (($(count_lines "$log" 'reload failed') > failed)) && return
         sleep 0.005
     done
+    ((READY_MS >= 0)) || return 0
     while (($(now_ms) - start < cap_ms)); do
         if gone "$pid"; then
             RELOAD_MS=$(($(now_ms) - start))
