@@ -1,5 +1,6 @@
-# SIGHUP reloads of edgepoll, timed, for benches/reload.sh and tests/e2e/reload.sh.
-# Source it; it only defines functions.
+# Reloads under load, for benches/reload.sh and tests/e2e/reload.sh: SIGHUP to edgepoll,
+# timed, and the clients' sockets, to tell a connection kept from one replaced. Source
+# it; it only defines functions.
 #
 # A reload replaces the process: the running edgepoll starts its successor as a child,
 # hands it everything and exits, so the pid to signal next is the successor's. Both
@@ -86,3 +87,16 @@ kill_successors() {
     done
     return 0
 }
+
+# socket_inodes PID: the sockets PID holds, one inode number a line, sorted. A client
+# whose connection was cut and reopened holds a new socket, with a new inode, even
+# when it counts no error for it (edgeload reopens a connection closed between two
+# requests without counting one).
+socket_inodes() {
+    local fd
+    for fd in /proc/"$1"/fd/*; do readlink "$fd"; done 2>/dev/null |
+        sed -nE 's/^socket:\[([0-9]+)\]$/\1/p' | sort
+}
+
+# replaced BEFORE AFTER: how many of the sockets listed in BEFORE are not in AFTER.
+replaced() { comm -23 <(echo "$1") <(echo "$2") | grep -c . || true; }

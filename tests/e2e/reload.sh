@@ -2,8 +2,9 @@
 # Reload under load: 10 SIGHUPs, one every 1.5 s, each to the process serving at the
 # time, while clients keep going. Echo: edgeload churning (a new connection per
 # request) and edgeload holding 50 long-lived streams, every echoed byte verified.
-# http: wrk with 50 keep-alive connections. No client may see an error, every reload
-# must succeed, and each replaced process must be gone within 1 s of its SIGHUP.
+# http: wrk with 50 keep-alive connections. No client may see an error or lose a
+# long-lived connection, every reload must succeed, and each replaced process must be
+# gone within 1 s of its SIGHUP.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source tests/e2e/lib.sh
@@ -73,6 +74,18 @@ metric() {
     curl -sf "http://$EP_METRICS/metrics" | awk -v s="$1" 'index($0, s " ") == 1 { v = $2 } END { printf "%d", v }'
 }
 
+# holds_50 PID: PID has its 50 connections open.
+holds_50() { [[ $(socket_inodes "$1" | wc -l) == 50 ]]; }
+
+# check_kept NAME BEFORE PID: every socket in BEFORE is still held by PID: no
+# connection was cut and reopened across the reloads.
+check_kept() {
+    local n
+    n=$(replaced "$2" "$(socket_inodes "$3")")
+    [[ $n == 0 ]] || fail "$1: $n of 50 connections were replaced across the reloads"
+    log "$1: the same 50 connections before and after the $RELOADS reloads"
+}
+
 ROWS=()
 
 echo "== reload: echo, edgeload churn and 50 long-lived streams, $RELOADS SIGHUPs"
@@ -84,7 +97,10 @@ BG_PIDS+=("$churn")
 "$BIN_DIR/edgeload" -c 50 -d "$DURATION" --json "tcp://$EP_ADDR" >"$WORK/streams.json" &
 streams=$!
 BG_PIDS+=("$streams")
+wait_for 10 "edgeload to open its 50 streams" holds_50 "$streams"
+before=$(socket_inodes "$streams")
 storm "$WORK/echo.log"
+check_kept "edgeload streams" "$before" "$streams"
 status=0
 wait "$churn" || status=$?
 [[ $status == 0 ]] || { cat "$WORK/churn.json"; fail "edgeload --reconnect exited $status"; }
@@ -96,7 +112,7 @@ for load in churn streams; do
     requests=$(json_field "$WORK/$load.json" requests)
     ((requests > 0)) || fail "edgeload $load completed no requests"
     log "edgeload $load: $requests verified requests, errors connect/read/write/timeout/mismatch $(errors "$WORK/$load.json")"
-    ROWS+=("| echo | edgeload -c 50 $([[ $load == churn ]] && echo '--reconnect' || echo '(long-lived)') | $requests | $(errors "$WORK/$load.json") | RELOADS_DONE |")
+    ROWS+=("| echo | edgeload -c 50 $([[ $load == churn ]] && echo '--reconnect | -' || echo '(long-lived) | 50 of 50') | $requests | $(errors "$WORK/$load.json") | RELOADS_DONE |")
 done
 log "$RELOADS reloads, each old process gone in ${STORM_MS[*]} ms (max $MAX_MS); connections moved per reload: $MOVED"
 ROWS=("${ROWS[@]/RELOADS_DONE/$RELOADS | $MAX_MS | $MOVED}")
@@ -122,7 +138,10 @@ SERVER_PID=$EP_PID
 wrk -t1 -c50 -d"$DURATION" "http://$EP_ADDR/" >"$WORK/wrk.txt" &
 wrk=$!
 BG_PIDS+=("$wrk")
+wait_for 10 "wrk to open its 50 connections" holds_50 "$wrk"
+before=$(socket_inodes "$wrk")
 storm "$WORK/http.log"
+check_kept wrk "$before" "$wrk"
 wait "$wrk" || fail "wrk exited $?"
 if grep -qE 'Socket errors|Non-2xx' "$WORK/wrk.txt"; then
     cat "$WORK/wrk.txt"
@@ -134,12 +153,12 @@ check_storm "$WORK/http.log"
 ((MOVED_SUM > 0)) || fail "no reload moved a keep-alive connection"
 log "wrk: $requests requests, 0 socket errors, 0 non-2xx"
 log "$RELOADS reloads, each old process gone in ${STORM_MS[*]} ms (max $MAX_MS); connections moved per reload: $MOVED"
-ROWS+=("| http | wrk -c 50 (keep-alive) | $requests | 0/0/0/0, non-2xx 0 | $RELOADS | $MAX_MS | $MOVED |")
+ROWS+=("| http | wrk -c 50 (keep-alive) | 50 of 50 | $requests | 0/0/0/0, non-2xx 0 | $RELOADS | $MAX_MS | $MOVED |")
 stop_reloaded "$SERVER_PID"
 SERVER_PID=""
 
 echo
-echo "| mode | clients | requests | errors connect/read/write/timeout/mismatch | reloads done | old process gone after SIGHUP, max ms | connections moved per reload |"
-echo "|---|---|---|---|---|---|---|"
+echo "| mode | clients | connections kept throughout | requests | errors connect/read/write/timeout/mismatch | reloads done | old process gone after SIGHUP, max ms | connections moved per reload |"
+echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo "reload: ok"
