@@ -14,7 +14,10 @@
 # - done: until the new process serves and the old one has exited, at most CAP
 #   seconds. The streams outlive the cap, so an old process that waits for its
 #   connections to end is still alive at the cap, reported as ">= CAP".
-# Client errors are both edgeloads' together; processes and resident memory are the
+# Client errors are both edgeloads' together. A stream cut and reopened would not
+# always be an error (edgeload reopens a connection closed between two requests without
+# counting one), so the streams' sockets are compared before the first reload and
+# after the last: "replaced" counts those gone. Processes and resident memory are the
 # peaks, sampled every 0.25 s, of the relay's processes together (HAProxy: master
 # and workers).
 #
@@ -88,6 +91,9 @@ sample() {
 start_relay() {
     RELAY_PORT=$(free_port)
     RELAY_LOG=$WORK/relay-$1.log
+    # Created here, not by the background redirection, which may come after the first
+    # look at it.
+    : >"$RELAY_LOG"
     case $1 in
         edgepoll)
             RUST_LOG=info taskset -c 0 "$BIN_DIR/edgepoll" relay --listen "127.0.0.1:$RELAY_PORT" \
@@ -175,7 +181,7 @@ e = r["errors"]
 print(*(e[k] for k in ("connect", "read", "write", "timeout", "mismatch")), r["requests"])' "$1"
 }
 
-# one_run KIND: the load, the reloads; appends to $WORK/KIND.{reloads,errors,peaks}.
+# one_run KIND: the load and the reloads; appends to $WORK/KIND.{reloads,errors,peaks,done,replaced}.
 one_run() {
     local kind=$1 i next wait churn streams sampler status=0
     start_relay "$kind"
@@ -190,6 +196,12 @@ one_run() {
         "tcp://127.0.0.1:$RELAY_PORT" >"$WORK/streams.json" &
     streams=$!
     BG_PIDS+=("$churn" "$streams")
+    local before
+    for i in $(seq 100); do
+        (($(socket_inodes "$streams" | wc -l) == 50)) && break
+        sleep 0.05
+    done
+    before=$(socket_inodes "$streams")
     next=$(($(now_ms) + INTERVAL * 1000))
     for i in $(seq "$RELOADS"); do
         wait=$((next - $(now_ms)))
@@ -197,6 +209,8 @@ one_run() {
         next=$((next + INTERVAL * 1000))
         reload "$kind" "$WORK/$kind.reloads"
     done
+    # Taken before the load ends: a stream cut and reopened holds a new socket.
+    replaced "$before" "$(socket_inodes "$streams")" >>"$WORK/$kind.replaced"
     wait "$churn" || status=$?
     wait "$streams" || status=$?
     ((status == 0)) || echo "$kind: an edgeload exited $status (1: an echoed byte differed)" >&2
@@ -205,6 +219,8 @@ one_run() {
     kill "$sampler"
     wait "$sampler" 2>/dev/null || true
     cat "$WORK/$kind.peak" >>"$WORK/$kind.peaks"
+    stop_relay "$kind"
+    # Read once the relay has stopped, so that every exit is in the log.
     local note
     case $kind in
         edgepoll)
@@ -213,19 +229,19 @@ one_run() {
             ;;
         haproxy)
             echo $(($(count_lines "$RELAY_LOG" 'Loading success') - 1)) >>"$WORK/$kind.done"
-            # An old worker that does not exit cleanly, as the master reports it.
+            # An old worker that did not exit cleanly, as the master reports it.
             grep -E 'Former worker \([0-9]+\) exited with code [1-9]' "$RELAY_LOG" >>"$WORK/haproxy.crashes" || true
-            note="old workers exited: $(grep -oE 'Former worker \([0-9]+\) exited with code [0-9]+[^.]*' "$RELAY_LOG" | tr '\n' ';')"
+            note="old workers exited: $(grep -oE 'Former worker \([0-9]+\) exited with code [0-9]+[^.]*' "$RELAY_LOG" | paste -sd';' -)"
             ;;
     esac
     echo "$(errors "$WORK/churn.json") $(errors "$WORK/streams.json")" >>"$WORK/$kind.errors"
-    echo "run $kind: reloads (ready_ms done_ms): $(tail -n "$RELOADS" "$WORK/$kind.reloads" | tr '\n' ',')" \
+    echo "run $kind: reloads (ready_ms done_ms): $(tail -n "$RELOADS" "$WORK/$kind.reloads" | paste -sd, -)," \
         "errors churn/streams (connect read write timeout mismatch requests): $(tail -1 "$WORK/$kind.errors")," \
-        "peak processes and RSS KiB: $(cat "$WORK/$kind.peak"); $note" >&2
-    stop_relay "$kind"
+        "streams replaced: $(tail -1 "$WORK/$kind.replaced"), peak processes and RSS KiB: $(cat "$WORK/$kind.peak"); $note" >&2
 }
 
 BACKEND_PORT=$(free_port)
+: >"$WORK/backend.log"
 taskset -c 1 "$BIN_DIR/edgepoll" echo --listen "127.0.0.1:$BACKEND_PORT" --workers 1 \
     --metrics-listen off >"$WORK/backend.log" 2>&1 &
 BG_PIDS+=("$!")
@@ -239,16 +255,17 @@ done
 
 echo
 touch "$WORK/haproxy.crashes"
-echo "| relay | reloads done | client errors connect / read / write / timeout / mismatch | errors per reload | requests verified | new process serves after, median (max) ms | reload done (new serves, old exited), median (max) ms | old process still alive at the cap | peak processes | peak RSS MiB |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| relay | reloads done | client errors connect / read / write / timeout / mismatch | errors per reload | long-lived streams replaced | requests verified | new process serves after, median (max) ms | reload done (new serves, old exited), median (max) ms | old process still alive at the cap | peak processes | peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for kind in "${KINDS[@]}"; do
-    python3 - "$kind" "$CAP" "$WORK/$kind.reloads" "$WORK/$kind.errors" "$WORK/$kind.peaks" "$WORK/$kind.done" <<'PY'
+    python3 - "$kind" "$CAP" "$WORK/$kind.reloads" "$WORK/$kind.errors" "$WORK/$kind.peaks" "$WORK/$kind.done" "$WORK/$kind.replaced" <<'PY'
 import statistics, sys
 kind, cap = sys.argv[1], int(sys.argv[2])
 reloads = [tuple(map(int, l.split())) for l in open(sys.argv[3])]
 errors = [list(map(int, l.split())) for l in open(sys.argv[4])]
 peaks = [tuple(map(int, l.split())) for l in open(sys.argv[5])]
 done = sum(int(l) for l in open(sys.argv[6]))
+replaced = [int(l) for l in open(sys.argv[7])]
 # Each line: connect read write timeout mismatch requests, for churn then streams.
 e = [sum(r[i] + r[i + 6] for r in errors) for i in range(5)]
 requests = sum(r[5] + r[11] for r in errors)
@@ -262,7 +279,7 @@ total = ms([r[1] for r in reloads])
 alive = sum(1 for r in reloads if r[1] < 0)
 name = {"edgepoll": "edgepoll relay (SIGHUP)", "haproxy": "HAProxy -W (master CLI reload)"}[kind]
 print(f"| {name} | {done} of {len(reloads)} | {' / '.join(map(str, e))} | {sum(e) / max(done, 1):.2f} | "
-      f"{requests} | {ready} | {total} | {alive} of {len(reloads)} | {max(p[0] for p in peaks)} | "
+      f"{sum(replaced)} of {50 * len(replaced)} | {requests} | {ready} | {total} | {alive} of {len(reloads)} | {max(p[0] for p in peaks)} | "
       f"{max(p[1] for p in peaks) / 1024:.1f} |")
 PY
 done
