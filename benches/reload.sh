@@ -81,7 +81,9 @@ sample() {
         done
         ((n <= max_n)) || max_n=$n
         ((rss <= max_rss)) || max_rss=$rss
-        echo "$max_n $max_rss" >"$file"
+        # Renamed into place, so that killing the sampler never leaves it empty.
+        echo "$max_n $max_rss" >"$file.new"
+        mv "$file.new" "$file"
         sleep 0.25
     done
 }
