@@ -17,7 +17,7 @@ source benches/lib.sh
 cargo build --release --bins
 
 ALL=(metrics_overhead echo_vs_peers instructions idle_scaling idle_memory churn
-    loadgen_vs_wrk http_vs_nginx relay_vs_haproxy pollers)
+    loadgen_vs_wrk http_vs_nginx relay_vs_haproxy reload pollers)
 if (($# > 0)); then BENCHES=("$@"); else BENCHES=("${ALL[@]}"); fi
 
 # write_block NAME FILE: replaces NAME's block in benches/README.md with FILE.
