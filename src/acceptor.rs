@@ -56,6 +56,8 @@ pub(crate) struct Acceptor {
     exhausted: Option<u64>,
     /// Accepting is paused until then.
     paused_until: Option<Instant>,
+    /// Told once a reload's pause has begun (see [`Acceptor::pause`]).
+    paused: crossbeam_channel::Sender<()>,
 }
 
 impl Acceptor {
@@ -65,6 +67,7 @@ impl Acceptor {
         limits: Arc<Limits>,
         lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
+        paused: crossbeam_channel::Sender<()>,
     ) -> io::Result<(Acceptor, Arc<EventFd>)> {
         let epoll = Epoll::new()?;
         let wake = Arc::new(EventFd::new()?);
@@ -84,29 +87,65 @@ impl Acceptor {
             metrics,
             exhausted: None,
             paused_until: None,
+            paused,
         };
         Ok((acceptor, wake))
     }
 
     /// Accepts until the server starts draining, then closes the listeners and tells
-    /// every worker to drain.
+    /// every worker to drain. A reload pauses it meanwhile (see [`Acceptor::pause`]).
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(self.listeners.len() + 1);
         // Connections may have queued between listen(2) and the first edge we can see.
         for i in 0..self.listeners.len() {
             self.accept_all(i);
         }
+        loop {
+            self.serve(&mut events);
+            if self.lifecycle.is_draining() {
+                break;
+            }
+            if let Some(drain) = self.lifecycle.handover() {
+                if !self.pause(&drain, &mut events) {
+                    return; // handed over: the new process serves the listeners
+                }
+                // The reload failed: accept again, from whatever queued meanwhile.
+                for i in 0..self.listeners.len() {
+                    self.accept_all(i);
+                }
+            }
+        }
+        let _ = self.wake.drain();
+        // Connections the kernel completed and queued are clients that already sent
+        // their SYN, and often their data: closing the listener would reset them. They
+        // are accepted and served like any open connection (draining), and only then
+        // is the listener closed. A SYN that arrives between this last accept and the
+        // close is still reset by the kernel; `--shutdown-delay` exists so that load
+        // balancers stop sending before that moment.
+        self.paused_until = None;
+        for i in 0..self.listeners.len() {
+            self.accept_all(i);
+        }
+        let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr.to_string()).collect();
+        // Closing the listeners makes new connection attempts fail at once (RST).
+        self.listeners.clear();
+        tracing::info!("stopped listening on {}", addrs.join(", "));
+        self.drain_workers();
+    }
+
+    /// Accepts until draining or a hand-over begins.
+    fn serve(&mut self, events: &mut Events) {
         while !self.lifecycle.is_draining() && self.lifecycle.handover().is_none() {
             let timeout = self
                 .paused_until
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            if let Err(e) = self.epoll.wait(&mut events, timeout) {
+            if let Err(e) = self.epoll.wait(events, timeout) {
                 tracing::error!("acceptor: {e}");
                 std::thread::sleep(EXHAUSTED_PAUSE);
                 continue;
             }
             if self.lifecycle.is_draining() || self.lifecycle.handover().is_some() {
-                break;
+                return;
             }
             if let Some(until) = self.paused_until {
                 if Instant::now() < until {
@@ -125,45 +164,57 @@ impl Acceptor {
                 }
             }
         }
-        let _ = self.wake.drain();
-        if let Some(drain) = self.lifecycle.handover() {
-            self.hand_over(&drain);
-            return;
-        }
-        // Connections the kernel completed and queued are clients that already sent
-        // their SYN, and often their data: closing the listener would reset them. They
-        // are accepted and served like any open connection (draining), and only then
-        // is the listener closed. A SYN that arrives between this last accept and the
-        // close is still reset by the kernel; `--shutdown-delay` exists so that load
-        // balancers stop sending before that moment.
+    }
+
+    /// A reload: stops accepting while the connections move. The queue of a listener
+    /// the new process did not take (its address left the configuration) is emptied
+    /// first, so those connections move with the others; a listener it took is shared
+    /// with it, and its queue is the new process's to serve. Returns false once the
+    /// hand-over is done (the listeners are closed: this process's descriptors only;
+    /// the new process's keep the shared ones open), true if it was abandoned and
+    /// accepting must go on.
+    fn pause(&mut self, drain: &[bool], events: &mut Events) -> bool {
         self.paused_until = None;
         for i in 0..self.listeners.len() {
-            self.accept_all(i);
+            if drain.get(i).copied().unwrap_or(true) {
+                self.accept_all(i);
+            }
         }
-        let addrs: Vec<String> = self.listeners.iter().map(|l| l.addr.to_string()).collect();
-        // Closing the listeners makes new connection attempts fail at once (RST).
-        self.listeners.clear();
-        tracing::info!("stopped listening on {}", addrs.join(", "));
+        // Everything accepted above is in the workers' channels before this says so.
+        let _ = self.paused.send(());
+        loop {
+            let _ = self.wake.drain();
+            if self.lifecycle.handover().is_none() {
+                return true;
+            }
+            if self.lifecycle.is_draining() {
+                // The hand-over is complete: accepting anything now would take a
+                // connection from the new process only to drop it.
+                let addrs: Vec<String> = (0..self.listeners.len())
+                    .filter(|&i| drain.get(i).copied().unwrap_or(true))
+                    .map(|i| self.listeners[i].addr.to_string())
+                    .collect();
+                if !addrs.is_empty() {
+                    tracing::info!("stopped listening on {}", addrs.join(", "));
+                }
+                self.listeners.clear();
+                self.drain_workers();
+                return false;
+            }
+            // Listener edges are ignored meanwhile; the wake-up says when to look.
+            if let Err(e) = self.epoll.wait(events, None) {
+                tracing::error!("acceptor: {e}");
+                std::thread::sleep(EXHAUSTED_PAUSE);
+            }
+        }
+    }
+
+    fn drain_workers(&self) {
         let deadline = self.lifecycle.drain_deadline().unwrap_or_else(Instant::now);
         for worker in &self.workers {
             let _ = worker.tx.send(Msg::Drain(deadline));
             let _ = worker.waker.notify();
         }
-    }
-
-    /// Stops for a reload. A listener the new process took is shared with it, so
-    /// closing this process's descriptor leaves it open and its queue to the new
-    /// process; a listener it did not take (its address left the configuration) is
-    /// emptied first, and its connections move with the others.
-    fn hand_over(&mut self, drain: &[bool]) {
-        self.paused_until = None;
-        for i in 0..self.listeners.len() {
-            if drain.get(i).copied().unwrap_or(true) {
-                self.accept_all(i);
-                tracing::info!("stopped listening on {}", self.listeners[i].addr);
-            }
-        }
-        self.listeners.clear();
     }
 
     /// Accepts from listener `i` until its queue is empty (its edge is spent).

@@ -83,8 +83,9 @@ pub struct Server {
     acceptor_wake: Option<Arc<EventFd>>,
     workers: Vec<WorkerHandle>,
     threads: Vec<JoinHandle<()>>,
-    /// The acceptor's thread, apart from the workers': a reload stops it first.
     acceptor_thread: Option<JoinHandle<()>>,
+    /// The acceptor says here that a reload's pause has begun.
+    acceptor_paused: crossbeam_channel::Receiver<()>,
     endpoint: Option<Endpoint>,
     /// Second descriptors of the listeners (in `local_addrs` order) and of the
     /// metrics listener, for a reload to hand to the new process.
@@ -131,6 +132,7 @@ impl Server {
             upstreams: (config.mode == Mode::Relay)
                 .then(|| Arc::new(Upstreams::new(&config.relay, &metrics))),
         };
+        let (paused_tx, acceptor_paused) = crossbeam_channel::bounded(1);
         let mut server = Server {
             config: config.clone(),
             local_addrs,
@@ -141,6 +143,7 @@ impl Server {
             workers: Vec::new(),
             threads: Vec::new(),
             acceptor_thread: None,
+            acceptor_paused,
             endpoint: None,
             listener_dups: parking_lot::Mutex::new(listener_dups),
             metrics_dup: None,
@@ -200,6 +203,7 @@ impl Server {
             Arc::clone(&shared.limits),
             Arc::clone(&shared.lifecycle),
             Arc::clone(&metrics),
+            paused_tx,
         )?;
         server.acceptor_wake = Some(wake);
         let thread = std::thread::Builder::new()
@@ -365,22 +369,22 @@ impl Server {
     /// Listener i's accept queue is emptied into the workers first when
     /// `drain_listener[i]` is true (the new process did not take it); the others are
     /// left to the new process. Each connection then arrives on the returned channel,
-    /// and one `None` per worker says that worker is done and has exited. Call
-    /// [`Server::join`] after the last.
-    pub fn hand_over(&mut self, drain_listener: Vec<bool>) -> HandOver {
+    /// and one `None` per worker says that worker is done. The workers and the paused
+    /// acceptor stay: [`Server::finish_hand_over`] ends them once the new process has
+    /// everything, [`Server::resume`] serves on if it failed.
+    pub fn hand_over(&self, drain_listener: Vec<bool>) -> HandOver {
         self.lifecycle.begin_handover(drain_listener);
-        if let Some(wake) = &self.acceptor_wake {
-            if let Err(e) = wake.wake() {
-                tracing::error!("waking the acceptor: {e}");
-            }
+        self.wake_acceptor();
+        // What the acceptor took from the queues is in the workers' channels, ahead
+        // of the export below. The acceptor answers within one loop turn; the bound
+        // only keeps a dead acceptor thread from hanging the reload.
+        if self
+            .acceptor_paused
+            .recv_timeout(Duration::from_secs(5))
+            .is_err()
+        {
+            tracing::error!("the acceptor did not pause for the hand-over");
         }
-        if let Some(t) = self.acceptor_thread.take() {
-            if t.join().is_err() {
-                tracing::error!("the acceptor thread panicked");
-            }
-        }
-        self.listener_dups.lock().clear();
-        self.metrics_dup = None;
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut workers = 0;
         for w in &self.workers {
@@ -392,8 +396,40 @@ impl Server {
         HandOver { rx, workers }
     }
 
+    /// The new process has every connection: the acceptor closes this process's
+    /// descriptors of the listeners (without accepting from them again), the empty
+    /// workers exit, and the endpoint stops.
+    pub fn finish_hand_over(self) {
+        self.begin_drain_within(Duration::ZERO);
+        self.join();
+    }
+
+    /// The hand-over failed: `unsent` connections (taken out of the workers but never
+    /// sent) come back, and the acceptor accepts again.
+    pub fn resume(&self, unsent: Vec<Moved>) {
+        for moved in unsent {
+            self.give_to_worker(moved);
+        }
+        self.lifecycle.end_handover();
+        self.wake_acceptor();
+    }
+
+    fn wake_acceptor(&self) {
+        if let Some(wake) = &self.acceptor_wake {
+            if let Err(e) = wake.wake() {
+                tracing::error!("waking the acceptor: {e}");
+            }
+        }
+    }
+
     /// Gives a connection that a reload moved here to the next worker.
     pub fn adopt(&self, moved: Moved) {
+        if self.give_to_worker(moved) {
+            self.metrics.reload.moved.inc();
+        }
+    }
+
+    fn give_to_worker(&self, moved: Moved) -> bool {
         let n = self.workers.len();
         let mut msg = Msg::Adopt(moved);
         for _ in 0..n {
@@ -404,13 +440,13 @@ impl Server {
             match self.workers[i].tx.send(msg) {
                 Ok(()) => {
                     let _ = self.workers[i].waker.notify();
-                    self.metrics.reload.moved.inc();
-                    return;
+                    return true;
                 }
                 Err(returned) => msg = returned.into_inner(),
             }
         }
         tracing::error!("no worker left to take a connection that moved here");
+        false
     }
 
     /// Waits for the acceptor and workers to exit (after [`Server::begin_drain`]), then
@@ -437,6 +473,16 @@ impl Server {
             }
         }
         self.endpoint = None;
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("mode", &self.config.mode)
+            .field("local_addrs", &self.local_addrs)
+            .field("open_connections", &self.open_connections())
+            .finish_non_exhaustive()
     }
 }
 

@@ -53,6 +53,11 @@ impl Lifecycle {
         *self.handing_over.lock() = Some(drain_listener);
     }
 
+    /// The hand-over was abandoned: the acceptor accepts again.
+    pub fn end_handover(&self) {
+        *self.handing_over.lock() = None;
+    }
+
     /// Whether a hand-over has begun, and which listeners to empty before it.
     pub fn handover(&self) -> Option<Vec<bool>> {
         self.handing_over.lock().clone()

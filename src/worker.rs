@@ -102,19 +102,12 @@ pub(crate) enum Msg {
     /// Fail as if `epoll_wait` had (fault injection for tests of what a dead worker
     /// does to the process).
     Fail,
-    /// A reload: take every connection apart, send each on the channel (then `None`),
-    /// and exit.
+    /// A reload: take every connection apart and send each on the channel, then
+    /// `None`. The worker goes on, empty: if the reload fails, what was not sent comes
+    /// back as `Adopt`; if it succeeds, a drain ends it.
     Export(Sender<Option<Moved>>),
     /// A connection that arrived from the process a reload replaced.
     Adopt(Moved),
-}
-
-/// Whether the worker goes on after taking its messages.
-#[derive(Debug, PartialEq, Eq)]
-enum Turn {
-    Serving,
-    /// Every connection was handed over: the worker exits.
-    Exported,
 }
 
 /// The wake-up of one worker, shared with the acceptor.
@@ -288,9 +281,7 @@ impl Worker {
             // worker still reaches the whole room over a few turns.
             let room = self.limits.buffered_room();
             self.counters.global_room = if room > 0 { room / self.workers } else { room };
-            if self.take_messages()? == Turn::Exported {
-                return Ok(());
-            }
+            self.take_messages()?;
             for i in 0..self.events.len() {
                 let event = self.events.get(i);
                 let token = Token(event.token);
@@ -375,20 +366,17 @@ impl Worker {
         self.now_ms = now_ms;
     }
 
-    fn take_messages(&mut self) -> io::Result<Turn> {
+    fn take_messages(&mut self) -> io::Result<()> {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
                 Msg::Conn(fd, permit) => self.register(fd, permit),
                 Msg::Drain(deadline) => self.begin_drain(deadline),
                 Msg::Fail => return Err(io::Error::other("injected worker failure")),
-                Msg::Export(tx) => {
-                    self.export(&tx);
-                    return Ok(Turn::Exported);
-                }
+                Msg::Export(tx) => self.export(&tx),
                 Msg::Adopt(moved) => self.adopt(moved),
             }
         }
-        Ok(Turn::Serving)
+        Ok(())
     }
 
     /// Hands every connection to `tx`, for the process that replaces this one. Nothing
@@ -407,8 +395,12 @@ impl Worker {
                 self.counters.buffered -= held;
                 self.limits.add_buffered(-held);
             }
-            // Its epoll registrations go with this worker's epoll, closed when the
-            // worker exits right after; the sockets stay open in the message.
+            // The sockets live on in the other process, and so would their
+            // registrations here.
+            let _ = self.epoll.delete(conn.fd.as_fd());
+            if let Some(up) = conn.state.upstream_fd() {
+                let _ = self.epoll.delete(up);
+            }
             let moved = self.handler.export(conn, self.now_ms);
             if tx.send(Some(moved)).is_err() {
                 // The hand-over was abandoned: the connection is lost with this process.

@@ -555,7 +555,12 @@ fn http_connections_move_between_and_in_the_middle_of_requests() {
     midway.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
     let mut pipeliner = connect(d.addr);
     let n = 30_000;
-    pipeliner.write_all(&get.repeat(n)).unwrap();
+    // Written from a thread: the server stops reading once the answers it owes fill
+    // its room and the kernel's buffers, until this client reads.
+    let writer = {
+        let mut w = pipeliner.try_clone().unwrap();
+        std::thread::spawn(move || w.write_all(&get.repeat(n)).unwrap())
+    };
     // Let the server answer what fits and hold the rest.
     std::thread::sleep(Duration::from_millis(200));
 
@@ -565,6 +570,7 @@ fn http_connections_move_between_and_in_the_middle_of_requests() {
     midway.write_all(b"st: t\r\n\r\n").unwrap();
     assert_eq!(read_responses(&mut midway, 1).0, vec![200]);
     let (statuses, _, closed) = read_responses(&mut pipeliner, n);
+    writer.join().unwrap();
     assert!(!closed);
     assert_eq!(statuses.len(), n);
     assert!(statuses.iter().all(|&s| s == 200));

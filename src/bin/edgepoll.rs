@@ -394,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => handover::predecessor()?,
     };
     // Listeners that came from systemd are kept across reloads whatever --listen says.
-    let mut activated = false;
+    let activated: bool;
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -416,7 +416,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mode = config.mode;
     let sockets = match predecessor.as_mut() {
         Some(pred) => match pred.sockets(&config) {
-            Ok(s) => s,
+            Ok(s) => {
+                activated = pred.activated();
+                s
+            }
             Err(why) => {
                 pred.fail(&why);
                 anyhow::bail!("cannot take over from pid {}: {why}", pred.pid);
@@ -522,7 +525,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         if let Some(sig) = signals.wait(Duration::from_millis(200))? {
             if sig == libc::SIGHUP {
                 server = match reload(server, &exe, &argv, activated) {
-                    Reloaded::HandedOver => return Ok(ExitCode::SUCCESS),
+                    Reloaded::HandedOver(pid) => {
+                        forward_pending(&signals, pid)?;
+                        return Ok(ExitCode::SUCCESS);
+                    }
                     Reloaded::Failed(server) => *server,
                 };
                 continue;
@@ -676,10 +682,24 @@ fn notify_systemd(what: &str, sent: std::io::Result<bool>) {
 
 /// How a reload ended for the running process.
 enum Reloaded {
-    /// The new process serves everything: this one exits.
-    HandedOver,
+    /// The new process (this pid) serves everything: this one exits.
+    HandedOver(u32),
     /// The new process could not start or refused: this one goes on serving.
     Failed(Box<Server>),
+}
+
+/// Signals that arrived for this process while it handed over (a stop right after a
+/// reload, or another reload) are meant for the service, which the new process now
+/// is: they go to it.
+fn forward_pending(signals: &ShutdownSignals, pid: u32) -> anyhow::Result<()> {
+    while let Some(sig) = signals.wait(Duration::ZERO)? {
+        let name = edgepoll::sys::signal::name(sig);
+        match edgepoll::sys::signal::send(pid, sig) {
+            Ok(()) => tracing::info!("{name} arrived during the hand-over: passed to pid {pid}"),
+            Err(e) => tracing::warn!("{name} arrived during the hand-over: {e}"),
+        }
+    }
+    Ok(())
 }
 
 /// SIGHUP: starts the binary on disk with the same arguments as this process's
@@ -722,9 +742,27 @@ fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: b
             ready.pid,
             started.elapsed().as_millis()
         ),
+        Err(handover::TransferError::Resumed {
+            server,
+            error,
+            lost,
+            kept,
+        }) => {
+            let m = &server.metrics().reload;
+            m.total.with_label_values(&["failure"]).inc();
+            m.last_successful.set(0);
+            tracing::error!(
+                "reload failed: pid {} stopped taking connections ({error}); {lost} went with it; \
+                 still serving {kept} and accepting with the running configuration",
+                ready.pid
+            );
+            notify_systemd("MAINPID", systemd::main_pid(std::process::id()));
+            notify_systemd("READY=1", systemd::ready());
+            return Reloaded::Failed(server);
+        }
         Err(e) => tracing::error!("handing over to pid {}: {e}; exiting", ready.pid),
     }
-    Reloaded::HandedOver
+    Reloaded::HandedOver(ready.pid)
 }
 
 /// What `check` reports of a valid configuration: the mode, the listeners, the

@@ -24,9 +24,10 @@
 pub mod wire;
 
 use std::ffi::OsString;
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -49,6 +50,10 @@ pub const PROTOCOL: u32 = 1;
 /// How long the predecessor waits for the successor to start, and how long either
 /// side waits on the other for any one message once the transfer runs.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Send and receive buffer of the hand-over socket (the kernel caps it at
+/// net.core.wmem_max / rmem_max).
+const HANDOVER_BUFFER: usize = 4 << 20;
 
 /// Largest message body accepted: a connection's state is at most its buffers, each
 /// capped by `--max-pending-bytes` (at most 1 GiB), so this is a corrupt length.
@@ -89,7 +94,7 @@ struct Frame {
 
 /// The framed hand-over socket.
 struct Channel {
-    sock: OwnedFd,
+    sock: UnixStream,
 }
 
 impl Channel {
@@ -116,8 +121,10 @@ impl Channel {
                 "hand-over message: a corrupt head",
             ));
         }
-        let mut body = vec![0u8; len];
-        if len > 0 && !fdpass::recv_with_fds(self.sock.as_fd(), &mut body, &mut fds)? {
+        // The body carries no descriptors: a plain read, into memory not zeroed first.
+        let mut body = Vec::with_capacity(len);
+        (&self.sock).take(len as u64).read_to_end(&mut body)?;
+        if body.len() < len {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         if fds.len() != head[5] as usize {
@@ -162,6 +169,12 @@ pub fn start_successor(
         return Err(io::Error::other("the server is draining").into());
     }
     let (ours, theirs) = fdpass::socketpair()?;
+    // Buffered bytes move through this socket: large buffers mean fewer switches
+    // between the two processes per megabyte.
+    for fd in [ours.as_fd(), theirs.as_fd()] {
+        let _ = socket::set_send_buffer(fd, HANDOVER_BUFFER);
+        let _ = socket::set_recv_buffer(fd, HANDOVER_BUFFER);
+    }
     fdpass::inherit(theirs.as_fd())?;
     let child = Command::new(exe)
         .args(args)
@@ -175,7 +188,9 @@ pub fn start_successor(
     fdpass::set_timeouts(ours.as_fd(), START_TIMEOUT)?;
     let successor = Successor {
         child,
-        chan: Channel { sock: ours },
+        chan: Channel {
+            sock: UnixStream::from(ours),
+        },
     };
     let mut w = Writer::default();
     w.u32(PROTOCOL)
@@ -273,9 +288,13 @@ impl Successor {
     }
 
     /// Hands `server`'s connections to the successor, which has said `ready`, then
-    /// its counters; stops `server`. Returns the connections moved. An error here
-    /// leaves the connections not yet sent to close with this process.
-    pub fn transfer(self, mut server: Server, ready: &Ready) -> io::Result<usize> {
+    /// stops `server` and sends its counters. Returns the connections moved.
+    ///
+    /// If the successor stops taking them (it died, or hangs past [`START_TIMEOUT`]),
+    /// it is killed and what was not sent goes back to `server`, which accepts again
+    /// and serves on: [`TransferError::Resumed`]. The connections already sent die
+    /// with the successor.
+    pub fn transfer(self, server: Server, ready: &Ready) -> Result<usize, TransferError> {
         let n = server.local_addrs().len();
         let drain: Vec<bool> = (0..n)
             .map(|i| !ready.taken.get(i).copied().unwrap_or(false))
@@ -283,7 +302,8 @@ impl Successor {
         let handover = server.hand_over(drain);
         let mut moved = 0;
         let mut done = 0;
-        let mut result = Ok(());
+        let mut failed = None;
+        let mut unsent = Vec::new();
         while done < handover.workers {
             let Ok(item) = handover.rx.recv() else {
                 break; // every worker is gone
@@ -292,27 +312,62 @@ impl Successor {
                 done += 1;
                 continue;
             };
-            if result.is_err() {
-                continue; // dropped: closed with this process
+            if failed.is_some() {
+                unsent.push(conn);
+                continue;
             }
             let fds: Vec<BorrowedFd<'_>> = conn.fds.iter().map(|f| f.as_fd()).collect();
-            result = self.chan.send(kind::CONN, &conn.state, &fds);
-            if result.is_ok() {
-                moved += 1;
+            match self.chan.send(kind::CONN, &conn.state, &fds) {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    failed = Some(e);
+                    unsent.push(conn);
+                }
             }
         }
+        if let Some(error) = failed {
+            self.abort();
+            let kept = unsent.len();
+            server.resume(unsent);
+            return Err(TransferError::Resumed {
+                server: Box::new(server),
+                error,
+                lost: moved,
+                kept,
+            });
+        }
         let metrics = std::sync::Arc::clone(server.metrics());
-        // The workers published their last counts as they exited.
-        server.join();
-        result?;
-        // Counted here, so the successor carries the failures before this success.
-        self.chan
-            .send(kind::COUNTERS, &carry::snapshot(&metrics.families()), &[])?;
-        let mut w = Writer::default();
-        w.u64(moved as u64);
-        self.chan.send(kind::DONE, &w.buf, &[])?;
+        // The workers publish their last counts as they exit.
+        server.finish_hand_over();
+        let sent = (|| {
+            self.chan
+                .send(kind::COUNTERS, &carry::snapshot(&metrics.families()), &[])?;
+            let mut w = Writer::default();
+            w.u64(moved as u64);
+            self.chan.send(kind::DONE, &w.buf, &[])
+        })();
+        sent.map_err(TransferError::Counters)?;
         Ok(moved)
     }
+}
+
+/// A hand-over that did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The successor stopped taking connections; this process serves on with what
+    /// it had not sent.
+    #[error("the new process stopped taking connections ({error}): {lost} went with it, {kept} stay here")]
+    Resumed {
+        server: Box<Server>,
+        error: io::Error,
+        /// Connections sent before it stopped, lost with it.
+        lost: usize,
+        /// Connections this process took back.
+        kept: usize,
+    },
+    /// Every connection moved, but the counters could not follow.
+    #[error("sending the counters: {0}")]
+    Counters(io::Error),
 }
 
 /// The successor's view of the process it replaces.
@@ -348,7 +403,9 @@ pub fn predecessor() -> Result<Option<Predecessor>, ReloadError> {
         })?;
     let sock = fdpass::take_inherited(raw)?;
     fdpass::set_timeouts(sock.as_fd(), START_TIMEOUT)?;
-    let chan = Channel { sock };
+    let chan = Channel {
+        sock: UnixStream::from(sock),
+    };
     let frame = chan
         .recv()?
         .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
@@ -442,6 +499,12 @@ impl Predecessor {
             });
         }
         Ok(sockets)
+    }
+
+    /// Whether the predecessor's listeners came from systemd (socket activation):
+    /// this process keeps them all, and tells its own successor so in turn.
+    pub fn activated(&self) -> bool {
+        self.activated
     }
 
     /// Tells the predecessor that this process cannot take over, and why; it goes on

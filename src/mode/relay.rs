@@ -1065,6 +1065,7 @@ impl Pair {
         now_ms: u64,
     ) -> Result<Pair, WireError> {
         let mut pair = Pair::default();
+        let mut gave_up = false;
         if r.u8()? == 1 {
             let fd = fds
                 .next()
@@ -1084,7 +1085,9 @@ impl Pair {
             }
             let connecting = r.u8()? == 1;
             if connecting && found.is_none() {
+                // Its upstream left the configuration: not a failed try.
                 pair.upstream = None;
+                gave_up = true;
             } else if connecting {
                 pair.connecting_since = Some(Instant::now());
             }
@@ -1097,7 +1100,8 @@ impl Pair {
         }
         pair.reset_check_ms = deadline_in(r.u64()?, now_ms);
         pair.reset_wait_until_ms = deadline_in(r.u64()?, now_ms);
-        pair.tries = r.u32()?;
+        let tries = r.u32()?;
+        pair.tries = if gave_up { 0 } else { tries };
         let failed_side = r.u8()?;
         let reason = r.u8()?;
         pair.failed = match failed_side {

@@ -46,6 +46,13 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_MOD, "MOD", fd, token, interest)
     }
 
+    /// Removes `fd` from the set. A socket leaves on its own when its last
+    /// descriptor closes; one handed to another process (a reload) does not, so the
+    /// worker that hands it over removes it.
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, "DEL", fd, 0, 0)
+    }
+
     fn ctl(
         &self,
         op: libc::c_int,

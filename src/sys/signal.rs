@@ -58,6 +58,14 @@ impl ShutdownSignals {
     }
 }
 
+/// Sends signal `sig` to process `pid` (kill(2)).
+pub fn send(pid: u32, sig: i32) -> io::Result<()> {
+    // SAFETY: kill takes plain integers.
+    syscall!(kill(pid as libc::pid_t, sig))
+        .map(drop)
+        .map_err(|e| super::context(e, format!("kill {pid}")))
+}
+
 /// The name of a shutdown signal, for logs.
 pub fn name(sig: i32) -> &'static str {
     match sig {

@@ -169,6 +169,17 @@ pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     .map_err(|e| super::context(e, format!("setsockopt SO_SNDBUF fd {}", fd.as_raw_fd())))
 }
 
+/// Sets the socket's receive buffer (SO_RCVBUF), as [`set_send_buffer`] does.
+pub fn set_recv_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        bytes.min(i32::MAX as usize) as i32,
+    )
+    .map_err(|e| super::context(e, format!("setsockopt SO_RCVBUF fd {}", fd.as_raw_fd())))
+}
+
 /// Makes the next close send RST instead of FIN (SO_LINGER with a zero timeout).
 /// Used to abort a connection, and by tests to play a peer that resets.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
