@@ -301,9 +301,7 @@ fn port_zero_reports_the_bound_port_and_a_taken_port_is_a_clear_error() {
     let mut config = edgepoll::Config::new(edgepoll::Mode::Echo);
     config.listen = vec![taken];
     config.metrics_listen = None;
-    let err = edgepoll::Server::start(config)
-        .err()
-        .expect("second bind fails");
+    let err = edgepoll::Server::start(config).expect_err("second bind fails");
     let msg = err.to_string();
     assert!(
         msg.contains(&format!("bind {taken}")) && msg.contains("in use"),
