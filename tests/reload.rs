@@ -28,12 +28,24 @@ struct Daemon {
 
 impl Daemon {
     fn start(exe: &Path, args: &[&str]) -> Daemon {
-        let mut child = Command::new(exe)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut tries = 0;
+        let mut child = loop {
+            let spawned = Command::new(exe)
+                .args(args)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::piped())
+                .spawn();
+            match spawned {
+                Ok(child) => break child,
+                // A binary this test just copied is still open for writing in a child
+                // another test thread forked meanwhile, until that child execs.
+                Err(e) if e.raw_os_error() == Some(26) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("spawning {}: {e}", exe.display()),
+            }
+        };
         let pid = child.id();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
