@@ -710,3 +710,38 @@ fn a_new_listen_address_is_bound_and_the_old_one_drained_and_a_mode_change_is_re
     assert!(is_alive(pid));
     echo_roundtrip(&mut on_new, b"still echo");
 }
+
+/// An upgrade that repoints a symlink (`edgepoll -> v2/edgepoll`, as versioned
+/// installs do) takes effect: the reload starts what the path names now, not the file
+/// the running process was resolved to.
+#[test]
+fn an_upgrade_that_repoints_a_symlink_starts_the_new_target() {
+    let dir = TempDir::new("symlink-upgrade");
+    let (v1, v2) = (dir.0.join("v1"), dir.0.join("v2"));
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::create_dir_all(&v2).unwrap();
+    install(&exe(), &v1.join("edgepoll"));
+    let broken = dir.0.join("broken");
+    std::fs::write(&broken, "#!/bin/sh\nexit 7\n").unwrap();
+    install(&broken, &v2.join("edgepoll"));
+    let link = dir.0.join("edgepoll");
+    std::os::unix::fs::symlink(v1.join("edgepoll"), &link).unwrap();
+    let d = Daemon::start(
+        &link,
+        &[
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--metrics-listen",
+            "off",
+        ],
+    );
+    let next = dir.0.join("edgepoll.next");
+    std::os::unix::fs::symlink(v2.join("edgepoll"), &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    d.signal("-HUP");
+    let line = d.expect_line("reload failed:");
+    assert!(line.contains("exit status: 7"), "v2 was started: {line}");
+}

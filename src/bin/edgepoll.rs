@@ -381,7 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let signals = ShutdownSignals::block()?;
     // The binary a reload starts: the path as it is on disk now (an upgraded package
     // replaces the file), and the same arguments (a --config file is read anew).
-    let exe = std::env::current_exe()?;
+    let exe = exe_path()?;
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     if matches!(cli.command, Some(Command::Check)) && cli.config.is_none() {
         eprintln!("edgepoll: check needs the file to check: edgepoll check --config FILE");
@@ -686,6 +686,33 @@ enum Reloaded {
     HandedOver(u32),
     /// The new process could not start or refused: this one goes on serving.
     Failed(Box<Server>),
+}
+
+/// The path this binary was started by, as a path, not resolved: a reload starts
+/// whatever that path names then. An upgrade that points a symlink at a new version
+/// (`/usr/local/bin/edgepoll -> /opt/edgepoll-1.1/edgepoll`) takes effect, which the
+/// resolved path of /proc/self/exe would miss. A bare name is looked up in PATH now,
+/// as the shell did; relative paths are made absolute against the start directory.
+fn exe_path() -> std::io::Result<PathBuf> {
+    let arg0 = std::env::args_os().next().map(PathBuf::from);
+    if let Some(arg0) = arg0 {
+        if arg0.components().count() > 1 {
+            return Ok(std::env::current_dir()?.join(arg0));
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&path) {
+                let candidate = dir.join(&arg0);
+                if candidate.is_file() {
+                    return Ok(if candidate.is_absolute() {
+                        candidate
+                    } else {
+                        std::env::current_dir()?.join(candidate)
+                    });
+                }
+            }
+        }
+    }
+    std::env::current_exe()
 }
 
 /// Signals that arrived for this process while it handed over (a stop right after a
