@@ -356,3 +356,358 @@ fn a_scrape_in_flight_during_a_reload_is_answered() {
         &text[..text.len().min(200)]
     );
 }
+
+// ---------------------------------------------------------------------------------
+// relay state that moves
+// ---------------------------------------------------------------------------------
+
+/// An echo server on its own thread, for relay upstreams: every connection echoed
+/// until EOF, then FIN.
+fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// README: "deadlines (time left on ... connect timeouts)" and "Bytes the client sends
+/// while the upstream is still connecting (or failing over) are kept ... and
+/// forwarded once it is connected". A pair connecting to a black hole when the reload
+/// happens times out in the new process and fails over to the next upstream, with the
+/// client's early bytes.
+#[test]
+fn a_pair_connecting_to_a_black_hole_moves_and_fails_over() {
+    let hole = blackhole();
+    let good = echo_upstream();
+    let (h, g) = (hole.addr.to_string(), good.to_string());
+    let mut d = Daemon::start(&[
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &h,
+        "--upstream",
+        &g,
+        "--connect-timeout",
+        "2s",
+    ]);
+    let mut c = connect(d.addr);
+    c.write_all(b"sent while connecting").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    d.reload();
+    let mut back = vec![0u8; 21];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"sent while connecting");
+    // The connect deadline was carried: ~1.7 s were left, not a fresh 2 s and more.
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    echo_roundtrip(&mut c, b"and after");
+    let text = d.scrape();
+    assert_eq!(
+        sample(
+            &text,
+            &format!("edgepoll_upstream_connect_errors_total{{reason=\"timeout\",upstream=\"{h}\"}}")
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+/// README: a failed pair forwards what the failed side sent, then resets the other
+/// peer once it has taken those bytes (or 5 s passed). A pair in that state moves:
+/// the client still gets a correct prefix and then a reset, never a FIN.
+#[test]
+fn a_failed_pair_waiting_to_reset_moves_and_still_resets() {
+    for splice in [false, true] {
+        let (up, t) = upstream_once(|s| {
+            let sent = write_until_stalled(&s, 31, 64 << 20);
+            // An RST: the upstream crashed mid-answer.
+            edgepoll::sys::socket::set_linger_zero(s.as_fd()).unwrap();
+            drop(s);
+            sent
+        });
+        let u = up.to_string();
+        let mut args = vec![
+            "relay",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--metrics-listen",
+            "off",
+            "--upstream",
+            &u,
+        ];
+        if splice {
+            args.push("--splice");
+        }
+        let mut d = Daemon::start(&args);
+        let mut c = connect(d.addr);
+        let sent = t.join().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        d.reload();
+        let (got, ending) = read_until_end(&mut c);
+        assert_prefix(31, &got, sent);
+        assert_reset(&format!("client (splice {splice})"), got.len(), ending);
+    }
+}
+
+/// Half-close in both orders, then a reload, then the other direction finishes:
+/// every byte and exactly one FIN each way.
+#[test]
+fn half_closed_pairs_move_in_both_orders() {
+    for splice in [false, true] {
+        for client_first in [true, false] {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let (up, t) = upstream_once(move |mut s| {
+                if client_first {
+                    let mut req = Vec::new();
+                    s.read_to_end(&mut req).unwrap();
+                    assert_eq!(req, pattern(1, 0, 300_000));
+                    rx.recv().unwrap(); // the reload is done
+                    s.write_all(&pattern(2, 0, 300_000)).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                } else {
+                    s.write_all(&pattern(2, 0, 300_000)).unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    let mut req = Vec::new();
+                    s.read_to_end(&mut req).unwrap();
+                    assert_eq!(req, pattern(1, 0, 300_000));
+                }
+            });
+            let u = up.to_string();
+            let mut args = vec![
+                "relay",
+                "--listen",
+                "127.0.0.1:0",
+                "--workers",
+                "1",
+                "--metrics-listen",
+                "off",
+                "--upstream",
+                &u,
+            ];
+            if splice {
+                args.push("--splice");
+            }
+            let mut d = Daemon::start(&args);
+            let mut c = connect(d.addr);
+            if client_first {
+                c.write_all(&pattern(1, 0, 300_000)).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                d.reload();
+                tx.send(()).unwrap();
+                let (got, ending) = read_until_end(&mut c);
+                assert_eq!(ending, Ending::Fin, "splice {splice} client first");
+                assert_same(&pattern(2, 0, 300_000), &got);
+            } else {
+                let mut got = vec![0u8; 300_000];
+                c.read_exact(&mut got).unwrap();
+                assert_same(&pattern(2, 0, 300_000), &got);
+                d.reload();
+                c.write_all(&pattern(1, 0, 300_000)).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let (rest, ending) = read_until_end(&mut c);
+                assert_eq!(
+                    (rest.len(), ending),
+                    (0, Ending::Fin),
+                    "splice {splice} upstream first"
+                );
+            }
+            t.join().unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// http state that moves
+// ---------------------------------------------------------------------------------
+
+/// README: "An HTTP connection moves between requests or in the middle of one: a
+/// partial head, a body being skipped ...". Bodies cut at every kind of place.
+#[test]
+fn http_bodies_cut_anywhere_move_and_get_one_answer_each() {
+    let mut d = Daemon::start(&[
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "off",
+    ]);
+    let cases: Vec<(&str, &[u8], &[u8])> = vec![
+        (
+            "mid content-length body",
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n12345",
+            b"67890",
+        ),
+        (
+            "mid chunk-size line",
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1",
+            b"0\r\n0123456789abcdef\r\n0\r\n\r\n",
+        ),
+        (
+            "mid chunk data",
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nA\r\n01234",
+            b"56789\r\n0\r\n\r\n",
+        ),
+        (
+            "between chunk data and its CRLF",
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc",
+            b"\r\n0\r\n\r\n",
+        ),
+        (
+            "mid chunk extension",
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3;na",
+            b"me=\"v\"\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "in the trailers",
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ",
+            b"1\r\n\r\n",
+        ),
+        (
+            "after the last chunk, before the final CRLF",
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n",
+            b"\r\n",
+        ),
+        (
+            "a bare CR at the cut",
+            b"GET / HTTP/1.1\r\nHost: t\r",
+            b"\n\r\n",
+        ),
+    ];
+    let mut conns: Vec<TcpStream> = cases
+        .iter()
+        .map(|(_, first, _)| {
+            let mut s = connect(d.addr);
+            s.write_all(first).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    d.reload();
+    for ((what, _, rest), s) in cases.iter().zip(conns.iter_mut()) {
+        s.write_all(rest).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (statuses, _, closed) = read_responses(s, 2);
+        assert_eq!(statuses, vec![200, 200], "{what} (closed: {closed})");
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut extra = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut extra), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{what}: nothing more"
+        );
+    }
+}
+
+/// A pipeliner that does not read, whose last request says Connection: close: after
+/// the move every request is answered and then the connection ends with a FIN.
+#[test]
+fn connection_close_in_flight_moves_and_ends_in_fin() {
+    let mut d = Daemon::start(&[
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--metrics-listen",
+        "off",
+        "--max-pending-bytes",
+        "16KiB",
+    ]);
+    let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut s = connect(d.addr);
+    let n = 5000;
+    let mut all = get.repeat(n - 1);
+    all.extend_from_slice(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(&all).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    d.reload();
+    let (statuses, _, _) = read_responses(&mut s, n);
+    assert_eq!(statuses.len(), n);
+    let (rest, ending) = read_until_end(&mut s);
+    assert_eq!((rest.len(), ending), (0, Ending::Fin));
+}
+
+/// README: "deadlines (time left on idle, header and connect timeouts)" move. A
+/// slowloris head 3 s into a 4 s --header-timeout gets its 408 about 1 s after the
+/// reload, not a fresh 4 s later.
+#[test]
+fn a_slowloris_keeps_its_header_deadline_across_a_reload() {
+    let mut d = Daemon::start(&[
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--metrics-listen",
+        "off",
+        "--header-timeout",
+        "4s",
+    ]);
+    let mut s = connect(d.addr);
+    let opened = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    d.reload();
+    let (statuses, _, _) = read_responses(&mut s, 1);
+    let at = opened.elapsed();
+    assert_eq!(statuses, vec![408]);
+    assert!(
+        at < Duration::from_millis(5500),
+        "408 came {at:?} after the head began, with --header-timeout 4s"
+    );
+}
+
+/// README: "Idle timeouts count from the last activity, wherever it happened."
+#[test]
+fn idle_timeout_counts_from_the_last_activity_before_the_reload() {
+    let mut d = Daemon::start(&[
+        "echo",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--metrics-listen",
+        "off",
+        "--idle-timeout",
+        "4s",
+    ]);
+    let mut s = connect(d.addr);
+    echo_roundtrip(&mut s, b"x");
+    let active = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    d.reload();
+    let (_, ending) = read_until_end(&mut s);
+    let at = active.elapsed();
+    assert_eq!(ending, Ending::Fin);
+    assert!(
+        at < Duration::from_millis(5500) && at > Duration::from_millis(3800),
+        "closed {at:?} after the last activity, with --idle-timeout 4s"
+    );
+}
