@@ -4,7 +4,7 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -919,4 +919,180 @@ fn no_descriptor_leaks_or_zombies_across_twenty_reloads() {
         })
         .collect();
     assert!(zombies.is_empty(), "{zombies:?}");
+}
+
+// ---------------------------------------------------------------------------------
+// a successor that breaks after Ready (a fake one, installed as the binary on disk)
+// ---------------------------------------------------------------------------------
+
+/// Not a test: the fake successor that `install_fake_successor` puts on disk. It
+/// speaks the hand-over protocol up to `Ready` (taking every listener), then does
+/// what A15_FAKE says: `die` exits at once (a successor that crashes while the
+/// connections move).
+#[test]
+#[ignore]
+fn fake_successor() {
+    use edgepoll::handover::wire::{Reader, Writer};
+    use edgepoll::sys::fdpass;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let Ok(raw) = std::env::var("EDGEPOLL_HANDOVER_FD") else {
+        return;
+    };
+    let sock = unsafe { OwnedFd::from_raw_fd(raw.parse().unwrap()) };
+    let mut head = [0u8; 6];
+    let mut fds = Vec::new();
+    assert!(fdpass::recv_with_fds(sock.as_fd(), &mut head, &mut fds).unwrap());
+    let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len];
+    assert!(fdpass::recv_with_fds(sock.as_fd(), &mut body, &mut fds).unwrap());
+    let mut r = Reader::new(&body);
+    let _version = r.u32().unwrap();
+    let _mode = r.str().unwrap();
+    let _pid = r.u32().unwrap();
+    let _activated = r.u8().unwrap();
+    let n = r.u32().unwrap();
+    let mut w = Writer::default();
+    w.u32(std::process::id()).u32(n);
+    for _ in 0..n {
+        w.u8(1);
+    }
+    let mut msg = (w.buf.len() as u32).to_le_bytes().to_vec();
+    msg.extend_from_slice(&[2, 0]);
+    msg.extend_from_slice(&w.buf);
+    fdpass::send_with_fds(sock.as_fd(), &msg, &[]).unwrap();
+    match std::env::var("A15_FAKE").as_deref() {
+        Ok("die") => std::process::exit(3),
+        _ => std::thread::sleep(Duration::from_secs(3600)),
+    }
+}
+
+/// Copies `from` over `to` the way a package manager installs (renamed over).
+fn install(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// Puts at `at` a "binary" that is this test executable running `fake_successor`.
+fn install_fake_successor(dir: &Path, at: &Path, behaviour: &str) {
+    let me = std::env::current_exe().unwrap();
+    let script = dir.join("fake.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nA15_FAKE={behaviour} exec {} fake_successor --exact --ignored --nocapture --test-threads 1 >/dev/null\n",
+            me.display()
+        ),
+    )
+    .unwrap();
+    install(&script, at);
+}
+
+/// An upstream that, on every connection, sends `bytes` of stream 41 and then holds
+/// the connection open.
+fn talkative_upstream(bytes: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let _ = s.write_all(&pattern(41, 0, bytes));
+                std::thread::sleep(Duration::from_secs(60));
+            });
+        }
+    });
+    addr
+}
+
+/// README "Closing": a connection that still owes a peer anything is aborted (a
+/// reset), never ended with a FIN that passes a cut stream off as complete. A
+/// successor that dies right after `Ready` makes the transfer fail; the old process
+/// then drops every connection it had not sent (`transfer`: "dropped: closed with
+/// this process") with a plain close(2). A relayed client owed the upstream's answer
+/// gets the first part of it and then a clean EOF.
+#[test]
+fn connections_a_failed_transfer_drops_are_reset_not_finished() {
+    let dir = TempDir::new("fake-die-close");
+    let installed = dir.0.join("edgepoll");
+    install(&exe(), &installed);
+    let up = talkative_upstream(8 << 20).to_string();
+    let mut cmd = Command::new(&installed);
+    cmd.args([
+        "relay",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "off",
+        "--upstream",
+        &up,
+    ]);
+    let d = Daemon::spawn(cmd, |mut c| c.spawn().unwrap());
+    let mut clients: Vec<TcpStream> = (0..4).map(|_| connect(d.addr)).collect();
+    // Each client reads a little, then stops: the relay holds the rest for it.
+    for c in clients.iter_mut() {
+        let mut first = vec![0u8; 1000];
+        c.read_exact(&mut first).unwrap();
+        assert_same(&pattern(41, 0, 1000), &first);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    install_fake_successor(&dir.0, &installed, "die");
+    d.signal("-HUP");
+    d.expect_line(" is serving; handing over");
+    let mut endings = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let (rest, ending) = read_until_end(c);
+        let mut all = pattern(41, 0, 1000);
+        all.extend_from_slice(&rest);
+        assert_prefix(41, &all, 8 << 20);
+        endings.push((i, all.len(), ending));
+    }
+    for (i, got, ending) in endings.iter().copied() {
+        assert!(
+            got == 8 << 20 || ending == Ending::Error(ErrorKind::ConnectionReset),
+            "client {i}: {got} of {} bytes, then {ending:?} (all: {endings:?})",
+            8 << 20
+        );
+    }
+}
+
+/// README: "The sockets are never closed: the kernel's accept queue stays served
+/// throughout". A successor that dies right after `Ready` takes the listeners down
+/// with it: the old process has already closed its own, logs an error, exits 0, and
+/// nothing serves the port any more.
+#[test]
+fn a_successor_that_dies_after_ready_does_not_take_the_service_down() {
+    let dir = TempDir::new("fake-die-listen");
+    let installed = dir.0.join("edgepoll");
+    install(&exe(), &installed);
+    let mut cmd = Command::new(&installed);
+    cmd.args([
+        "echo",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "off",
+    ]);
+    let mut d = Daemon::spawn(cmd, |mut c| c.spawn().unwrap());
+    let mut client = connect(d.addr);
+    echo_roundtrip(&mut client, b"before");
+    install_fake_successor(&dir.0, &installed, "die");
+    d.signal("-HUP");
+    d.expect_line(" is serving; handing over");
+    let line = d.expect_line("edgepoll:");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = d.first.try_wait();
+    let served = echo_works(d.addr, Duration::from_secs(3));
+    assert!(
+        served.is_ok(),
+        "after a successor died right after Ready: a new client of {}: {:?}; old process alive: {}; its last line: {line}",
+        d.addr,
+        served,
+        is_alive(d.first.id())
+    );
 }
