@@ -1096,3 +1096,119 @@ fn a_successor_that_dies_after_ready_does_not_take_the_service_down() {
         is_alive(d.first.id())
     );
 }
+
+// ---------------------------------------------------------------------------------
+// listeners and accept queues at the hand-over
+// ---------------------------------------------------------------------------------
+
+/// README: "What drains instead of moving: a listen address that left the
+/// configuration ... the old one accepts what is queued on the old listener and
+/// closes it, and those connections move like the others." A client that connects to
+/// the old address once the hand-over has begun is either refused or served, never
+/// accepted by the kernel and then reset. The successor keeps its copy of the old
+/// listener (in `Predecessor::listeners`) open until the whole transfer is done, long
+/// after the old process emptied the queue for the last time, so connections that
+/// queue there meanwhile are reset when it finally closes.
+#[test]
+fn clients_of_a_listener_that_left_the_config_are_refused_or_served_never_reset() {
+    let dir = TempDir::new("listen-left");
+    let file = dir.0.join("edgepoll.toml");
+    let old = dead_address();
+    let new = dead_address();
+    let cfg = |addr: SocketAddr| {
+        format!(
+            "mode = \"echo\"\nlisten = \"{addr}\"\nworkers = 2\nmetrics-listen = \"off\"\n\
+             max-pending-bytes = \"4MiB\"\n"
+        )
+    };
+    write_config(&file, &cfg(old));
+    let mut d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    // Connections with full buffers make the transfer take a while.
+    let hoarders: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let s = connect(old);
+                write_until_stalled(&s, 200 + i, 16 << 20);
+                s
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    write_config(&file, &cfg(new));
+    d.signal("-HUP");
+    // The old process has stopped accepting and is sending the connections.
+    d.follow_handover();
+    // Past the old process's last accept (it comes right after that line); the
+    // transfer of the full buffers takes far longer.
+    std::thread::sleep(Duration::from_millis(40));
+    let late: Vec<std::io::Result<TcpStream>> = (0..5)
+        .map(|_| {
+            let s = TcpStream::connect_timeout(&old, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            (&s).write_all(b"hello")?;
+            Ok(s)
+        })
+        .collect();
+    d.expect_line("reloaded: took over from pid");
+    let mut outcomes = Vec::new();
+    for c in late {
+        outcomes.push(match c {
+            Err(e) => format!("refused ({e})"),
+            Ok(mut s) => {
+                let mut b = [0u8; 5];
+                match s.read_exact(&mut b) {
+                    Ok(()) if &b == b"hello" => "served".to_string(),
+                    other => format!("CUT: connected, then {other:?}"),
+                }
+            }
+        });
+    }
+    drop(hoarders);
+    eprintln!("late clients: {outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| !o.starts_with("CUT")),
+        "clients of the old address during the transfer: {outcomes:#?}"
+    );
+}
+
+/// A full accept queue at the moment of the hand-over, on a listener that stays and
+/// on one that left the configuration: every queued client is served. The old process
+/// is stopped (SIGSTOP) while the clients connect, so they sit in the kernel's queues,
+/// and gets its SIGHUP before it runs again.
+#[test]
+fn a_full_accept_queue_at_the_hand_over_is_served() {
+    let dir = TempDir::new("backlog");
+    let file = dir.0.join("edgepoll.toml");
+    let (stays, leaves, added) = (dead_address(), dead_address(), dead_address());
+    let cfg = |a: SocketAddr, b: SocketAddr| {
+        format!(
+            "mode = \"echo\"\nlisten = [\"{a}\", \"{b}\"]\nworkers = 2\nmetrics-listen = \"off\"\nbacklog = 64\n"
+        )
+    };
+    write_config(&file, &cfg(stays, leaves));
+    let mut d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    d.signal("-STOP");
+    let mut queued: Vec<(SocketAddr, TcpStream)> = Vec::new();
+    for i in 0..40u64 {
+        for addr in [stays, leaves] {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&pattern(i, 0, 100)).unwrap();
+            queued.push((addr, s));
+        }
+    }
+    write_config(&file, &cfg(stays, added));
+    d.signal("-HUP");
+    d.signal("-CONT");
+    d.follow_handover();
+    d.expect_line("reloaded: took over from pid");
+    for (i, (addr, s)) in queued.iter_mut().enumerate() {
+        let mut back = vec![0u8; 100];
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("queued client {i} of {addr}: {e}"));
+        assert_same(&pattern(i as u64 / 2, 0, 100), &back);
+    }
+    echo_works(added, Duration::from_secs(3)).unwrap();
+}
