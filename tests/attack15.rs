@@ -1212,3 +1212,170 @@ fn a_full_accept_queue_at_the_hand_over_is_served() {
     }
     echo_works(added, Duration::from_secs(3)).unwrap();
 }
+
+// ---------------------------------------------------------------------------------
+// relay configuration changes across a reload
+// ---------------------------------------------------------------------------------
+
+fn relay_config(listen: SocketAddr, upstreams: &[SocketAddr], extra: &str) -> String {
+    let ups: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "mode = \"relay\"\nlisten = \"{listen}\"\nworkers = 1\nmetrics-listen = \"off\"\n\
+         upstream = [{}]\nconnect-timeout = \"3s\"\n{extra}",
+        ups.join(", ")
+    )
+}
+
+/// README: a reload moves every established connection "without refusing, resetting
+/// or cutting" it, and (relay.rs) "a connect in progress to such an upstream [one the
+/// new configuration no longer lists] is given up, to start again with a listed one".
+/// The pair keeps its count of tries, though, and the new configuration's
+/// --connect-retries defaults to its number of upstreams: a client whose connect to
+/// the removed upstream was in progress is reset without its new upstream ever being
+/// tried.
+#[test]
+fn a_connect_in_progress_to_a_removed_upstream_restarts_with_the_new_one() {
+    let dir = TempDir::new("upstream-swap");
+    let file = dir.0.join("edgepoll.toml");
+    let listen = dead_address();
+    let hole = blackhole();
+    let good = echo_upstream();
+    write_config(&file, &relay_config(listen, &[hole.addr], ""));
+    let mut d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    let mut c = connect(listen);
+    c.write_all(b"early bytes").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    write_config(&file, &relay_config(listen, &[good], ""));
+    d.reload();
+    let mut back = vec![0u8; 11];
+    match c.read_exact(&mut back) {
+        Ok(()) => assert_eq!(&back, b"early bytes"),
+        Err(e) => panic!("the client whose connect was given up on: {e}"),
+    }
+}
+
+/// --splice turned on and off by reloads in the middle of a relayed transfer (pairs
+/// keep their pipes or their buffers), and the upstream taken out of the
+/// configuration: the established pair keeps it. Every byte arrives, then FIN.
+#[test]
+fn splice_toggled_and_upstream_removed_mid_transfer() {
+    let dir = TempDir::new("splice-toggle");
+    let file = dir.0.join("edgepoll.toml");
+    let listen = dead_address();
+    let up = echo_upstream();
+    let other = echo_upstream();
+    write_config(&file, &relay_config(listen, &[up], ""));
+    let mut d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    let total: u64 = 48 << 20;
+    let client = connect(listen);
+    let mut reader = client.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut c = client;
+        let mut off = 0u64;
+        while off < total {
+            let n = (256 * 1024).min(total - off) as usize;
+            c.write_all(&pattern(77, off, n)).unwrap();
+            off += n as u64;
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = std::sync::Arc::clone(&progress);
+    let checker = std::thread::spawn(move || {
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => panic!("read after {got} bytes: {e}"),
+            };
+            assert_same(&pattern(77, got, n), &buf[..n]);
+            got += n as u64;
+            seen.store(got, std::sync::atomic::Ordering::Relaxed);
+        }
+        got
+    });
+    let steps = [
+        relay_config(listen, &[up], "splice = true\n"),
+        relay_config(listen, &[up], ""),
+        relay_config(listen, &[other], "splice = true\n"),
+        relay_config(listen, &[other], "send-proxy-v2 = true\n"),
+    ];
+    for (i, cfg) in steps.iter().enumerate() {
+        wait_for("the transfer to progress", || {
+            progress.load(std::sync::atomic::Ordering::Relaxed) >= total * (i as u64 + 1) / 5
+        });
+        write_config(&file, cfg);
+        d.reload();
+    }
+    writer.join().unwrap();
+    assert_eq!(checker.join().unwrap(), total);
+}
+
+// ---------------------------------------------------------------------------------
+// reload storms
+// ---------------------------------------------------------------------------------
+
+/// `kill -HUP` is "apply the configuration as it is now on disk". A second SIGHUP sent
+/// to the old process after its successor has read the file, but while the old one is
+/// still handing over, is swallowed: the old process exits without acting on it and
+/// the successor never hears of it, so the configuration written in between is never
+/// applied.
+#[test]
+fn a_second_sighup_during_a_hand_over_is_not_lost() {
+    let dir = TempDir::new("double-hup");
+    let file = dir.0.join("edgepoll.toml");
+    let listen = dead_address();
+    let cfg = |body: &str| {
+        format!(
+            "mode = \"http\"\nlisten = \"{listen}\"\nworkers = 2\nmetrics-listen = \"off\"\n\
+             body = \"{body}\"\nmax-pending-bytes = \"4MiB\"\n"
+        )
+    };
+    write_config(&file, &cfg("first"));
+    let mut d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    // Pipeliners that do not read: their held requests and responses make the
+    // hand-over take a while.
+    let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let hoarders: Vec<TcpStream> = (0..30)
+        .map(|_| {
+            let s = connect(listen);
+            (&s).write_all(&get.repeat(60_000)).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    write_config(&file, &cfg("second"));
+    let old = d.pid;
+    d.signal("-HUP");
+    // The successor has read the file once it logs its start-up line.
+    d.expect_line(" listening on ");
+    write_config(&file, &cfg("third"));
+    let delivered = Daemon::signal_pid(old, "-HUP");
+    d.follow_handover();
+    d.expect_line("reloaded: took over from pid");
+    if !delivered {
+        eprintln!("the old process was already gone: nothing shown");
+        return;
+    }
+    // Whatever happens next, within a few seconds "third" must be served.
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(5) {
+        let mut s = connect(listen);
+        s.write_all(get).unwrap();
+        let (_, raw, _) = read_responses(&mut s, 1);
+        last = String::from_utf8_lossy(&raw).to_string();
+        if last.ends_with("third") {
+            drop(hoarders);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "a SIGHUP that `kill` delivered to pid {old} after the file changed was never acted on: \
+         still serving {:?}",
+        last.rsplit("\r\n").next()
+    );
+}
