@@ -1379,3 +1379,91 @@ fn a_second_sighup_during_a_hand_over_is_not_lost() {
         last.rsplit("\r\n").next()
     );
 }
+
+// ---------------------------------------------------------------------------------
+// drain through the binary
+// ---------------------------------------------------------------------------------
+
+/// README --drain-timeout: "the connections already queued in the kernel's accept
+/// backlog are accepted and served (not reset), then the listeners close". The
+/// process is stopped while the clients queue, so the backlog is full at SIGTERM.
+#[test]
+fn sigterm_with_a_full_accept_backlog_serves_every_queued_client() {
+    let mut d = Daemon::start(&[
+        "echo",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "off",
+        "--backlog",
+        "128",
+    ]);
+    d.signal("-STOP");
+    let mut queued: Vec<TcpStream> = (0..100u64)
+        .map(|i| {
+            let mut s = TcpStream::connect_timeout(&d.addr, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&pattern(i, 0, 1000)).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            s
+        })
+        .collect();
+    d.signal("-TERM");
+    d.signal("-CONT");
+    for (i, s) in queued.iter_mut().enumerate() {
+        let (got, ending) = read_until_end(s);
+        assert_eq!(ending, Ending::Fin, "queued client {i}");
+        assert_same(&pattern(i as u64, 0, 1000), &got);
+    }
+    let status = d.first.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// README --shutdown-delay: /readyz answers 503 at once while edgepoll keeps accepting
+/// and serving; a SIGHUP during the delay starts no reload; a second SIGTERM starts the
+/// drain at once.
+#[test]
+fn shutdown_delay_keeps_serving_with_readyz_503_and_a_second_signal_drains() {
+    let mut d = Daemon::start(&[
+        "echo",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--shutdown-delay",
+        "30s",
+        "--drain-timeout",
+        "5",
+    ]);
+    let metrics = d.metrics.unwrap();
+    assert_eq!(http_get(metrics, "/readyz").0, 200);
+    let mut held = connect(d.addr);
+    echo_roundtrip(&mut held, b"before");
+    d.signal("-TERM");
+    d.expect_line("/readyz answers 503");
+    assert_eq!(http_get(metrics, "/readyz").0, 503);
+    echo_works(d.addr, Duration::from_secs(3)).expect("accepting during the delay");
+    d.signal("-HUP");
+    d.expect_line("SIGHUP received while shutting down");
+    echo_works(d.addr, Duration::from_secs(3)).expect("accepting after an ignored SIGHUP");
+    let text = d.scrape();
+    assert_eq!(
+        sum_samples(&text, "edgepoll_config_reloads_total"),
+        0.0,
+        "no reload counted"
+    );
+    echo_roundtrip(&mut held, b"still");
+    let t = Instant::now();
+    d.signal("-TERM");
+    d.expect_line("draining now");
+    // The held client is idle: it gets FIN at once, and the process exits 0.
+    let (_, ending) = read_until_end(&mut held);
+    assert_eq!(ending, Ending::Fin);
+    let status = d.first.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
