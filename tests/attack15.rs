@@ -642,7 +642,9 @@ fn connection_close_in_flight_moves_and_ends_in_fin() {
     ]);
     let get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
     let mut s = connect(d.addr);
-    let n = 5000;
+    // Few enough that the kernel's buffers and the server's one 64 KiB read take
+    // them all before the client reads.
+    let n = 2000;
     let mut all = get.repeat(n - 1);
     all.extend_from_slice(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
     s.write_all(&all).unwrap();
@@ -962,7 +964,7 @@ fn fake_successor() {
     fdpass::send_with_fds(sock.as_fd(), &msg, &[]).unwrap();
     match std::env::var("A15_FAKE").as_deref() {
         Ok("die") => std::process::exit(3),
-        _ => std::thread::sleep(Duration::from_secs(3600)),
+        _ => std::thread::sleep(Duration::from_secs(40)),
     }
 }
 
@@ -1011,7 +1013,8 @@ fn talkative_upstream(bytes: usize) -> SocketAddr {
 /// successor that dies right after `Ready` makes the transfer fail; the old process
 /// then drops every connection it had not sent (`transfer`: "dropped: closed with
 /// this process") with a plain close(2). A relayed client owed the upstream's answer
-/// gets the first part of it and then a clean EOF.
+/// gets the first part of it and then a clean EOF. (Under TCP memory pressure, past
+/// net.ipv4.tcp_mem, the kernel itself resets such orphaned sockets and this passes.)
 #[test]
 fn connections_a_failed_transfer_drops_are_reset_not_finished() {
     let dir = TempDir::new("fake-die-close");
@@ -1050,6 +1053,7 @@ fn connections_a_failed_transfer_drops_are_reset_not_finished() {
         assert_prefix(41, &all, 8 << 20);
         endings.push((i, all.len(), ending));
     }
+    eprintln!("endings: {endings:?}");
     for (i, got, ending) in endings.iter().copied() {
         assert!(
             got == 8 << 20 || ending == Ending::Error(ErrorKind::ConnectionReset),
