@@ -241,8 +241,12 @@ fn socket_activated_listener_is_still_served_after_the_second_reload() {
     // A free port for --listen: a process that wrongly binds it succeeds.
     let listen = dead_address();
     let mut cmd = Command::new(exe());
-    cmd.args(["echo", "--listen", &listen.to_string()])
-        .args(["--workers", "2", "--metrics-listen", "off"]);
+    cmd.args(["echo", "--listen", &listen.to_string()]).args([
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "off",
+    ]);
     let mut d = Daemon::spawn(cmd, |cmd| {
         edgepoll::sys::systemd::spawn_activated(cmd, &[inherited.as_fd()]).unwrap()
     });
@@ -342,7 +346,8 @@ fn a_scrape_in_flight_during_a_reload_is_answered() {
     ]);
     let metrics = d.metrics.unwrap();
     let mut s = connect(metrics);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
     // Let the old endpoint accept it and read the first part.
     std::thread::sleep(Duration::from_millis(300));
     d.reload();
@@ -428,7 +433,9 @@ fn a_pair_connecting_to_a_black_hole_moves_and_fails_over() {
     assert_eq!(
         sample(
             &text,
-            &format!("edgepoll_upstream_connect_errors_total{{reason=\"timeout\",upstream=\"{h}\"}}")
+            &format!(
+                "edgepoll_upstream_connect_errors_total{{reason=\"timeout\",upstream=\"{h}\"}}"
+            )
         ),
         Some(1.0),
         "{text}"
@@ -616,7 +623,8 @@ fn http_bodies_cut_anywhere_move_and_get_one_answer_each() {
         s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
         let (statuses, _, closed) = read_responses(s, 2);
         assert_eq!(statuses, vec![200, 200], "{what} (closed: {closed})");
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut extra = [0u8; 1];
         assert!(
             matches!(s.read(&mut extra), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
@@ -791,7 +799,9 @@ fn buffered_bytes_gauge_follows_the_moved_bytes() {
     ]);
     let mut hoarder = connect(d.addr);
     let sent = write_until_stalled(&hoarder, 5, 64 << 20);
-    let before = settle_scrape(&d, |t| sum_samples(t, "edgepoll_outbound_buffered_bytes") > 0.0);
+    let before = settle_scrape(&d, |t| {
+        sum_samples(t, "edgepoll_outbound_buffered_bytes") > 0.0
+    });
     let held = sum_samples(&before, "edgepoll_outbound_buffered_bytes");
     assert!(held > 0.0);
     d.reload();
@@ -806,7 +816,9 @@ fn buffered_bytes_gauge_follows_the_moved_bytes() {
     let mut back = vec![0u8; sent as usize];
     hoarder.read_exact(&mut back).unwrap();
     assert_same(&pattern(5, 0, sent as usize), &back);
-    let done = settle_scrape(&d, |t| sum_samples(t, "edgepoll_outbound_buffered_bytes") == 0.0);
+    let done = settle_scrape(&d, |t| {
+        sum_samples(t, "edgepoll_outbound_buffered_bytes") == 0.0
+    });
     assert_eq!(sum_samples(&done, "edgepoll_outbound_buffered_bytes"), 0.0);
 }
 
@@ -847,14 +859,23 @@ fn lowered_limits_refuse_new_connections_until_the_moved_count_falls() {
     d.reload();
     let mut extra = connect(addr);
     let (got, _) = read_until_end(&mut extra);
-    assert!(got.is_empty(), "a 5th connection from one IP with a per-IP limit of 4");
+    assert!(
+        got.is_empty(),
+        "a 5th connection from one IP with a per-IP limit of 4"
+    );
     let text = d.scrape();
     assert_eq!(
-        sample(&text, "edgepoll_connections_rejected_total{reason=\"max_connections\"}"),
+        sample(
+            &text,
+            "edgepoll_connections_rejected_total{reason=\"max_connections\"}"
+        ),
         Some(1.0)
     );
     assert_eq!(
-        sample(&text, "edgepoll_connections_rejected_total{reason=\"per_ip_limit\"}"),
+        sample(
+            &text,
+            "edgepoll_connections_rejected_total{reason=\"per_ip_limit\"}"
+        ),
         Some(1.0)
     );
 }
@@ -900,11 +921,18 @@ fn no_descriptor_leaks_or_zombies_across_twenty_reloads() {
             format!(
                 "{} -> {}",
                 e.file_name().to_string_lossy(),
-                std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default()
+                std::fs::read_link(e.path())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             )
         })
         .collect();
-    assert_eq!(after, base, "descriptors after 1 reload vs 21:\n{}", fds.join("\n"));
+    assert_eq!(
+        after,
+        base,
+        "descriptors after 1 reload vs 21:\n{}",
+        fds.join("\n")
+    );
     // Zombies that an edgepoll process (alive) failed to reap; orphans reparented to
     // the machine's init are init's to reap.
     let zombies: Vec<String> = std::fs::read_dir("/proc")
@@ -1525,7 +1553,10 @@ fn an_upgrade_that_switches_a_symlink_takes_effect() {
     assert!(
         marker.exists(),
         "the reload after the link moved to v2 started {} instead",
-        line.split("reloading (").nth(1).unwrap_or("?").trim_end_matches(')')
+        line.split("reloading (")
+            .nth(1)
+            .unwrap_or("?")
+            .trim_end_matches(')')
     );
 }
 
@@ -1622,5 +1653,8 @@ fn observe_a_successor_that_hangs_after_ready() {
     let _ = d.first.wait();
     eprintln!("old process gone {:?} after SIGHUP: {line}", t.elapsed());
     let (got, ending) = read_until_end(&mut idle);
-    eprintln!("idle client: {} bytes then {ending:?}; hoarder had sent {sent}", got.len());
+    eprintln!(
+        "idle client: {} bytes then {ending:?}; hoarder had sent {sent}",
+        got.len()
+    );
 }
