@@ -58,6 +58,8 @@ pub(crate) struct Acceptor {
     paused_until: Option<Instant>,
     /// Told once a reload's pause has begun (see [`Acceptor::pause`]).
     paused: crossbeam_channel::Sender<()>,
+    /// `--backlog`, for a listener that listens again after an abandoned reload.
+    backlog: u32,
 }
 
 impl Acceptor {
@@ -68,6 +70,7 @@ impl Acceptor {
         lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
         paused: crossbeam_channel::Sender<()>,
+        backlog: u32,
     ) -> io::Result<(Acceptor, Arc<EventFd>)> {
         let epoll = Epoll::new()?;
         let wake = Arc::new(EventFd::new()?);
@@ -88,6 +91,7 @@ impl Acceptor {
             exhausted: None,
             paused_until: None,
             paused,
+            backlog,
         };
         Ok((acceptor, wake))
     }
@@ -175,9 +179,16 @@ impl Acceptor {
     /// accepting must go on.
     fn pause(&mut self, drain: &[bool], events: &mut Events) -> bool {
         self.paused_until = None;
+        let mut stopped = Vec::new();
         for i in 0..self.listeners.len() {
             if drain.get(i).copied().unwrap_or(true) {
                 self.accept_all(i);
+                // From here a new client of this address is refused at once, never
+                // accepted by the kernel into a queue nobody will serve.
+                match socket::stop_listening(self.listeners[i].fd.as_fd()) {
+                    Ok(()) => stopped.push(i),
+                    Err(e) => tracing::warn!("{}: {e}", self.listeners[i].addr),
+                }
             }
         }
         // Everything accepted above is in the workers' channels before this says so.
@@ -185,6 +196,11 @@ impl Acceptor {
         loop {
             let _ = self.wake.drain();
             if self.lifecycle.handover().is_none() {
+                for &i in &stopped {
+                    if let Err(e) = socket::relisten(self.listeners[i].fd.as_fd(), self.backlog) {
+                        tracing::error!("{}: {e}", self.listeners[i].addr);
+                    }
+                }
                 return true;
             }
             if self.lifecycle.is_draining() {

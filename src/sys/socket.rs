@@ -149,6 +149,26 @@ pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
         .map_err(|e| super::context(e, format!("shutdown SHUT_WR fd {}", fd.as_raw_fd())))
 }
 
+/// Stops a listening socket from taking connections without closing it
+/// (shutdown(SHUT_RD) on a listener): new SYNs are refused, and [`relisten`] makes it
+/// listen again on the same address. Whatever is still queued is reset, so the caller
+/// accepts its queue first.
+pub fn stop_listening(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain call on a valid descriptor.
+    syscall!(shutdown(fd.as_raw_fd(), libc::SHUT_RD))
+        .map(drop)
+        .map_err(|e| super::context(e, format!("shutdown SHUT_RD fd {}", fd.as_raw_fd())))
+}
+
+/// Makes a socket [`stop_listening`] stopped listen again.
+pub fn relisten(fd: BorrowedFd<'_>, backlog: u32) -> io::Result<()> {
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    // SAFETY: plain call on a valid descriptor.
+    syscall!(listen(fd.as_raw_fd(), backlog))
+        .map(drop)
+        .map_err(|e| super::context(e, format!("listen fd {}", fd.as_raw_fd())))
+}
+
 /// Disables Nagle's algorithm: an echo or a response goes out at once instead of
 /// waiting for the ACK of the previous one (which delayed ACKs hold back for up to 40 ms).
 pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -394,6 +414,25 @@ pub fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_listener_stopped_refuses_and_listens_again_on_the_same_port() {
+        // An explicit port stays bound through the shutdown (a port the kernel
+        // picked for port 0 does not: it is picked anew).
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let fd = listen(addr, 16).unwrap();
+        assert!(std::net::TcpStream::connect(addr).is_ok());
+        stop_listening(fd.as_fd()).unwrap();
+        assert_eq!(
+            std::net::TcpStream::connect(addr).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+        relisten(fd.as_fd(), 16).unwrap();
+        assert_eq!(local_addr(fd.as_fd()).unwrap(), addr);
+        assert!(std::net::TcpStream::connect(addr).is_ok());
+    }
+
     use super::*;
 
     #[test]

@@ -6,14 +6,14 @@
 # the old process lives. Exits 1 past 1 s.
 #
 #   cargo build --release --bins
-#   python3 tests/e2e/attack15_reload_lifetime.py 4500 2000000
+#   python3 benches/reload_buffered.py 4500 2000000
 #
 # Needs `ulimit -n` of at least N + 100 (the clients' sockets) and ~2 GB of memory.
 import os, socket, subprocess, sys, time, re, signal, threading
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 4500
 HOARD = int(sys.argv[2]) if len(sys.argv) > 2 else 2000000
 MODE = sys.argv[3] if len(sys.argv) > 3 else "echo"
-exe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../target/release/edgepoll")
+exe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../target/release/edgepoll")
 args = [exe, MODE, "--listen", "127.0.0.1:0", "--workers", "2", "--metrics-listen", "off"]
 if MODE == "relay":
     args += ["--upstream", sys.argv[4]] + sys.argv[5:]
