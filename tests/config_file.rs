@@ -178,6 +178,16 @@ fn check_refuses_an_invalid_file_with_status_2_and_names_the_key() {
             "key upstream",
             "only relay mode has this key",
         ),
+        (
+            "mode = \"echo\"\nmax-pending-bytes = \"2GiB\"\n",
+            "max-pending-bytes (--max-pending-bytes)",
+            "must be at most 1GiB",
+        ),
+        (
+            "mode = \"echo\"\nlisten = \"127.0.0.1:7000\"\nmetrics-listen = \"127.0.0.1:7000\"\n",
+            "metrics-listen (--metrics-listen)",
+            "is also a listen address",
+        ),
         ("workers = 2\n", "no mode key", "add mode = \"echo\""),
         (
             "mode = \"relay\"\n",

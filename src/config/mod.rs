@@ -342,6 +342,14 @@ impl Config {
         if self.max_pending_bytes == 0 {
             return Err(ConfigError::Zero("max-pending-bytes"));
         }
+        if self.max_pending_bytes > MAX_PENDING_BYTES {
+            return Err(ConfigError::PendingTooLarge(self.max_pending_bytes));
+        }
+        if let Some(m) = self.metrics_listen {
+            if self.listen.contains(&m) && m.port() != 0 {
+                return Err(ConfigError::MetricsOnListen(m));
+            }
+        }
         if self.max_buffered_bytes == 0 {
             return Err(ConfigError::Zero("max-buffered-bytes"));
         }
@@ -357,6 +365,11 @@ impl Config {
         Ok(())
     }
 }
+
+/// The largest `--max-pending-bytes`: a connection's buffer moves in one hand-over
+/// message on a reload, whose lengths are 32 bits; and a gigabyte per connection is
+/// past any use.
+pub const MAX_PENDING_BYTES: usize = 1 << 30;
 
 /// An upper bound that catches a typo (`--workers 10000`) before it spawns threads.
 pub const MAX_WORKERS: usize = 1024;
@@ -385,6 +398,10 @@ pub enum ConfigError {
     Workers(usize),
     #[error("{0} (--{0}) must be greater than zero")]
     Zero(&'static str),
+    #[error("max-pending-bytes (--max-pending-bytes) must be at most 1GiB, got {0}")]
+    PendingTooLarge(usize),
+    #[error("metrics-listen (--metrics-listen) {0} is also a listen address (--listen)")]
+    MetricsOnListen(std::net::SocketAddr),
     #[error("{0}")]
     Http(String),
     #[error("{0}")]
@@ -394,6 +411,23 @@ pub enum ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pending_cap_past_a_gigabyte_and_metrics_on_a_listen_address_are_refused() {
+        let mut config = Config::new(Mode::Echo);
+        config.max_pending_bytes = MAX_PENDING_BYTES + 1;
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::PendingTooLarge(MAX_PENDING_BYTES + 1))
+        );
+        config.max_pending_bytes = MAX_PENDING_BYTES;
+        assert_eq!(config.validate(), Ok(()));
+        config.metrics_listen = Some(config.listen[0]);
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::MetricsOnListen(config.listen[0]))
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {
