@@ -66,6 +66,8 @@ mod kind {
     pub const CONN: u8 = 4;
     pub const COUNTERS: u8 = 5;
     pub const DONE: u8 = 6;
+    pub const SENT: u8 = 7;
+    pub const RECEIVED: u8 = 8;
 }
 
 /// Why a reload did not happen; the predecessor logs it and goes on serving.
@@ -290,10 +292,10 @@ impl Successor {
     /// Hands `server`'s connections to the successor, which has said `ready`, then
     /// stops `server` and sends its counters. Returns the connections moved.
     ///
-    /// If the successor stops taking them (it died, or hangs past [`START_TIMEOUT`]),
-    /// it is killed and what was not sent goes back to `server`, which accepts again
-    /// and serves on: [`TransferError::Resumed`]. The connections already sent die
-    /// with the successor.
+    /// Every connection stays open here too until the successor confirms it has read
+    /// them all. If it does not (it died, or hangs past [`START_TIMEOUT`]), it is
+    /// killed and every connection goes back to `server`, which accepts again and
+    /// serves on: [`TransferError::Resumed`].
     pub fn transfer(self, server: Server, ready: &Ready) -> Result<usize, TransferError> {
         let n = server.local_addrs().len();
         let drain: Vec<bool> = (0..n)
@@ -317,25 +319,45 @@ impl Successor {
                 continue;
             }
             let fds: Vec<BorrowedFd<'_>> = conn.fds.iter().map(|f| f.as_fd()).collect();
-            match self.chan.send(kind::CONN, &conn.state, &fds) {
+            let result = self.chan.send(kind::CONN, &conn.state, &fds);
+            drop(fds);
+            // Kept until the successor says it has them all: a successor that dies
+            // with messages unread in its socket takes those sockets nowhere, and
+            // this process's descriptors of them are still good.
+            unsent.push(conn);
+            match result {
                 Ok(()) => moved += 1,
-                Err(e) => {
-                    failed = Some(e);
-                    unsent.push(conn);
-                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if failed.is_none() {
+            let mut w = Writer::default();
+            w.u64(moved as u64);
+            let acked =
+                self.chan
+                    .send(kind::SENT, &w.buf, &[])
+                    .and_then(|()| match self.chan.recv()? {
+                        Some(f) if f.kind == kind::RECEIVED => Ok(()),
+                        Some(_) => Err(io::Error::other("expected Received")),
+                        None => Err(io::ErrorKind::UnexpectedEof.into()),
+                    });
+            if let Err(e) = acked {
+                failed = Some(e);
             }
         }
         if let Some(error) = failed {
+            // Killed before the connections come back, so that it serves none of them.
             self.abort();
             let kept = unsent.len();
             server.resume(unsent);
             return Err(TransferError::Resumed {
                 server: Box::new(server),
                 error,
-                lost: moved,
+                lost: 0,
                 kept,
             });
         }
+        drop(unsent);
         let metrics = std::sync::Arc::clone(server.metrics());
         // The workers publish their last counts as they exit.
         server.finish_hand_over();
@@ -541,6 +563,7 @@ impl Predecessor {
                     moved += 1;
                 }
                 kind::COUNTERS => server.metrics().carry(carry::restore(&frame.body)?),
+                kind::SENT => self.chan.send(kind::RECEIVED, &[], &[])?,
                 kind::DONE => return Ok(moved),
                 _ => return Err(WireError("unexpected message during the transfer").into()),
             }
