@@ -46,8 +46,11 @@
 //!   ([`mode::State`]), dispatched in one place ([`mode::Handler::serve`]) through one
 //!   context ([`mode::Ctx`]): `echo`, `http` (a fixed response, keep-alive and
 //!   pipelining, output bounded by the room left), `relay` (a TCP proxy: pairs,
-//!   upstream selection and failover, splice), `proxy` (the PROXY protocol v2
+//!   connects and failover, splice), `proxy` (the PROXY protocol v2
 //!   header) and `moved` (a connection taken apart for a reload, and rebuilt).
+//! - [`upstream`]: relay's upstreams: the set workers pick from, each upstream's
+//!   up/down verdict and the lease a pair holds on it; `upstream::health`, the one
+//!   thread that probes them (`--health-check`).
 //! - [`http1`]: the chunked-body decoder and header helpers http mode uses.
 //! - [`metrics`]: the Prometheus registry, per-worker counters, counters carried
 //!   across a reload, and the `/metrics`, `/healthz`, `/readyz` endpoint.
@@ -82,6 +85,7 @@ pub mod server;
 pub mod shutdown;
 pub mod sys;
 pub mod timer;
+pub mod upstream;
 mod worker;
 
 pub use config::{Config, Mode};

@@ -18,10 +18,11 @@ use crate::limits::Limits;
 use crate::metrics::endpoint::Endpoint;
 use crate::metrics::{Metrics, WorkerStats};
 use crate::mode::moved::Moved;
-use crate::mode::relay::Upstreams;
 use crate::shutdown::Lifecycle;
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
+use crate::upstream::health::Prober;
+use crate::upstream::Upstreams;
 use crate::worker::{Msg, Worker, WorkerHandle, WorkerShared};
 
 /// A server that could not start.
@@ -95,6 +96,8 @@ pub struct Server {
     metrics_dup: Option<OwnedFd>,
     /// The worker that gets the next connection moved in by a reload.
     next_adopt: std::sync::atomic::AtomicUsize,
+    /// Relay with `--health-check`: the thread that probes the upstreams.
+    prober: Option<Prober>,
 }
 
 impl Server {
@@ -148,7 +151,11 @@ impl Server {
             listener_dups: parking_lot::Mutex::new(listener_dups),
             metrics_dup: None,
             next_adopt: std::sync::atomic::AtomicUsize::new(0),
+            prober: None,
         };
+        if let (Some(ups), Some(check)) = (&shared.upstreams, &config.relay.health_check) {
+            server.prober = Some(Prober::start(Arc::clone(ups), check.clone())?);
+        }
         // On any error below, dropping `server` stops what has started.
         let cores = if config.pin_workers {
             core_affinity::get_core_ids()

@@ -74,7 +74,7 @@ use crate::limits::{ConnPermit, Limits};
 use crate::metrics::{CloseReason, Counters, RejectReason, WorkerMetrics, PUBLISH_INTERVAL};
 use crate::mode::http::Responder;
 use crate::mode::moved::Moved;
-use crate::mode::relay::{Relay, Upstreams};
+use crate::mode::relay::Relay;
 use crate::mode::READ_BUFFER_SIZE;
 use crate::mode::{closing_reason, Conn, Ctx, Edge, Handler, Step, Wake, LINGER_MS};
 use crate::shutdown::Lifecycle;
@@ -82,6 +82,7 @@ use crate::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
 use crate::timer::TimerWheel;
+use crate::upstream::Upstreams;
 
 /// Where the worker clock starts. A base above 0 would let a connection that a reload
 /// moved here keep stamps from before this worker started, but 2^32 made

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use edgepoll::config::{
-    self, parse_duration, parse_listen, parse_metrics_listen, parse_size, Body, Config, LoadError,
-    Mode, Settings,
+    self, parse_duration, parse_escaped, parse_listen, parse_metrics_listen, parse_size, Body,
+    Config, LoadError, Mode, Settings,
 };
 use edgepoll::handover;
 use edgepoll::metrics::endpoint::Endpoint;
@@ -121,6 +121,52 @@ struct UpstreamArgs {
     /// client's address
     #[arg(long)]
     send_proxy_v2: bool,
+
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+/// Active health checks of relay's upstreams.
+#[derive(Args)]
+struct HealthArgs {
+    /// Probe every upstream: `tcp` (the connect completes) or `send-expect` (send
+    /// --health-check-send, the answer must begin with --health-check-expect) [default: off]
+    #[arg(long, value_name = "KIND", value_enum)]
+    health_check: Option<CheckArg>,
+
+    /// Between two probes of an upstream, each spaced by +-10% [default: 2]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    health_check_interval: Option<Duration>,
+
+    /// A probe not passed by then fails [default: 1, at most the interval]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    health_check_timeout: Option<Duration>,
+
+    /// Passed probes in a row that bring a down upstream back [default: 2]
+    #[arg(long, value_name = "N")]
+    rise: Option<u32>,
+
+    /// Failed probes in a row that take an upstream down [default: 3]
+    #[arg(long, value_name = "N")]
+    fall: Option<u32>,
+
+    /// send-expect: bytes to send once connected; escapes \n \r \t \0 \\ \xHH
+    #[arg(long, value_name = "BYTES", value_parser = parse_escaped)]
+    health_check_send: Option<Vec<u8>>,
+
+    /// send-expect: what the answer must begin with; same escapes
+    #[arg(long, value_name = "BYTES", value_parser = parse_escaped)]
+    health_check_expect: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CheckArg {
+    /// The connect completes
+    Tcp,
+    /// The answer to --health-check-send begins with --health-check-expect
+    SendExpect,
+    /// No active checks (overrides a configuration file)
+    Off,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -145,6 +191,18 @@ impl UpstreamArgs {
         s.connect_retries = self.connect_retries;
         s.splice = self.splice.then_some(true);
         s.send_proxy_v2 = self.send_proxy_v2.then_some(true);
+        let h = &self.health;
+        s.health_check = h.health_check.map(|k| match k {
+            CheckArg::Tcp => Some(config::CheckKind::Tcp),
+            CheckArg::SendExpect => Some(config::CheckKind::SendExpect),
+            CheckArg::Off => None,
+        });
+        s.health_check_interval = h.health_check_interval;
+        s.health_check_timeout = h.health_check_timeout;
+        s.rise = h.rise;
+        s.fall = h.fall;
+        s.health_check_send = h.health_check_send.clone();
+        s.health_check_expect = h.health_check_expect.clone();
     }
 }
 

@@ -21,7 +21,8 @@ use serde::Deserialize;
 
 use super::settings::{Body, LoadError, Settings};
 use super::{
-    parse_duration, parse_header, parse_listen, parse_metrics_listen, parse_size, Balance, Mode,
+    parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen, parse_size,
+    Balance, CheckKind, Mode,
 };
 
 /// The file as written: every key optional, and nothing else allowed, so that a
@@ -56,6 +57,13 @@ struct ConfigFile {
     connect_retries: Option<usize>,
     splice: Option<bool>,
     send_proxy_v2: Option<bool>,
+    health_check: Option<String>,
+    health_check_interval: Option<Quantity>,
+    health_check_timeout: Option<Quantity>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    health_check_send: Option<String>,
+    health_check_expect: Option<String>,
 }
 
 /// Reads the text of the file at `path`, for [`parse`].
@@ -170,7 +178,29 @@ impl ConfigFile {
             })
             .transpose()
             .map_err(bad("balance"))?;
+        let health_check = self
+            .health_check
+            .map(|k| match k.as_str() {
+                "off" => Ok(None),
+                k => CheckKind::from_name(k).map(Some).ok_or_else(|| {
+                    format!("unknown health check '{k}': expected tcp, send-expect or off")
+                }),
+            })
+            .transpose()
+            .map_err(bad("health-check"))?;
+        let escaped = |v: Option<String>, key: &'static str| {
+            v.map(|v| parse_escaped(&v)).transpose().map_err(bad(key))
+        };
         let settings = Settings {
+            health_check,
+            health_check_interval: duration(self.health_check_interval)
+                .map_err(bad("health-check-interval"))?,
+            health_check_timeout: duration(self.health_check_timeout)
+                .map_err(bad("health-check-timeout"))?,
+            rise: self.rise,
+            fall: self.fall,
+            health_check_send: escaped(self.health_check_send, "health-check-send")?,
+            health_check_expect: escaped(self.health_check_expect, "health-check-expect")?,
             listen: addresses(self.listen).map_err(bad("listen"))?,
             workers: self.workers,
             pin_workers: self.pin_workers,
@@ -342,6 +372,13 @@ mod tests {
             connect-retries = 2
             splice = true
             send-proxy-v2 = false
+            health-check = "send-expect"
+            health-check-interval = "500ms"
+            health-check-timeout = 0.25
+            rise = 3
+            fall = 4
+            health-check-send = "PING\\r\\n"
+            health-check-expect = "+PONG"
             "#,
         );
         assert_eq!(mode, Some(Mode::Relay));
@@ -377,6 +414,13 @@ mod tests {
             connect_retries: Some(2),
             splice: Some(true),
             send_proxy_v2: Some(false),
+            health_check: Some(Some(CheckKind::SendExpect)),
+            health_check_interval: Some(Duration::from_millis(500)),
+            health_check_timeout: Some(Duration::from_millis(250)),
+            rise: Some(3),
+            fall: Some(4),
+            health_check_send: Some(b"PING\r\n".to_vec()),
+            health_check_expect: Some(b"+PONG".to_vec()),
         };
         assert_eq!(s, expected);
     }

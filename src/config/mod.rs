@@ -13,7 +13,9 @@ pub mod file;
 mod parse;
 pub mod settings;
 
-pub use parse::{parse_duration, parse_header, parse_listen, parse_metrics_listen, parse_size};
+pub use parse::{
+    parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen, parse_size,
+};
 pub use settings::{load, Body, LoadError, Loaded, Settings};
 
 /// What the server does with the bytes of a connection.
@@ -156,6 +158,94 @@ pub struct RelayConfig {
     pub splice: bool,
     /// Begin every upstream connection with a PROXY protocol v2 header.
     pub send_proxy_v2: bool,
+    /// Active health checks of every upstream; None: passive failover only.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// What an active health-check probe does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// The connect completes.
+    Tcp,
+    /// The connect completes, `send` is written, and the answer begins with `expect`.
+    SendExpect,
+}
+
+impl CheckKind {
+    /// The name `--health-check` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::SendExpect => "send-expect",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<CheckKind> {
+        [CheckKind::Tcp, CheckKind::SendExpect]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+}
+
+/// Active health checks (`--health-check` and the flags beside it): one prober per
+/// process probes every upstream, and all workers see its verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Between two probes of one upstream (each spaced by up to 10% more or less, so
+    /// that probes of many upstreams and replicas do not fall in step).
+    pub interval: Duration,
+    /// A probe not passed by then fails (`timeout`).
+    pub timeout: Duration,
+    /// Passed probes in a row that bring a down upstream back.
+    pub rise: u32,
+    /// Failed probes in a row that take an up upstream down.
+    pub fall: u32,
+    /// `send-expect`: the bytes written once connected (may be empty).
+    pub send: Vec<u8>,
+    /// `send-expect`: what the answer must begin with (not empty).
+    pub expect: Vec<u8>,
+}
+
+impl HealthCheck {
+    /// `kind` with the defaults: every 2 s, 1 s timeout, rise 2, fall 3 (HAProxy's).
+    pub fn new(kind: CheckKind) -> HealthCheck {
+        HealthCheck {
+            kind,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            send: Vec::new(),
+            expect: Vec::new(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Relay(m));
+        if self.interval < Duration::from_millis(10) {
+            return bad("health-check-interval (--health-check-interval): at least 10ms".into());
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::Zero("health-check-timeout"));
+        }
+        for (key, n) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=1000).contains(&n) {
+                return bad(format!("{key} (--{key}): {n} is not between 1 and 1000"));
+            }
+        }
+        match self.kind {
+            CheckKind::SendExpect if self.expect.is_empty() => bad(
+                "health-check-expect (--health-check-expect): send-expect needs the bytes \
+                 the answer must begin with"
+                    .into(),
+            ),
+            CheckKind::Tcp if !self.send.is_empty() || !self.expect.is_empty() => {
+                bad("health-check-send/-expect: only with --health-check send-expect".into())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for RelayConfig {
@@ -168,6 +258,7 @@ impl Default for RelayConfig {
             connect_retries: None,
             splice: false,
             send_proxy_v2: false,
+            health_check: None,
         }
     }
 }
@@ -194,6 +285,9 @@ impl RelayConfig {
         }
         if self.connect_retries == Some(0) {
             return Err(ConfigError::Zero("connect-retries"));
+        }
+        if let Some(check) = &self.health_check {
+            check.validate()?;
         }
         Ok(())
     }

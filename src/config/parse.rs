@@ -95,9 +95,53 @@ pub fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// Parses bytes written with escapes: `\n`, `\r`, `\t`, `\0`, `\\` and `\xHH`; any
+/// other character stands for itself (its UTF-8 bytes).
+pub fn parse_escaped(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut utf8 = [0; 4];
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            continue;
+        }
+        let byte = match chars.next() {
+            Some('n') => b'\n',
+            Some('r') => b'\r',
+            Some('t') => b'\t',
+            Some('0') => 0,
+            Some('\\') => b'\\',
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                u8::from_str_radix(&hex, 16)
+                    .ok()
+                    .filter(|_| hex.len() == 2)
+                    .ok_or_else(|| format!("'\\x{hex}' is not \\x and two hex digits"))?
+            }
+            Some(other) => return Err(format!("unknown escape '\\{other}'")),
+            None => return Err("a lone '\\' at the end".into()),
+        };
+        out.push(byte);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_bytes() {
+        assert_eq!(parse_escaped(r"PING\r\n"), Ok(b"PING\r\n".to_vec()));
+        assert_eq!(parse_escaped(r"a\x00\xffb\\"), Ok(b"a\x00\xffb\\".to_vec()));
+        assert_eq!(parse_escaped("é"), Ok("é".as_bytes().to_vec()));
+        assert!(parse_escaped(r"\q").unwrap_err().contains("unknown escape"));
+        assert!(parse_escaped(r"\x4")
+            .unwrap_err()
+            .contains("two hex digits"));
+        assert!(parse_escaped("x\\").unwrap_err().contains("lone"));
+    }
 
     #[test]
     fn headers() {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{file, Balance, Config, ConfigError, Mode};
+use super::{file, Balance, CheckKind, Config, ConfigError, HealthCheck, Mode};
 
 /// Where the body of http mode's response comes from. One setting with two spellings,
 /// so that `--body` on the command line overrides `body-file` in a file and back.
@@ -73,6 +73,20 @@ pub struct Settings {
     pub splice: Option<bool>,
     /// `send-proxy-v2` (relay). A flag can only set it to true.
     pub send_proxy_v2: Option<bool>,
+    /// `health-check` (relay); `Some(None)` is "off".
+    pub health_check: Option<Option<CheckKind>>,
+    /// `health-check-interval` (relay).
+    pub health_check_interval: Option<Duration>,
+    /// `health-check-timeout` (relay).
+    pub health_check_timeout: Option<Duration>,
+    /// `rise` (relay).
+    pub rise: Option<u32>,
+    /// `fall` (relay).
+    pub fall: Option<u32>,
+    /// `health-check-send` (relay), escapes decoded.
+    pub health_check_send: Option<Vec<u8>>,
+    /// `health-check-expect` (relay), escapes decoded.
+    pub health_check_expect: Option<Vec<u8>>,
 }
 
 /// Why no configuration could be built. Every message names the file, key or flag
@@ -223,6 +237,13 @@ impl Settings {
             connect_retries,
             splice,
             send_proxy_v2,
+            health_check,
+            health_check_interval,
+            health_check_timeout,
+            rise,
+            fall,
+            health_check_send,
+            health_check_expect,
         } = self;
         Settings {
             listen: listen.or(lower.listen),
@@ -250,6 +271,13 @@ impl Settings {
             connect_retries: connect_retries.or(lower.connect_retries),
             splice: splice.or(lower.splice),
             send_proxy_v2: send_proxy_v2.or(lower.send_proxy_v2),
+            health_check: health_check.or(lower.health_check),
+            health_check_interval: health_check_interval.or(lower.health_check_interval),
+            health_check_timeout: health_check_timeout.or(lower.health_check_timeout),
+            rise: rise.or(lower.rise),
+            fall: fall.or(lower.fall),
+            health_check_send: health_check_send.or(lower.health_check_send),
+            health_check_expect: health_check_expect.or(lower.health_check_expect),
         }
     }
 
@@ -276,6 +304,16 @@ impl Settings {
             ("connect-retries", self.connect_retries.is_some()),
             ("splice", self.splice.is_some()),
             ("send-proxy-v2", self.send_proxy_v2.is_some()),
+            ("health-check", self.health_check.is_some()),
+            (
+                "health-check-interval",
+                self.health_check_interval.is_some(),
+            ),
+            ("health-check-timeout", self.health_check_timeout.is_some()),
+            ("rise", self.rise.is_some()),
+            ("fall", self.fall.is_some()),
+            ("health-check-send", self.health_check_send.is_some()),
+            ("health-check-expect", self.health_check_expect.is_some()),
         ];
         let http = http.map(|(key, set)| (key, set, Mode::Http));
         let relay = relay.map(|(key, set)| (key, set, Mode::Relay));
@@ -347,10 +385,51 @@ impl Settings {
         }
         r.splice = self.splice.unwrap_or(r.splice);
         r.send_proxy_v2 = self.send_proxy_v2.unwrap_or(r.send_proxy_v2);
+        r.health_check = self.health_check()?;
 
         c.validate()
             .map_err(|error| LoadError::Invalid { file: None, error })?;
         Ok(c)
+    }
+}
+
+impl Settings {
+    /// The health checks the `health-check*`, `rise` and `fall` settings ask for. Any
+    /// of them without `health-check` is refused rather than silently ignored.
+    fn health_check(&self) -> Result<Option<HealthCheck>, LoadError> {
+        let Some(kind) = self.health_check.flatten() else {
+            let stray = [
+                (
+                    "health-check-interval",
+                    self.health_check_interval.is_some(),
+                ),
+                ("health-check-timeout", self.health_check_timeout.is_some()),
+                ("rise", self.rise.is_some()),
+                ("fall", self.fall.is_some()),
+                ("health-check-send", self.health_check_send.is_some()),
+                ("health-check-expect", self.health_check_expect.is_some()),
+            ];
+            return match stray.iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(LoadError::Invalid {
+                    file: None,
+                    error: ConfigError::Relay(format!(
+                        "{key} (--{key}): only with health-check (--health-check tcp|send-expect)"
+                    )),
+                }),
+                None => Ok(None),
+            };
+        };
+        let mut check = HealthCheck::new(kind);
+        check.interval = self.health_check_interval.unwrap_or(check.interval);
+        // The default timeout never exceeds the interval: a probe ends before the next.
+        check.timeout = self
+            .health_check_timeout
+            .unwrap_or(check.timeout.min(check.interval));
+        check.rise = self.rise.unwrap_or(check.rise);
+        check.fall = self.fall.unwrap_or(check.fall);
+        check.send = self.health_check_send.clone().unwrap_or_default();
+        check.expect = self.health_check_expect.clone().unwrap_or_default();
+        Ok(Some(check))
     }
 }
 

@@ -192,6 +192,45 @@ pub struct UpstreamMetrics {
     pub errors: [IntCounter; 4],
     pub connect: Histogram,
     pub active: IntGauge,
+    /// 1 while the upstream is taking new clients, 0 while marked down.
+    pub up: IntGauge,
+    /// Health-check probes, in the order of [`CheckResult::ALL`].
+    pub checks: [IntCounter; 5],
+}
+
+/// How one active health-check probe ended (`edgepoll_upstream_health_checks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckResult {
+    /// Connected (and, with `send-expect`, the expected bytes came back).
+    Passed,
+    /// The connect was refused or failed.
+    ConnectError,
+    /// No connect, or not the expected answer, within `--health-check-timeout`.
+    Timeout,
+    /// The upstream closed (or reset) before the expected bytes came back.
+    Closed,
+    /// The upstream answered something other than the expected bytes.
+    Mismatch,
+}
+
+impl CheckResult {
+    pub const ALL: [CheckResult; 5] = [
+        CheckResult::Passed,
+        CheckResult::ConnectError,
+        CheckResult::Timeout,
+        CheckResult::Closed,
+        CheckResult::Mismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Passed => "passed",
+            CheckResult::ConnectError => "connect_error",
+            CheckResult::Timeout => "timeout",
+            CheckResult::Closed => "closed",
+            CheckResult::Mismatch => "mismatch",
+        }
+    }
 }
 
 /// The statuses http mode can answer with, in the order of `Counters::http`: the
@@ -236,6 +275,8 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     upstream_connect: HistogramVec,
     upstream_active: IntGaugeVec,
+    upstream_up: IntGaugeVec,
+    upstream_checks: IntCounterVec,
     /// Largest outbound buffer any one connection of worker i has held (library stats
     /// only: it shows that the cap holds).
     peak_pending: Vec<AtomicUsize>,
@@ -323,8 +364,25 @@ impl Metrics {
             ),
             &["upstream"],
         )?;
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "edgepoll_upstream_up",
+                "Relay: 1 while the upstream takes new clients, 0 while it is marked down \
+                 (by health checks, or by a failed connect).",
+            ),
+            &["upstream"],
+        )?;
+        let upstream_checks = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_health_checks_total",
+                "Relay: active health-check probes, by upstream and result.",
+            ),
+            &["upstream", "result"],
+        )?;
         if mode == Mode::Relay {
             let relay: Vec<Box<dyn Collector>> = vec![
+                Box::new(upstream_up.clone()),
+                Box::new(upstream_checks.clone()),
                 Box::new(up_received.clone()),
                 Box::new(up_sent.clone()),
                 Box::new(proxy_header.clone()),
@@ -515,6 +573,8 @@ impl Metrics {
             upstream_errors,
             upstream_connect,
             upstream_active,
+            upstream_up,
+            upstream_checks,
             peak_pending,
             timer_entries,
         }))
@@ -597,7 +657,24 @@ impl Metrics {
             }),
             connect: self.upstream_connect.with_label_values(&[upstream]),
             active: self.upstream_active.with_label_values(&[upstream]),
+            up: self.upstream_up.with_label_values(&[upstream]),
+            checks: CheckResult::ALL.map(|r| {
+                self.upstream_checks
+                    .with_label_values(&[upstream, r.as_str()])
+            }),
         }
+    }
+
+    /// Whether `upstream` takes new clients now (`edgepoll_upstream_up`).
+    pub fn upstream_up(&self, upstream: &str) -> i64 {
+        self.upstream_up.with_label_values(&[upstream]).get()
+    }
+
+    /// Health-check probes of `upstream` that ended with `result` so far.
+    pub fn upstream_checks(&self, upstream: &str, result: CheckResult) -> u64 {
+        self.upstream_checks
+            .with_label_values(&[upstream, result.as_str()])
+            .get()
     }
 
     /// Failed connects to `upstream` for `reason` so far.

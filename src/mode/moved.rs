@@ -54,10 +54,10 @@ impl Handler {
             .u64(relay::time_left(conn.linger_until_ms, now_ms));
         match (&mut conn.state, self) {
             (State::Http(h), _) => h.export(&mut w, now_ms),
-            (State::Relay(pair), Handler::Relay(r)) => {
+            (State::Relay(pair), Handler::Relay(_)) => {
                 // The client socket goes first; the pair's own follow.
                 let mut own = Vec::new();
-                pair.export(&mut w, &mut own, r, now_ms);
+                pair.export(&mut w, &mut own, now_ms);
                 fds.extend(own);
             }
             _ => {}

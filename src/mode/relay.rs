@@ -32,161 +32,40 @@
 //!
 //! # Upstreams
 //!
-//! The upstream connect is non-blocking and bounded by `--connect-timeout`. An
-//! upstream that refuses, is unreachable or times out is marked failed for
-//! `--fail-timeout` (shared by all workers) and skipped; the client goes on to the
-//! next upstream, up to `--connect-retries` tries, and is reset (reason
-//! `upstream_error`) when none is left. Bytes the client sends meanwhile are kept, under
-//! the same cap, and forwarded once an upstream is connected.
+//! Which upstream a client gets, and whether an upstream is up, is
+//! [`crate::upstream`]'s business. The upstream connect is non-blocking and bounded by
+//! `--connect-timeout`. An upstream that refuses, is unreachable or times out is
+//! marked down (for `--fail-timeout`, or with health checks until probes pass) and
+//! the client goes on to the next upstream, up to `--connect-retries` tries, and is
+//! reset (reason `upstream_error`) when none is left. Bytes the client sends
+//! meanwhile are kept, under the same cap, and forwarded once an upstream is
+//! connected.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use prometheus::IntGauge;
-
 use super::{room, Conn, Ctx, Edge, Step, READ_BUDGET, READ_BUFFER_SIZE};
-use crate::config::{Balance, RelayConfig};
 use crate::conn::Outbound;
 use crate::handover::wire::{Reader, WireError, Writer};
-use crate::metrics::{CloseReason, ConnectError, Counters, Metrics, UpstreamMetrics};
+use crate::metrics::{CloseReason, ConnectError, Counters};
 use crate::sys::epoll::SOCKET_INTEREST;
 use crate::sys::socket;
 use crate::sys::splice::{splice, Pipe};
+use crate::upstream::{Lease, Picker, Upstreams};
 
-/// One upstream and what every worker knows of it.
-pub struct Upstream {
-    pub addr: SocketAddr,
-    /// The `upstream` label of its metrics: the address.
-    pub label: String,
-    /// Until when (ms of [`Upstreams::now_ms`]) it is skipped; 0: it is live.
-    failed_until_ms: AtomicU64,
-    metrics: UpstreamMetrics,
-}
-
-/// The upstreams of a relay server, shared by its workers.
-pub struct Upstreams {
-    list: Vec<Upstream>,
-    epoch: Instant,
-    balance: Balance,
-    fail_timeout_ms: u64,
-    tries: usize,
-    connect_timeout_ms: u64,
-    splice: bool,
-    proxy_v2: bool,
-}
-
-impl Upstreams {
-    pub fn new(config: &RelayConfig, metrics: &Metrics) -> Upstreams {
-        let list = config
-            .upstreams
-            .iter()
-            .map(|&addr| {
-                let label = addr.to_string();
-                Upstream {
-                    addr,
-                    metrics: metrics.upstream(&label),
-                    label,
-                    failed_until_ms: AtomicU64::new(0),
-                }
-            })
-            .collect();
-        Upstreams {
-            list,
-            epoch: Instant::now(),
-            balance: config.balance,
-            fail_timeout_ms: config.fail_timeout.as_millis() as u64,
-            tries: config.tries(),
-            connect_timeout_ms: (config.connect_timeout.as_millis() as u64).max(1),
-            splice: config.splice,
-            proxy_v2: config.send_proxy_v2,
-        }
-    }
-
-    pub fn list(&self) -> &[Upstream] {
-        &self.list
-    }
-
-    /// Milliseconds since start, plus one so that 0 can mean "never failed".
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    /// Whether upstream `i` may be tried. A lone upstream is never skipped: there is
-    /// nowhere else to send the client (nginx does the same).
-    fn is_live(&self, i: usize, now_ms: u64) -> bool {
-        self.list.len() == 1 || self.list[i].failed_until_ms.load(Ordering::Relaxed) <= now_ms
-    }
-
-    /// Counts a failed connect to upstream `i`, and marks it failed unless the error
-    /// was ours (out of descriptors or ports) rather than the upstream's.
-    fn failed(&self, i: usize, reason: ConnectError, err: &io::Error) {
-        let up = &self.list[i];
-        up.metrics.errors[reason as usize].inc();
-        if reason == ConnectError::Error || self.fail_timeout_ms == 0 {
-            tracing::debug!(upstream = %up.addr, "connect failed: {err}");
-            return;
-        }
-        let now = self.now_ms();
-        let was_live = up
-            .failed_until_ms
-            .swap(now + self.fail_timeout_ms, Ordering::Relaxed)
-            <= now;
-        if was_live {
-            // Once per failure episode, not once per client.
-            tracing::warn!(
-                upstream = %up.addr,
-                "connect failed ({}: {err}); skipping it for {} ms",
-                reason.as_str(),
-                self.fail_timeout_ms
-            );
-        }
-    }
-}
-
-/// A worker's relay state: the shared upstreams and its own round-robin position.
+/// A worker's relay state: the shared upstreams and its own view of them.
 pub struct Relay {
     upstreams: Arc<Upstreams>,
-    next: usize,
+    picker: Picker,
 }
 
 impl Relay {
-    /// Worker `id` starts its round-robin at a different upstream from its neighbours.
     pub fn new(upstreams: Arc<Upstreams>, id: usize) -> Relay {
-        let next = id % upstreams.list.len().max(1);
-        Relay { upstreams, next }
-    }
-
-    /// The next upstream to try, or None when every one is marked failed.
-    fn pick(&mut self) -> Option<usize> {
-        let ups = &self.upstreams;
-        let n = ups.list.len();
-        let now = ups.now_ms();
-        let mut best: Option<(usize, i64)> = None;
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            if !ups.is_live(i, now) {
-                continue;
-            }
-            match ups.balance {
-                Balance::RoundRobin => {
-                    best = Some((i, 0));
-                    break;
-                }
-                Balance::LeastConn => {
-                    let active = ups.list[i].metrics.active.get();
-                    if best.is_none_or(|(_, a)| active < a) {
-                        best = Some((i, active));
-                    }
-                }
-            }
-        }
-        let (i, _) = best?;
-        self.next = (i + 1) % n;
-        Some(i)
+        let picker = Picker::new(&upstreams, id);
+        Relay { upstreams, picker }
     }
 }
 
@@ -277,10 +156,8 @@ enum Side {
 #[derive(Debug, Default)]
 pub struct Pair {
     upstream: Option<OwnedFd>,
-    /// Counts this pair in its upstream's `edgepoll_upstream_connections_active`.
-    active: Option<IntGauge>,
-    /// Index of the upstream in use.
-    index: usize,
+    /// The upstream in use (or being connected to), counted while held.
+    lease: Option<Lease>,
     /// Set while the connect is in progress.
     connecting_since: Option<Instant>,
     /// Worker clock (ms) by which the connect must complete; 0 once connected.
@@ -365,9 +242,7 @@ impl Pair {
     /// Drops the upstream socket (which leaves the epoll set) and its count.
     fn release(&mut self) {
         self.upstream = None;
-        if let Some(g) = self.active.take() {
-            g.dec();
-        }
+        self.lease = None;
     }
 }
 
@@ -455,25 +330,25 @@ fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
         return Step::Close(reason); // the client is gone: no point in another upstream
     }
     loop {
-        if pair.tries as usize >= relay.upstreams.tries {
+        let listed = relay.picker.list(&relay.upstreams).len();
+        if pair.tries as usize >= relay.upstreams.tries(listed) {
             tracing::debug!(
                 tries = pair.tries,
                 "no upstream could be connected; resetting the client"
             );
             return Step::Close(CloseReason::UpstreamError);
         }
-        let Some(i) = relay.pick() else {
-            tracing::debug!("every upstream is marked failed; resetting the client");
+        let ups = &relay.upstreams;
+        let Some(up) = relay.picker.pick(ups) else {
+            tracing::debug!("no upstream is listed; resetting the client");
             return Step::Close(CloseReason::UpstreamError);
         };
         pair.tries += 1;
-        let ups = &relay.upstreams;
-        let up = &ups.list[i];
         let started = Instant::now();
         let fd = match socket::connect_nonblocking(up.addr) {
             Ok(fd) => fd,
             Err(e) => {
-                ups.failed(i, ConnectError::of(&e), &e);
+                ups.failed(&up, ConnectError::of(&e), &e);
                 continue;
             }
         };
@@ -486,9 +361,7 @@ fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
             tracing::warn!("{e}; resetting the client");
             return Step::Close(CloseReason::Error);
         }
-        up.metrics.active.inc();
-        pair.active = Some(up.metrics.active.clone());
-        pair.index = i;
+        pair.lease = Some(Lease::new(up));
         pair.upstream = Some(fd);
         pair.connecting_since = Some(started);
         pair.connect_deadline_ms = ctx.now_ms + ups.connect_timeout_ms;
@@ -507,9 +380,11 @@ pub fn on_deadline(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Ste
         return Step::Idle;
     }
     let err = io::Error::from(io::ErrorKind::TimedOut);
-    relay
-        .upstreams
-        .failed(pair.index, ConnectError::Timeout, &err);
+    if let Some(lease) = &pair.lease {
+        relay
+            .upstreams
+            .failed(lease.upstream(), ConnectError::Timeout, &err);
+    }
     connect_next(conn, ctx, relay)
 }
 
@@ -567,21 +442,20 @@ pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay, edge: Option
 /// Checks how the upstream connect ended: Ok once connected, Err (the upstream counted
 /// and marked) if it failed.
 fn connected(pair: &mut Pair, ups: &Upstreams) -> Result<(), ()> {
-    let Some(fd) = pair.upstream.as_ref() else {
+    let (Some(fd), Some(lease)) = (pair.upstream.as_ref(), pair.lease.as_ref()) else {
         return Err(());
     };
+    let up = lease.upstream();
     match socket::take_error(fd.as_fd()) {
         Ok(None) => {
             if let Some(since) = pair.connecting_since.take() {
-                ups.list[pair.index]
-                    .metrics
-                    .connect
-                    .observe(since.elapsed().as_secs_f64());
+                up.metrics.connect.observe(since.elapsed().as_secs_f64());
             }
+            ups.connected(up);
             Ok(())
         }
         Ok(Some(e)) | Err(e) => {
-            ups.failed(pair.index, ConnectError::of(&e), &e);
+            ups.failed(up, ConnectError::of(&e), &e);
             Err(())
         }
     }
@@ -1028,8 +902,8 @@ impl Half {
 impl Pair {
     /// Writes the pair for a hand-over to another process (see `crate::handover`):
     /// its upstream socket and pipes go to `fds` in order, its bytes and states to `w`.
-    pub fn export(&mut self, w: &mut Writer, fds: &mut Vec<OwnedFd>, relay: &Relay, now_ms: u64) {
-        let addr = relay.upstreams.list.get(self.index).map(|u| u.addr);
+    pub fn export(&mut self, w: &mut Writer, fds: &mut Vec<OwnedFd>, now_ms: u64) {
+        let addr = self.lease.as_ref().map(|l| l.upstream().addr);
         match (self.upstream.take(), addr) {
             (Some(fd), Some(addr)) => {
                 fds.push(fd);
@@ -1055,7 +929,7 @@ impl Pair {
 
     /// Reads a pair written by [`Pair::export`]. Its upstream is matched to this
     /// process's upstream list by address; an established pair whose upstream is no
-    /// longer listed keeps it (it is not counted in any upstream's gauge), and a
+    /// longer listed keeps it (counted under its address, and never given a new client), and a
     /// connect in progress to such an upstream is given up, to start again with a
     /// listed one when the pair is first served.
     pub fn import(
@@ -1070,26 +944,26 @@ impl Pair {
             let fd = fds
                 .next()
                 .ok_or(WireError("an upstream without its descriptor"))?;
-            let addr = r.str()?;
-            let found = relay
-                .upstreams
-                .list
-                .iter()
-                .position(|u| u.addr.to_string() == addr);
+            let addr: SocketAddr = r
+                .str()?
+                .parse()
+                .map_err(|_| WireError("an upstream address that does not parse"))?;
+            let found = relay.upstreams.find(addr);
             pair.upstream = Some(fd);
-            if let Some(i) = found {
-                let up = &relay.upstreams.list[i];
-                up.metrics.active.inc();
-                pair.active = Some(up.metrics.active.clone());
-                pair.index = i;
-            }
             let connecting = r.u8()? == 1;
-            if connecting && found.is_none() {
+            match found {
                 // Its upstream left the configuration: not a failed try.
-                pair.upstream = None;
-                gave_up = true;
-            } else if connecting {
-                pair.connecting_since = Some(Instant::now());
+                None if connecting => {
+                    pair.upstream = None;
+                    gave_up = true;
+                }
+                None => pair.lease = Some(Lease::new(relay.upstreams.unlisted(addr))),
+                Some(up) => {
+                    pair.lease = Some(Lease::new(up));
+                    if connecting {
+                        pair.connecting_since = Some(Instant::now());
+                    }
+                }
             }
         } else {
             r.u8()?;

@@ -1,5 +1,5 @@
-//! poll(2) and select(2). edgepoll itself never uses them; the `pollers` benchmark
-//! measures what epoll saves over them.
+//! poll(2) and select(2). The `pollers` benchmark measures what epoll saves over
+//! them; the health prober (`upstream::health`) uses poll for its few probe sockets.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -13,6 +13,9 @@ pub type PollFd = libc::pollfd;
 
 /// Readable (POLLIN) for `poll`.
 pub const POLLIN: i16 = libc::POLLIN;
+
+/// Writable (POLLOUT) for `poll`: a non-blocking connect has completed, or failed.
+pub const POLLOUT: i16 = libc::POLLOUT;
 
 /// An entry asking for `events` on `fd`.
 pub fn poll_fd(fd: BorrowedFd<'_>, events: i16) -> PollFd {

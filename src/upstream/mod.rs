@@ -1,0 +1,309 @@
+//! Relay's upstreams: the set every worker picks from, what each worker and the health
+//! prober know of each upstream, and the lease a relayed pair holds on its upstream.
+//!
+//! # Up and down
+//!
+//! An upstream takes new clients while it is *up*. It goes down:
+//! - by a passive failure: a connect that is refused, unreachable or times out. Without
+//!   health checks it is then skipped for `--fail-timeout`; with health checks it stays
+//!   down until `--rise` probes in a row pass;
+//! - by `--fall` failed probes in a row (`health`), which is what finds an upstream
+//!   that accepts connections and then says nothing (a stopped process).
+//!
+//! A client is never sent to a down upstream while another is up. When every upstream
+//! is down, the client tries them anyway, in turn, up to `--connect-retries`: a verdict
+//! may be stale, and closing the client would make an outage of what may be a blip.
+//!
+//! # The set changes
+//!
+//! The list is a snapshot (`Arc<[Arc<Upstream>]>`) behind a lock that only the
+//! resolver takes to replace it; a worker re-reads it only when the generation
+//! counter says it changed, one relaxed load per new client. A pair holds its
+//! upstream by `Arc` ([`Lease`]), so an upstream that leaves the set stays alive,
+//! counted, until its last pair closes.
+
+pub mod health;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use crate::config::{Balance, RelayConfig};
+use crate::metrics::{ConnectError, Metrics, UpstreamMetrics};
+
+/// One upstream address and what every worker knows of it.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// The `upstream` label of its metrics: the address.
+    pub label: String,
+    /// Without health checks: until when (ms of [`Upstreams::now_ms`]) it is skipped
+    /// after a failed connect; 0: never failed.
+    failed_until_ms: AtomicU64,
+    /// The health verdict: false from a failed connect (with health checks) or from
+    /// `--fall` failed probes, until `--rise` probes pass. Always true without checks.
+    up: AtomicBool,
+    /// Pairs open or connecting to it, for `--max-conns-per-upstream`.
+    conns: AtomicUsize,
+    pub metrics: UpstreamMetrics,
+}
+
+impl Upstream {
+    fn new(addr: SocketAddr, metrics: &Metrics) -> Upstream {
+        let label = addr.to_string();
+        let metrics = metrics.upstream(&label);
+        metrics.up.set(1);
+        Upstream {
+            addr,
+            metrics,
+            label,
+            failed_until_ms: AtomicU64::new(0),
+            up: AtomicBool::new(true),
+            conns: AtomicUsize::new(0),
+        }
+    }
+
+    /// The health verdict (always true without health checks).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Pairs open or connecting to it now.
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::Relaxed)
+    }
+
+    /// Sets the health verdict; returns whether it changed.
+    fn set_up(&self, up: bool) -> bool {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        if was != up {
+            self.metrics.up.set(up as i64);
+        }
+        was != up
+    }
+}
+
+/// A pair's hold on its upstream: counts it in the upstream's gauge and (for the
+/// per-upstream limit) its connections, and gives both back on drop. No path
+/// decrements by hand.
+pub struct Lease {
+    upstream: Arc<Upstream>,
+}
+
+impl Lease {
+    /// Counts a pair on `upstream` until the lease is dropped.
+    pub fn new(upstream: Arc<Upstream>) -> Lease {
+        upstream.conns.fetch_add(1, Ordering::Relaxed);
+        upstream.metrics.active.inc();
+        Lease { upstream }
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({})", self.upstream.addr)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.upstream.conns.fetch_sub(1, Ordering::Relaxed);
+        self.upstream.metrics.active.dec();
+    }
+}
+
+/// The upstreams of a relay server, shared by its workers, its health prober and its
+/// resolver.
+pub struct Upstreams {
+    /// The current set; replaced whole, never edited in place.
+    current: RwLock<Arc<[Arc<Upstream>]>>,
+    /// Bumped after each replacement of `current`.
+    generation: AtomicU64,
+    epoch: Instant,
+    balance: Balance,
+    fail_timeout_ms: u64,
+    connect_retries: Option<usize>,
+    pub connect_timeout_ms: u64,
+    pub splice: bool,
+    pub proxy_v2: bool,
+    /// Health checks run: a failed connect marks the upstream down until probes pass,
+    /// instead of skipping it for `--fail-timeout`.
+    checked: bool,
+    /// For the metrics of upstreams that join later.
+    metrics: Arc<Metrics>,
+}
+
+impl Upstreams {
+    pub fn new(config: &RelayConfig, metrics: &Arc<Metrics>) -> Upstreams {
+        let list: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|&addr| Arc::new(Upstream::new(addr, metrics)))
+            .collect();
+        Upstreams {
+            current: RwLock::new(list.into()),
+            generation: AtomicU64::new(0),
+            epoch: Instant::now(),
+            balance: config.balance,
+            fail_timeout_ms: config.fail_timeout.as_millis() as u64,
+            connect_retries: config.connect_retries,
+            connect_timeout_ms: (config.connect_timeout.as_millis() as u64).max(1),
+            splice: config.splice,
+            proxy_v2: config.send_proxy_v2,
+            checked: config.health_check.is_some(),
+            metrics: Arc::clone(metrics),
+        }
+    }
+
+    /// The current set.
+    pub fn list(&self) -> Arc<[Arc<Upstream>]> {
+        Arc::clone(&self.current.read())
+    }
+
+    /// The upstream at `addr` in the current set.
+    pub fn find(&self, addr: SocketAddr) -> Option<Arc<Upstream>> {
+        self.current.read().iter().find(|u| u.addr == addr).cloned()
+    }
+
+    /// An upstream outside the set, for a pair that moved here in a reload connected
+    /// to an upstream the new configuration no longer lists: the pair keeps it and is
+    /// counted under its address, and no new client is ever sent there.
+    pub fn unlisted(&self, addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream::new(addr, &self.metrics))
+    }
+
+    /// Upstreams tried per client: `--connect-retries`, or one try per upstream.
+    pub fn tries(&self, listed: usize) -> usize {
+        self.connect_retries.unwrap_or(listed).max(1)
+    }
+
+    /// Milliseconds since start, plus one so that 0 can mean "never failed".
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether `up` may take a new client while others are up.
+    fn is_live(&self, up: &Upstream, now_ms: u64) -> bool {
+        up.is_up() && up.failed_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Counts a failed connect to `up`, and marks it down unless the error was ours
+    /// (out of descriptors or ports) rather than the upstream's.
+    pub fn failed(&self, up: &Upstream, reason: ConnectError, err: &io::Error) {
+        up.metrics.errors[reason as usize].inc();
+        if reason == ConnectError::Error {
+            tracing::debug!(upstream = %up.addr, "connect failed: {err}");
+            return;
+        }
+        if self.checked {
+            if up.set_up(false) {
+                tracing::warn!(
+                    upstream = %up.addr,
+                    "upstream down: connect failed ({}: {err}); no new clients until \
+                     health checks pass",
+                    reason.as_str()
+                );
+            }
+            return;
+        }
+        if self.fail_timeout_ms == 0 {
+            tracing::debug!(upstream = %up.addr, "connect failed: {err}");
+            return;
+        }
+        let now = self.now_ms();
+        let was_live = up
+            .failed_until_ms
+            .swap(now + self.fail_timeout_ms, Ordering::Relaxed)
+            <= now;
+        if was_live {
+            // Once per failure episode, not once per client.
+            up.metrics.up.set(0);
+            tracing::warn!(
+                upstream = %up.addr,
+                "connect failed ({}: {err}); skipping it for {} ms",
+                reason.as_str(),
+                self.fail_timeout_ms
+            );
+        }
+    }
+
+    /// A connect to `up` succeeded: without health checks, its gauge shows it up again.
+    pub fn connected(&self, up: &Upstream) {
+        if !self.checked && up.metrics.up.get() == 0 {
+            up.metrics.up.set(1);
+        }
+    }
+}
+
+/// A worker's view of the upstreams: its snapshot of the set and its own
+/// round-robin position.
+pub struct Picker {
+    list: Arc<[Arc<Upstream>]>,
+    generation: u64,
+    next: usize,
+}
+
+impl Picker {
+    /// Worker `id` starts its round-robin at a different upstream from its neighbours.
+    pub fn new(upstreams: &Upstreams, id: usize) -> Picker {
+        let list = upstreams.list();
+        let next = id % list.len().max(1);
+        Picker {
+            generation: upstreams.generation.load(Ordering::Acquire),
+            list,
+            next,
+        }
+    }
+
+    /// The current set, re-read if the resolver replaced it.
+    pub fn list(&mut self, upstreams: &Upstreams) -> &[Arc<Upstream>] {
+        let generation = upstreams.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            self.list = upstreams.list();
+            self.generation = generation;
+        }
+        &self.list
+    }
+
+    /// The next upstream for a client: the next live one in turn (or, with
+    /// `least-conn`, the live one with the fewest pairs); when none is live, the next
+    /// one in turn whatever its state. None only when the set is empty.
+    pub fn pick(&mut self, upstreams: &Upstreams) -> Option<Arc<Upstream>> {
+        let n = self.list(upstreams).len();
+        if n == 0 {
+            return None;
+        }
+        let now = upstreams.now_ms();
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let up = &self.list[i];
+            if !upstreams.is_live(up, now) {
+                continue;
+            }
+            match upstreams.balance {
+                Balance::RoundRobin => {
+                    best = Some((i, 0));
+                    break;
+                }
+                Balance::LeastConn => {
+                    let active = up.conns();
+                    if best.is_none_or(|(_, a)| active < a) {
+                        best = Some((i, active));
+                    }
+                }
+            }
+        }
+        // Every one is down: try them anyway, in turn.
+        let i = best.map_or(self.next % n, |(i, _)| i);
+        self.next = (i + 1) % n;
+        Some(Arc::clone(&self.list[i]))
+    }
+}
