@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::acceptor::{Acceptor, Listener};
 use crate::config::{Config, ConfigError, Mode};
+use crate::conn::Token;
 use crate::limits::Limits;
 use crate::metrics::endpoint::Endpoint;
 use crate::metrics::{Metrics, WorkerStats};
@@ -23,7 +24,8 @@ use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
 use crate::upstream::health::Prober;
 use crate::upstream::Upstreams;
-use crate::worker::{Msg, Worker, WorkerHandle, WorkerShared};
+use crate::worker::{Msg, Waker, Worker, WorkerHandle, WorkerShared};
+use crossbeam_channel::Sender;
 
 /// A server that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +197,22 @@ impl Server {
                     lifecycle.fail(why);
                 })?;
             server.threads.push(thread);
+        }
+        if let Some(queue) = shared.upstreams.as_ref().and_then(|u| u.queue.as_ref()) {
+            let workers: Vec<(Sender<Msg>, Arc<Waker>)> = server
+                .workers
+                .iter()
+                .map(|w| (w.tx.clone(), Arc::clone(&w.waker)))
+                .collect();
+            queue.set_grant(Box::new(move |worker, token, lease| {
+                if let Some((tx, waker)) = workers.get(worker) {
+                    // A worker that has exited drops the message, and with it the
+                    // lease, which frees the slot for the next waiter.
+                    if tx.send(Msg::Granted(Token(token), lease)).is_ok() {
+                        let _ = waker.notify();
+                    }
+                }
+            }));
         }
         let handles = server
             .workers

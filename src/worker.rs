@@ -82,7 +82,7 @@ use crate::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
 use crate::timer::TimerWheel;
-use crate::upstream::Upstreams;
+use crate::upstream::{Lease, Upstreams};
 
 /// Where the worker clock starts. A base above 0 would let a connection that a reload
 /// moved here keep stamps from before this worker started, but 2^32 made
@@ -109,6 +109,9 @@ pub(crate) enum Msg {
     Export(Sender<Option<Moved>>),
     /// A connection that arrived from the process a reload replaced.
     Adopt(Moved),
+    /// Relay: the upstream slot a queued client waited for. Dropped (which frees the
+    /// slot for the next waiter) if that client is gone.
+    Granted(Token, Lease),
 }
 
 /// The wake-up of one worker, shared with the acceptor.
@@ -216,7 +219,12 @@ impl Worker {
         timeouts.extend(config.idle_timeout);
         match config.mode {
             Mode::Http => timeouts.push(config.http.header_timeout),
-            Mode::Relay => timeouts.push(config.relay.connect_timeout),
+            Mode::Relay => {
+                timeouts.push(config.relay.connect_timeout);
+                if config.relay.max_conns_per_upstream.is_some() {
+                    timeouts.push(config.relay.queue_timeout);
+                }
+            }
             Mode::Echo => {}
         }
         let shortest = timeouts.iter().copied().min().unwrap_or_default();
@@ -375,6 +383,7 @@ impl Worker {
                 Msg::Fail => return Err(io::Error::other("injected worker failure")),
                 Msg::Export(tx) => self.export(&tx),
                 Msg::Adopt(moved) => self.adopt(moved),
+                Msg::Granted(token, lease) => self.grant(token, lease),
             }
         }
         Ok(())
@@ -536,6 +545,19 @@ impl Worker {
             Step::Idle => {}
             Step::Again => self.push_ready(token),
             Step::Close(reason) => self.close(token, reason),
+        }
+    }
+
+    /// Hands a queued relay client its upstream slot.
+    fn grant(&mut self, token: Token, lease: Lease) {
+        // Rule 5 again: a client that left the queue (closed) is not found, and the
+        // lease dropped here goes to the next waiter.
+        if self.slab.get_mut(token).is_none() {
+            return;
+        }
+        if let Handler::Relay(r) = &mut self.handler {
+            r.granted = Some(lease);
+            self.serve(token, Wake::Granted);
         }
     }
 

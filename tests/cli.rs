@@ -355,7 +355,7 @@ fn a_low_open_file_limit_lowers_max_connections_and_says_so() {
 fn a_worker_whose_event_loop_dies_stops_the_process_with_status_1() {
     let mut child = edgepoll()
         .args(["echo", "--listen", "127.0.0.1:0", "--workers", "2"])
-        .args(["--drain-timeout", "5"])
+        .args(["--drain-timeout", "5", "--metrics-listen", "off"])
         .env("RUST_LOG", "info")
         .env("EDGEPOLL_TEST_FAIL_WORKER", "1")
         .stderr(Stdio::piped())

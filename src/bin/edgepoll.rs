@@ -124,6 +124,20 @@ struct UpstreamArgs {
 
     #[command(flatten)]
     health: HealthArgs,
+
+    /// Pairs open or connecting to one upstream at most; a client arriving when every
+    /// upstream is at it waits in a queue [default: no limit]
+    #[arg(long, value_name = "N")]
+    max_conns_per_upstream: Option<usize>,
+
+    /// Clients that may wait for an upstream slot; one more is closed (queue_full)
+    /// [default: 1024]
+    #[arg(long, value_name = "N")]
+    max_queue: Option<usize>,
+
+    /// A client waiting longer for an upstream slot is closed (queue_timeout) [default: 5]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    queue_timeout: Option<Duration>,
 }
 
 /// Active health checks of relay's upstreams.
@@ -191,6 +205,9 @@ impl UpstreamArgs {
         s.connect_retries = self.connect_retries;
         s.splice = self.splice.then_some(true);
         s.send_proxy_v2 = self.send_proxy_v2.then_some(true);
+        s.max_conns_per_upstream = self.max_conns_per_upstream;
+        s.max_queue = self.max_queue;
+        s.queue_timeout = self.queue_timeout;
         let h = &self.health;
         s.health_check = h.health_check.map(|k| match k {
             CheckArg::Tcp => Some(config::CheckKind::Tcp),

@@ -64,6 +64,9 @@ struct ConfigFile {
     fall: Option<u32>,
     health_check_send: Option<String>,
     health_check_expect: Option<String>,
+    max_conns_per_upstream: Option<usize>,
+    max_queue: Option<usize>,
+    queue_timeout: Option<Quantity>,
 }
 
 /// Reads the text of the file at `path`, for [`parse`].
@@ -192,6 +195,9 @@ impl ConfigFile {
             v.map(|v| parse_escaped(&v)).transpose().map_err(bad(key))
         };
         let settings = Settings {
+            max_conns_per_upstream: self.max_conns_per_upstream,
+            max_queue: self.max_queue,
+            queue_timeout: duration(self.queue_timeout).map_err(bad("queue-timeout"))?,
             health_check,
             health_check_interval: duration(self.health_check_interval)
                 .map_err(bad("health-check-interval"))?,
@@ -379,6 +385,9 @@ mod tests {
             fall = 4
             health-check-send = "PING\\r\\n"
             health-check-expect = "+PONG"
+            max-conns-per-upstream = 100
+            max-queue = 50
+            queue-timeout = "2s"
             "#,
         );
         assert_eq!(mode, Some(Mode::Relay));
@@ -421,6 +430,9 @@ mod tests {
             fall: Some(4),
             health_check_send: Some(b"PING\r\n".to_vec()),
             health_check_expect: Some(b"+PONG".to_vec()),
+            max_conns_per_upstream: Some(100),
+            max_queue: Some(50),
+            queue_timeout: Some(Duration::from_secs(2)),
         };
         assert_eq!(s, expected);
     }

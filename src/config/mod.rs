@@ -160,7 +160,17 @@ pub struct RelayConfig {
     pub send_proxy_v2: bool,
     /// Active health checks of every upstream; None: passive failover only.
     pub health_check: Option<HealthCheck>,
+    /// Pairs open or connecting to one upstream at most; None: no limit.
+    pub max_conns_per_upstream: Option<usize>,
+    /// Clients that may wait for an upstream slot (with `max_conns_per_upstream`).
+    pub max_queue: usize,
+    /// How long a client may wait for an upstream slot.
+    pub queue_timeout: Duration,
 }
+
+/// The longest `--max-queue`: a client that leaves the queue from its middle costs a
+/// walk of it, so it stays short enough for that to be cheap.
+pub const MAX_QUEUE: usize = 100_000;
 
 /// What an active health-check probe does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +269,9 @@ impl Default for RelayConfig {
             splice: false,
             send_proxy_v2: false,
             health_check: None,
+            max_conns_per_upstream: None,
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -288,6 +301,18 @@ impl RelayConfig {
         }
         if let Some(check) = &self.health_check {
             check.validate()?;
+        }
+        if self.max_conns_per_upstream == Some(0) {
+            return Err(ConfigError::Zero("max-conns-per-upstream"));
+        }
+        if self.max_queue > MAX_QUEUE {
+            return Err(ConfigError::Relay(format!(
+                "max-queue (--max-queue): at most {MAX_QUEUE}, got {}",
+                self.max_queue
+            )));
+        }
+        if self.queue_timeout.is_zero() {
+            return Err(ConfigError::Zero("queue-timeout"));
         }
         Ok(())
     }

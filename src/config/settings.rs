@@ -87,6 +87,12 @@ pub struct Settings {
     pub health_check_send: Option<Vec<u8>>,
     /// `health-check-expect` (relay), escapes decoded.
     pub health_check_expect: Option<Vec<u8>>,
+    /// `max-conns-per-upstream` (relay).
+    pub max_conns_per_upstream: Option<usize>,
+    /// `max-queue` (relay).
+    pub max_queue: Option<usize>,
+    /// `queue-timeout` (relay).
+    pub queue_timeout: Option<Duration>,
 }
 
 /// Why no configuration could be built. Every message names the file, key or flag
@@ -244,6 +250,9 @@ impl Settings {
             fall,
             health_check_send,
             health_check_expect,
+            max_conns_per_upstream,
+            max_queue,
+            queue_timeout,
         } = self;
         Settings {
             listen: listen.or(lower.listen),
@@ -278,6 +287,9 @@ impl Settings {
             fall: fall.or(lower.fall),
             health_check_send: health_check_send.or(lower.health_check_send),
             health_check_expect: health_check_expect.or(lower.health_check_expect),
+            max_conns_per_upstream: max_conns_per_upstream.or(lower.max_conns_per_upstream),
+            max_queue: max_queue.or(lower.max_queue),
+            queue_timeout: queue_timeout.or(lower.queue_timeout),
         }
     }
 
@@ -314,6 +326,12 @@ impl Settings {
             ("fall", self.fall.is_some()),
             ("health-check-send", self.health_check_send.is_some()),
             ("health-check-expect", self.health_check_expect.is_some()),
+            (
+                "max-conns-per-upstream",
+                self.max_conns_per_upstream.is_some(),
+            ),
+            ("max-queue", self.max_queue.is_some()),
+            ("queue-timeout", self.queue_timeout.is_some()),
         ];
         let http = http.map(|(key, set)| (key, set, Mode::Http));
         let relay = relay.map(|(key, set)| (key, set, Mode::Relay));
@@ -386,6 +404,23 @@ impl Settings {
         r.splice = self.splice.unwrap_or(r.splice);
         r.send_proxy_v2 = self.send_proxy_v2.unwrap_or(r.send_proxy_v2);
         r.health_check = self.health_check()?;
+        if self.max_conns_per_upstream.is_none() {
+            let stray = [
+                ("max-queue", self.max_queue.is_some()),
+                ("queue-timeout", self.queue_timeout.is_some()),
+            ];
+            if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(LoadError::Invalid {
+                    file: None,
+                    error: ConfigError::Relay(format!(
+                        "{key} (--{key}): only with max-conns-per-upstream (--max-conns-per-upstream N)"
+                    )),
+                });
+            }
+        }
+        r.max_conns_per_upstream = self.max_conns_per_upstream;
+        r.max_queue = self.max_queue.unwrap_or(r.max_queue);
+        r.queue_timeout = self.queue_timeout.unwrap_or(r.queue_timeout);
 
         c.validate()
             .map_err(|error| LoadError::Invalid { file: None, error })?;

@@ -33,7 +33,7 @@ pub fn unix_now() -> f64 {
 pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Number of [`CloseReason`]s.
-pub const CLOSE_REASONS: usize = 8;
+pub const CLOSE_REASONS: usize = 10;
 
 /// Why a connection was closed; the `reason` label of `edgepoll_connections_closed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +55,10 @@ pub enum CloseReason {
     ProtocolError,
     /// Relay: no upstream could be connected for this client.
     UpstreamError,
+    /// Relay: every upstream was at `--max-conns-per-upstream` and the queue was full.
+    QueueFull,
+    /// Relay: no upstream slot freed within `--queue-timeout`.
+    QueueTimeout,
 }
 
 impl CloseReason {
@@ -67,6 +71,8 @@ impl CloseReason {
         CloseReason::HeaderTimeout,
         CloseReason::ProtocolError,
         CloseReason::UpstreamError,
+        CloseReason::QueueFull,
+        CloseReason::QueueTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +85,8 @@ impl CloseReason {
             CloseReason::HeaderTimeout => "header_timeout",
             CloseReason::ProtocolError => "protocol_error",
             CloseReason::UpstreamError => "upstream_error",
+            CloseReason::QueueFull => "queue_full",
+            CloseReason::QueueTimeout => "queue_timeout",
         }
     }
 
@@ -277,6 +285,8 @@ pub struct Metrics {
     upstream_active: IntGaugeVec,
     upstream_up: IntGaugeVec,
     upstream_checks: IntCounterVec,
+    queue_length: IntGauge,
+    queue_wait: Histogram,
     /// Largest outbound buffer any one connection of worker i has held (library stats
     /// only: it shows that the cap holds).
     peak_pending: Vec<AtomicUsize>,
@@ -379,8 +389,21 @@ impl Metrics {
             ),
             &["upstream", "result"],
         )?;
+        let queue_length = IntGauge::new(
+            "edgepoll_upstream_queue_length",
+            "Relay: clients waiting for an upstream slot (--max-conns-per-upstream).",
+        )?;
+        let queue_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "edgepoll_upstream_queue_wait_seconds",
+                "Relay: how long each client that got an upstream slot waited for it.",
+            )
+            .buckets(CONNECT_BUCKETS.to_vec()),
+        )?;
         if mode == Mode::Relay {
             let relay: Vec<Box<dyn Collector>> = vec![
+                Box::new(queue_length.clone()),
+                Box::new(queue_wait.clone()),
                 Box::new(upstream_up.clone()),
                 Box::new(upstream_checks.clone()),
                 Box::new(up_received.clone()),
@@ -575,6 +598,8 @@ impl Metrics {
             upstream_active,
             upstream_up,
             upstream_checks,
+            queue_length,
+            queue_wait,
             peak_pending,
             timer_entries,
         }))
@@ -663,6 +688,21 @@ impl Metrics {
                     .with_label_values(&[upstream, r.as_str()])
             }),
         }
+    }
+
+    /// The queue's length gauge and wait histogram.
+    pub fn upstream_queue(&self) -> (IntGauge, Histogram) {
+        (self.queue_length.clone(), self.queue_wait.clone())
+    }
+
+    /// Clients waiting for an upstream slot now.
+    pub fn queue_length(&self) -> i64 {
+        self.queue_length.get()
+    }
+
+    /// Clients that got a slot after waiting (the wait histogram's count).
+    pub fn queue_waits(&self) -> u64 {
+        self.queue_wait.get_sample_count()
     }
 
     /// Whether `upstream` takes new clients now (`edgepoll_upstream_up`).

@@ -112,6 +112,8 @@ pub enum Wake {
     Timer,
     /// It just arrived from the process a reload replaced.
     Moved,
+    /// Relay: a queued client was handed an upstream slot (in `Relay::granted`).
+    Granted,
 }
 
 /// Which socket an event is for, and what it reported.
@@ -148,13 +150,13 @@ impl Handler {
         }
         match self {
             Handler::Echo => match wake {
-                Wake::Timer | Wake::Open => Step::Idle,
+                Wake::Timer | Wake::Open | Wake::Granted => Step::Idle,
                 Wake::Moved => echo::serve(conn, ctx, false),
                 _ => echo::serve(conn, ctx, matches!(wake, Wake::Edge(e) if e.readable)),
             },
             Handler::Http(r) => match wake {
                 Wake::Timer => http::on_deadline(conn, ctx, r),
-                Wake::Open => Step::Idle,
+                Wake::Open | Wake::Granted => Step::Idle,
                 Wake::Moved => http::serve(conn, ctx, false, r),
                 _ => http::serve(conn, ctx, matches!(wake, Wake::Edge(e) if e.readable), r),
             },
@@ -164,6 +166,7 @@ impl Handler {
                 Wake::Edge(e) => relay::serve(conn, ctx, r, Some(e)),
                 Wake::Ready => relay::serve(conn, ctx, r, None),
                 Wake::Moved => relay::moved(conn, ctx, r),
+                Wake::Granted => relay::granted(conn, ctx, r),
             },
         }
     }

@@ -54,18 +54,28 @@ use crate::metrics::{CloseReason, ConnectError, Counters};
 use crate::sys::epoll::SOCKET_INTEREST;
 use crate::sys::socket;
 use crate::sys::splice::{splice, Pipe};
-use crate::upstream::{Lease, Picker, Upstreams};
+use crate::upstream::queue::Ticket;
+use crate::upstream::{Lease, Pick, Picker, Upstreams};
 
 /// A worker's relay state: the shared upstreams and its own view of them.
 pub struct Relay {
     upstreams: Arc<Upstreams>,
     picker: Picker,
+    /// The worker's id: where the queue sends this worker's clients their slots.
+    id: usize,
+    /// A slot just granted to one of this worker's queued clients, for [`granted`].
+    pub granted: Option<Lease>,
 }
 
 impl Relay {
     pub fn new(upstreams: Arc<Upstreams>, id: usize) -> Relay {
         let picker = Picker::new(&upstreams, id);
-        Relay { upstreams, picker }
+        Relay {
+            upstreams,
+            picker,
+            id,
+            granted: None,
+        }
     }
 }
 
@@ -158,6 +168,10 @@ pub struct Pair {
     upstream: Option<OwnedFd>,
     /// The upstream in use (or being connected to), counted while held.
     lease: Option<Lease>,
+    /// The client's place in the queue while it waits for an upstream slot.
+    ticket: Option<Ticket>,
+    /// Worker clock (ms) by which a queued client must have a slot; 0 if not queued.
+    queue_deadline_ms: u64,
     /// Set while the connect is in progress.
     connecting_since: Option<Instant>,
     /// Worker clock (ms) by which the connect must complete; 0 once connected.
@@ -201,6 +215,8 @@ impl Pair {
     pub fn deadline_ms(&self) -> u64 {
         if self.connect_deadline_ms != 0 {
             self.connect_deadline_ms
+        } else if self.queue_deadline_ms != 0 {
+            self.queue_deadline_ms
         } else {
             self.reset_check_ms
         }
@@ -320,7 +336,8 @@ pub fn open(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
     connect_next(conn, ctx, relay)
 }
 
-/// Starts a connect to the next live upstream, or gives up on the client.
+/// Starts a connect to the next live upstream, queues the client when every upstream
+/// is at its limit, or gives up on it.
 fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
     let pair = pair(conn);
     pair.release();
@@ -339,33 +356,89 @@ fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
             return Step::Close(CloseReason::UpstreamError);
         }
         let ups = &relay.upstreams;
-        let Some(up) = relay.picker.pick(ups) else {
-            tracing::debug!("no upstream is listed; resetting the client");
-            return Step::Close(CloseReason::UpstreamError);
-        };
-        pair.tries += 1;
-        let started = Instant::now();
-        let fd = match socket::connect_nonblocking(up.addr) {
-            Ok(fd) => fd,
-            Err(e) => {
-                ups.failed(&up, ConnectError::of(&e), &e);
-                continue;
+        let lease = match relay.picker.pick(ups) {
+            Pick::Go(lease) => lease,
+            Pick::Full => return wait_in_queue(pair, ctx, relay),
+            Pick::Empty => {
+                tracing::debug!("no upstream is listed; resetting the client");
+                return Step::Close(CloseReason::UpstreamError);
             }
         };
-        // Relayed request/response traffic must not wait for Nagle.
-        let _ = socket::set_nodelay(fd.as_fd());
-        if let Err(e) = ctx
-            .epoll
-            .add(fd.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
-        {
-            tracing::warn!("{e}; resetting the client");
-            return Step::Close(CloseReason::Error);
+        match connect(pair, ctx, ups, lease) {
+            Some(step) => return step,
+            None => continue,
         }
-        pair.lease = Some(Lease::new(up));
-        pair.upstream = Some(fd);
-        pair.connecting_since = Some(started);
-        pair.connect_deadline_ms = ctx.now_ms + ups.connect_timeout_ms;
+    }
+}
+
+/// Starts the connect of `pair` to the upstream of `lease`; None if it failed at once
+/// (the upstream is marked, and the caller tries the next).
+fn connect(pair: &mut Pair, ctx: &mut Ctx<'_>, ups: &Upstreams, lease: Lease) -> Option<Step> {
+    pair.tries += 1;
+    let up = lease.upstream();
+    let started = Instant::now();
+    let fd = match socket::connect_nonblocking(up.addr) {
+        Ok(fd) => fd,
+        Err(e) => {
+            ups.failed(up, ConnectError::of(&e), &e);
+            return None;
+        }
+    };
+    // Relayed request/response traffic must not wait for Nagle.
+    let _ = socket::set_nodelay(fd.as_fd());
+    if let Err(e) = ctx
+        .epoll
+        .add(fd.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
+    {
+        tracing::warn!("{e}; resetting the client");
+        return Some(Step::Close(CloseReason::Error));
+    }
+    pair.lease = Some(lease);
+    pair.upstream = Some(fd);
+    pair.connecting_since = Some(started);
+    pair.connect_deadline_ms = ctx.now_ms + ups.connect_timeout_ms;
+    Some(Step::Idle)
+}
+
+/// Every upstream is at `--max-conns-per-upstream`: the client waits for a slot, for
+/// `--queue-timeout` at most, or is closed at once if the queue is full.
+fn wait_in_queue(pair: &mut Pair, ctx: &mut Ctx<'_>, relay: &Relay) -> Step {
+    let Some(queue) = relay.upstreams.queue.as_ref() else {
+        // Without a limit no upstream is ever full.
+        return Step::Close(CloseReason::UpstreamError);
+    };
+    match queue.join(relay.id, ctx.token.0) {
+        Some(ticket) => {
+            pair.ticket = Some(ticket);
+            pair.queue_deadline_ms = ctx.now_ms + relay.upstreams.queue_timeout_ms;
+            // A slot may have freed between the pick and the join; whoever freed it
+            // saw no waiter. Look once more, now that this client waits.
+            for up in relay.upstreams.list().iter() {
+                queue.dispatch(up);
+            }
+            Step::Idle
+        }
+        None => {
+            tracing::debug!("every upstream is at its limit and the queue is full");
+            Step::Close(CloseReason::QueueFull)
+        }
+    }
+}
+
+/// A queued client was handed a slot (in `relay.granted`): connect it.
+pub fn granted(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
+    let Some(lease) = relay.granted.take() else {
         return Step::Idle;
+    };
+    let pair = pair(conn);
+    if pair.ticket.take().is_none() {
+        // Not waiting (any more): the slot goes back, to the next waiter.
+        return Step::Idle;
+    }
+    pair.queue_deadline_ms = 0;
+    match connect(pair, ctx, &relay.upstreams, lease) {
+        Some(step) => step,
+        None => connect_next(conn, ctx, relay),
     }
 }
 
@@ -373,6 +446,13 @@ fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
 /// failed pair looks again at whether its reset can go.
 pub fn on_deadline(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
     let pair = pair(conn);
+    if pair.ticket.is_some() {
+        if pair.queue_deadline_ms > ctx.now_ms {
+            return Step::Idle;
+        }
+        tracing::debug!("no upstream slot freed within --queue-timeout; resetting the client");
+        return Step::Close(CloseReason::QueueTimeout);
+    }
     if pair.failed.is_some() && pair.connecting_since.is_none() {
         return pump_pair(conn, ctx);
     }
@@ -487,6 +567,7 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
         u2c,
         reset_check_ms,
         reset_wait_until_ms,
+        ticket,
         ..
     } = &mut **pair;
     let upstream = upstream
@@ -536,6 +617,11 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
     }
     if moved {
         *last_active_ms = ctx.now_ms;
+    }
+    if let (Some((_, reason)), Some(_)) = (*failed, ticket.as_ref()) {
+        // A queued client that failed (reset) gave up its wait: it has no upstream to
+        // hand what it sent to, nor will it ever.
+        return Step::Close(reason);
     }
     if let Some((side, reason)) = *failed {
         // A failed pair gets LINGER_MS from its failure to hand the other peer what

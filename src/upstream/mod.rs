@@ -23,6 +23,7 @@
 //! counted, until its last pair closes.
 
 pub mod health;
+pub mod queue;
 
 use std::io;
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ use parking_lot::RwLock;
 
 use crate::config::{Balance, RelayConfig};
 use crate::metrics::{ConnectError, Metrics, UpstreamMetrics};
+use queue::Queue;
 
 /// One upstream address and what every worker knows of it.
 pub struct Upstream {
@@ -48,11 +50,20 @@ pub struct Upstream {
     up: AtomicBool,
     /// Pairs open or connecting to it, for `--max-conns-per-upstream`.
     conns: AtomicUsize,
+    /// `--max-conns-per-upstream`; `usize::MAX` without one.
+    limit: usize,
+    /// Where clients wait for a slot when every upstream is at its limit.
+    queue: Option<Arc<Queue>>,
     pub metrics: UpstreamMetrics,
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr, metrics: &Metrics) -> Upstream {
+    fn new(
+        addr: SocketAddr,
+        metrics: &Metrics,
+        limit: usize,
+        queue: Option<Arc<Queue>>,
+    ) -> Upstream {
         let label = addr.to_string();
         let metrics = metrics.upstream(&label);
         metrics.up.set(1);
@@ -63,7 +74,14 @@ impl Upstream {
             failed_until_ms: AtomicU64::new(0),
             up: AtomicBool::new(true),
             conns: AtomicUsize::new(0),
+            limit,
+            queue,
         }
+    }
+
+    /// Whether it is below `--max-conns-per-upstream`.
+    pub fn has_room(&self) -> bool {
+        self.conns() < self.limit
     }
 
     /// The health verdict (always true without health checks).
@@ -76,11 +94,15 @@ impl Upstream {
         self.conns.load(Ordering::Relaxed)
     }
 
-    /// Sets the health verdict; returns whether it changed.
-    fn set_up(&self, up: bool) -> bool {
+    /// Sets the health verdict; returns whether it changed. An upstream that comes up
+    /// takes waiting clients at once.
+    fn set_up(self: &Arc<Self>, up: bool) -> bool {
         let was = self.up.swap(up, Ordering::Relaxed);
         if was != up {
             self.metrics.up.set(up as i64);
+            if let Some(q) = &self.queue {
+                q.dispatch(self);
+            }
         }
         was != up
     }
@@ -94,11 +116,24 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Counts a pair on `upstream` until the lease is dropped.
+    /// Counts a pair on `upstream` until the lease is dropped, whatever the limit:
+    /// for a pair that moved here in a reload, connected before this process existed.
     pub fn new(upstream: Arc<Upstream>) -> Lease {
         upstream.conns.fetch_add(1, Ordering::Relaxed);
         upstream.metrics.active.inc();
         Lease { upstream }
+    }
+
+    /// A lease if `upstream` is below its limit.
+    pub fn try_new(upstream: Arc<Upstream>) -> Option<Lease> {
+        upstream
+            .conns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < upstream.limit).then_some(n + 1)
+            })
+            .ok()?;
+        upstream.metrics.active.inc();
+        Some(Lease { upstream })
     }
 
     pub fn upstream(&self) -> &Arc<Upstream> {
@@ -114,9 +149,23 @@ impl std::fmt::Debug for Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.upstream.conns.fetch_sub(1, Ordering::Relaxed);
-        self.upstream.metrics.active.dec();
+        let up = &self.upstream;
+        up.conns.fetch_sub(1, Ordering::Relaxed);
+        up.metrics.active.dec();
+        if let Some(q) = up.queue.as_ref().filter(|q| !q.is_empty()) {
+            q.dispatch(up);
+        }
     }
+}
+
+/// What a new client gets.
+pub enum Pick {
+    /// An upstream, its slot taken.
+    Go(Lease),
+    /// Every upstream it may use is at its limit, or others already wait: queue.
+    Full,
+    /// No upstream is listed.
+    Empty,
 }
 
 /// The upstreams of a relay server, shared by its workers, its health prober and its
@@ -131,6 +180,8 @@ pub struct Upstreams {
     fail_timeout_ms: u64,
     connect_retries: Option<usize>,
     pub connect_timeout_ms: u64,
+    /// `--queue-timeout` in ms.
+    pub queue_timeout_ms: u64,
     pub splice: bool,
     pub proxy_v2: bool,
     /// Health checks run: a failed connect marks the upstream down until probes pass,
@@ -138,14 +189,23 @@ pub struct Upstreams {
     checked: bool,
     /// For the metrics of upstreams that join later.
     metrics: Arc<Metrics>,
+    /// `--max-conns-per-upstream`; `usize::MAX` without one.
+    limit: usize,
+    /// With `--max-conns-per-upstream`: the clients waiting for a slot.
+    pub queue: Option<Arc<Queue>>,
 }
 
 impl Upstreams {
     pub fn new(config: &RelayConfig, metrics: &Arc<Metrics>) -> Upstreams {
+        let limit = config.max_conns_per_upstream.unwrap_or(usize::MAX);
+        let queue = config.max_conns_per_upstream.map(|_| {
+            let (length, wait) = metrics.upstream_queue();
+            Arc::new(Queue::new(config.max_queue, length, wait))
+        });
         let list: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|&addr| Arc::new(Upstream::new(addr, metrics)))
+            .map(|&addr| Arc::new(Upstream::new(addr, metrics, limit, queue.clone())))
             .collect();
         Upstreams {
             current: RwLock::new(list.into()),
@@ -155,10 +215,13 @@ impl Upstreams {
             fail_timeout_ms: config.fail_timeout.as_millis() as u64,
             connect_retries: config.connect_retries,
             connect_timeout_ms: (config.connect_timeout.as_millis() as u64).max(1),
+            queue_timeout_ms: (config.queue_timeout.as_millis() as u64).max(1),
             splice: config.splice,
             proxy_v2: config.send_proxy_v2,
             checked: config.health_check.is_some(),
             metrics: Arc::clone(metrics),
+            limit,
+            queue,
         }
     }
 
@@ -172,11 +235,21 @@ impl Upstreams {
         self.current.read().iter().find(|u| u.addr == addr).cloned()
     }
 
+    /// A new member of the set at `addr`, with the set's limit and queue.
+    pub fn member(&self, addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            addr,
+            &self.metrics,
+            self.limit,
+            self.queue.clone(),
+        ))
+    }
+
     /// An upstream outside the set, for a pair that moved here in a reload connected
     /// to an upstream the new configuration no longer lists: the pair keeps it and is
     /// counted under its address, and no new client is ever sent there.
     pub fn unlisted(&self, addr: SocketAddr) -> Arc<Upstream> {
-        Arc::new(Upstream::new(addr, &self.metrics))
+        Arc::new(Upstream::new(addr, &self.metrics, usize::MAX, None))
     }
 
     /// Upstreams tried per client: `--connect-retries`, or one try per upstream.
@@ -196,7 +269,7 @@ impl Upstreams {
 
     /// Counts a failed connect to `up`, and marks it down unless the error was ours
     /// (out of descriptors or ports) rather than the upstream's.
-    pub fn failed(&self, up: &Upstream, reason: ConnectError, err: &io::Error) {
+    pub fn failed(&self, up: &Arc<Upstream>, reason: ConnectError, err: &io::Error) {
         up.metrics.errors[reason as usize].inc();
         if reason == ConnectError::Error {
             tracing::debug!(upstream = %up.addr, "connect failed: {err}");
@@ -248,6 +321,8 @@ pub struct Picker {
     list: Arc<[Arc<Upstream>]>,
     generation: u64,
     next: usize,
+    /// Scratch list of candidates, kept so that picking allocates nothing.
+    order: Vec<usize>,
 }
 
 impl Picker {
@@ -259,6 +334,7 @@ impl Picker {
             generation: upstreams.generation.load(Ordering::Acquire),
             list,
             next,
+            order: Vec::new(),
         }
     }
 
@@ -272,38 +348,41 @@ impl Picker {
         &self.list
     }
 
-    /// The next upstream for a client: the next live one in turn (or, with
-    /// `least-conn`, the live one with the fewest pairs); when none is live, the next
-    /// one in turn whatever its state. None only when the set is empty.
-    pub fn pick(&mut self, upstreams: &Upstreams) -> Option<Arc<Upstream>> {
+    /// A slot for a new client: on the next live upstream in turn with room (or, with
+    /// `least-conn`, the live one with room and the fewest pairs); when none is live,
+    /// on the next one in turn with room whatever its state. [`Pick::Full`] when
+    /// those are all at their limit, or when clients already wait (they go first).
+    pub fn pick(&mut self, upstreams: &Upstreams) -> Pick {
         let n = self.list(upstreams).len();
         if n == 0 {
-            return None;
+            return Pick::Empty;
+        }
+        if upstreams.queue.as_ref().is_some_and(|q| !q.is_empty()) {
+            return Pick::Full;
         }
         let now = upstreams.now_ms();
-        let mut best: Option<(usize, usize)> = None;
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            let up = &self.list[i];
-            if !upstreams.is_live(up, now) {
-                continue;
-            }
-            match upstreams.balance {
-                Balance::RoundRobin => {
-                    best = Some((i, 0));
-                    break;
-                }
-                Balance::LeastConn => {
-                    let active = up.conns();
-                    if best.is_none_or(|(_, a)| active < a) {
-                        best = Some((i, active));
-                    }
-                }
+        let any_live = self.list.iter().any(|u| upstreams.is_live(u, now));
+        // Candidates in turn from `next`; least-conn tries the least loaded first.
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend(
+            (0..n)
+                .map(|k| (self.next + k) % n)
+                .filter(|&i| !any_live || upstreams.is_live(&self.list[i], now)),
+        );
+        if upstreams.balance == Balance::LeastConn {
+            // Stable: ties stay in turn.
+            order.sort_by_key(|&i| self.list[i].conns());
+        }
+        let mut picked = None;
+        for &i in &order {
+            if let Some(lease) = Lease::try_new(Arc::clone(&self.list[i])) {
+                self.next = (i + 1) % n;
+                picked = Some(lease);
+                break;
             }
         }
-        // Every one is down: try them anyway, in turn.
-        let i = best.map_or(self.next % n, |(i, _)| i);
-        self.next = (i + 1) % n;
-        Some(Arc::clone(&self.list[i]))
+        self.order = order;
+        picked.map_or(Pick::Full, Pick::Go)
     }
 }
