@@ -15,11 +15,22 @@
 # what the kernel costs any epoll relay under that load, and so the least a relay's
 # ratio to HAProxy can be. It drops what a short write leaves, so it sits out iperf3.
 #
+# - A hung upstream: two upstreams (edgepoll echo, core 1), one stopped with
+#   `kill -STOP` (its kernel still accepts connections; it never answers). Under
+#   `edgeload -c 20 -d 10s --reconnect --timeout 1s` through the relay (core 1):
+#   requests answered and timeouts, for edgepoll with passive failover only, edgepoll
+#   with --health-check send-expect, and HAProxy with `option tcp-check` and
+#   `tcp-check send/expect`, both `inter 500 fall 2 rise 2`. The upstream is stopped
+#   1 s after the relay starts, and the load begins 2 s later (after fall x interval
+#   plus the probe timeout), so the table shows the relay that has found it.
+#
 #   bash benches/relay_vs_haproxy.sh          # RUNS=5 REQUESTS=200000 SECONDS_IPERF=5
+#   SECTIONS=hung bash benches/relay_vs_haproxy.sh   # the hung-upstream table only
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 source benches/peers/haproxy.sh
 RUNS=${RUNS:-5}
+SECTIONS=${SECTIONS:-"throughput hung"}
 REQUESTS=${REQUESTS:-200000}
 SECONDS_IPERF=${SECONDS_IPERF:-5}
 for tool in haproxy redis-server redis-benchmark iperf3; do
@@ -115,67 +126,150 @@ print("%.2f %.3f" % (s["bits_per_second"] / 1e9, (float(sys.argv[3]) - float(sys
 ' "$WORK/iperf.json" "$before" "$after"
 }
 
-REDIS_PORT=$(free_port)
-taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-    >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-BG_PIDS+=("$REDIS_PID")
-IPERF_PORT=$(free_port)
-taskset -c 1 iperf3 --server --bind 127.0.0.1 --port "$IPERF_PORT" >"$WORK/iperf-server.log" 2>&1 &
-BG_PIDS+=("$!")
-sleep 0.5
+throughput() {
+    REDIS_PORT=$(free_port)
+    taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        >"$WORK/redis.log" 2>&1 &
+    REDIS_PID=$!
+    BG_PIDS+=("$REDIS_PID")
+    IPERF_PORT=$(free_port)
+    taskset -c 1 iperf3 --server --bind 127.0.0.1 --port "$IPERF_PORT" >"$WORK/iperf-server.log" 2>&1 &
+    BG_PIDS+=("$!")
+    sleep 0.5
 
-KINDS=(edgepoll edgepoll-splice haproxy floor direct)
-FLOOR=$(peer_bin floor)
-echo "Machine: $(machine). Relay on core 0; upstream and load on core 1. $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3), redis $(redis-server --version | sed -E 's/.*v=([^ ]+).*/\1/'), iperf $(iperf3 --version | head -1 | cut -d' ' -f2)."
+    KINDS=(edgepoll edgepoll-splice haproxy floor direct)
+    FLOOR=$(peer_bin floor)
 
-declare -A rps cpu gbit cpugb p50 p99 load
-for run in $(seq "$RUNS"); do
-    for kind in "${KINDS[@]}"; do
-        read -r r c l50 l99 lc < <(redis_run "$kind")
-        rps[$kind]+="$r "; cpu[$kind]+="$c "; p50[$kind]+="$l50 "; p99[$kind]+="$l99 "
-        load[$kind]+="$lc "
-        echo "run $run $kind: redis $r req/s $c ns/req, load core $lc ns/req" >&2
-        [[ $kind == floor ]] && continue
-        read -r g cg < <(iperf_run "$kind")
-        gbit[$kind]+="$g "; cpugb[$kind]+="$cg "
-        echo "run $run $kind: iperf3 $g Gbit/s $cg CPU s/GB" >&2
+    declare -A rps cpu gbit cpugb p50 p99 load
+    for run in $(seq "$RUNS"); do
+        for kind in "${KINDS[@]}"; do
+            read -r r c l50 l99 lc < <(redis_run "$kind")
+            rps[$kind]+="$r "; cpu[$kind]+="$c "; p50[$kind]+="$l50 "; p99[$kind]+="$l99 "
+            load[$kind]+="$lc "
+            echo "run $run $kind: redis $r req/s $c ns/req, load core $lc ns/req" >&2
+            [[ $kind == floor ]] && continue
+            read -r g cg < <(iperf_run "$kind")
+            gbit[$kind]+="$g "; cpugb[$kind]+="$cg "
+            echo "run $run $kind: iperf3 $g Gbit/s $cg CPU s/GB" >&2
+        done
     done
-done
+
+    # row KIND FORMAT VALUES COSTS [EXTRA...]: one table row of medians for KIND, with its
+    # value and cost as ratios to HAProxy's; the direct path has no relay, so no cost.
+    # VALUES and COSTS name the associative arrays holding the runs.
+    row() {
+        local kind=$1 fmt=$2 extra="" x
+        for x in "${@:5}"; do extra+=" $x |"; done
+        local -n values=$3 costs=$4
+        local v c
+        v=$(m "${values[$kind]}")
+        if [[ $kind == direct ]]; then
+            printf "| direct (no relay) | $fmt | - | %s | - |%s\n" "$v" "$(ratio "$v" "$(m "${values[haproxy]}")")" "$extra"
+        else
+            c=$(m "${costs[$kind]}")
+            printf "| %s | $fmt | $fmt | %s | %s |%s\n" "$kind" "$v" "$c" \
+                "$(ratio "$v" "$(m "${values[haproxy]}")")" "$(ratio "$c" "$(m "${costs[haproxy]}")")" "$extra"
+        fi
+    }
+
+echo
+    echo "### redis-benchmark (-c 50, GET and SET, pipeline 1)"
+    echo
+    echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy | GET p50 / p99 µs (median) | load core CPU ns per request (median) |"
+    echo "|---|---|---|---|---|---|---|"
+    for kind in "${KINDS[@]}"; do
+        row "$kind" %.0f rps cpu "$(m "${p50[$kind]}") / $(m "${p99[$kind]}")" "$(printf %.0f "$(m "${load[$kind]}")")"
+    done
+    echo
+    echo "### iperf3 (one stream, ${SECONDS_IPERF} s, client to server)"
+    echo
+    echo "| path | Gbit/s (median) | relay CPU s per GB (median) | throughput vs HAProxy | CPU per GB vs HAProxy |"
+    echo "|---|---|---|---|---|"
+    for kind in "${KINDS[@]}"; do
+        [[ $kind == floor ]] || row "$kind" %s gbit cpugb
+    done
+}
+
+# hung_run KIND: prints "requests timeouts" of one edgeload run through relay KIND
+# (edgepoll, edgepoll-checks, haproxy-checks) in front of two echo upstreams, one
+# stopped.
+hung_run() {
+    local kind=$1 ports=() pids=() i
+    for i in 0 1; do
+        RUST_LOG=info taskset -c 1 "$BIN_DIR/edgepoll" echo --listen 127.0.0.1:0 --workers 1 \
+            --metrics-listen off >"$WORK/up$i.log" 2>&1 &
+        pids+=("$!")
+        BG_PIDS+=("$!")
+    done
+    for i in 0 1; do
+        await_line "$WORK/up$i.log" ' listening on '
+        ports+=("$(sed -nE 's/.* listening on [^ ,]+:([0-9]+).*/\1/p' "$WORK/up$i.log")")
+    done
+    local checks=(--health-check send-expect --health-check-send 'PING\n'
+        --health-check-expect 'PING' --health-check-interval 500ms
+        --health-check-timeout 500ms --fall 2 --rise 2)
+    case $kind in
+        edgepoll | edgepoll-checks)
+            local extra=()
+            [[ $kind == edgepoll-checks ]] && extra=("${checks[@]}")
+            start_edgepoll relay --listen 127.0.0.1:0 --workers 1 --metrics-listen off \
+                --upstream "127.0.0.1:${ports[0]}" --upstream "127.0.0.1:${ports[1]}" "${extra[@]}"
+            RELAY_PID=$EP_PID
+            RELAY_PORT=${EP_ADDR##*:}
+            ;;
+        haproxy-checks)
+            RELAY_PORT=$(free_port)
+            haproxy_checked_conf "$WORK/haproxy.cfg" "$RELAY_PORT" "${ports[@]}"
+            taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+            RELAY_PID=$!
+            BG_PIDS+=("$RELAY_PID")
+            ;;
+    esac
+    sleep 1
+    kill -STOP "${pids[1]}"
+    sleep 2
+    taskset -c 1 "$BIN_DIR/edgeload" --json -c 20 -d 10s --reconnect --timeout 1s \
+        "tcp://127.0.0.1:$RELAY_PORT" >"$WORK/hung.json" || true
+    stop_relay
+    kill -CONT "${pids[1]}"
+    for i in 0 1; do stop_pid "${pids[$i]}"; done
+    python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["requests"], r["errors"]["timeout"])
+' "$WORK/hung.json"
+}
+
+hung() {
+    local kinds=(edgepoll edgepoll-checks haproxy-checks) kind run r t
+    declare -A reqs touts
+    for run in $(seq "$RUNS"); do
+        for kind in "${kinds[@]}"; do
+            read -r r t < <(hung_run "$kind")
+            reqs[$kind]+="$r "; touts[$kind]+="$t "
+            echo "run $run $kind: hung upstream: $r requests, $t timeouts" >&2
+        done
+    done
+    echo
+    echo "### A hung upstream (kill -STOP), edgeload -c 20 -d 10s --reconnect --timeout 1s"
+    echo
+    echo "| relay | requests in 10 s (median) | timeouts (median) | requests vs HAProxy |"
+    echo "|---|---|---|---|"
+    local label
+    for kind in "${kinds[@]}"; do
+        case $kind in
+            edgepoll) label="edgepoll relay (passive failover only)" ;;
+            edgepoll-checks) label="edgepoll relay, --health-check send-expect, interval 500ms, fall 2, rise 2" ;;
+            haproxy-checks) label="HAProxy, option tcp-check, send/expect, inter 500 fall 2 rise 2" ;;
+        esac
+        printf "| %s | %.0f | %.0f | %s |\n" "$label" "$(m "${reqs[$kind]}")" "$(m "${touts[$kind]}")" \
+            "$(ratio "$(m "${reqs[$kind]}")" "$(m "${reqs[haproxy-checks]}")")"
+    done
+}
 
 m() { median $1; }
 
-# row KIND FORMAT VALUES COSTS [EXTRA...]: one table row of medians for KIND, with its
-# value and cost as ratios to HAProxy's; the direct path has no relay, so no cost.
-# VALUES and COSTS name the associative arrays holding the runs.
-row() {
-    local kind=$1 fmt=$2 extra="" x
-    for x in "${@:5}"; do extra+=" $x |"; done
-    local -n values=$3 costs=$4
-    local v c
-    v=$(m "${values[$kind]}")
-    if [[ $kind == direct ]]; then
-        printf "| direct (no relay) | $fmt | - | %s | - |%s\n" "$v" "$(ratio "$v" "$(m "${values[haproxy]}")")" "$extra"
-    else
-        c=$(m "${costs[$kind]}")
-        printf "| %s | $fmt | $fmt | %s | %s |%s\n" "$kind" "$v" "$c" \
-            "$(ratio "$v" "$(m "${values[haproxy]}")")" "$(ratio "$c" "$(m "${costs[haproxy]}")")" "$extra"
-    fi
-}
-
-echo
-echo "### redis-benchmark (-c 50, GET and SET, pipeline 1)"
-echo
-echo "| path | requests/s (median) | relay CPU ns per request (median) | requests/s vs HAProxy | CPU per request vs HAProxy | GET p50 / p99 µs (median) | load core CPU ns per request (median) |"
-echo "|---|---|---|---|---|---|---|"
-for kind in "${KINDS[@]}"; do
-    row "$kind" %.0f rps cpu "$(m "${p50[$kind]}") / $(m "${p99[$kind]}")" "$(printf %.0f "$(m "${load[$kind]}")")"
-done
-echo
-echo "### iperf3 (one stream, ${SECONDS_IPERF} s, client to server)"
-echo
-echo "| path | Gbit/s (median) | relay CPU s per GB (median) | throughput vs HAProxy | CPU per GB vs HAProxy |"
-echo "|---|---|---|---|---|"
-for kind in "${KINDS[@]}"; do
-    [[ $kind == floor ]] || row "$kind" %s gbit cpugb
+echo "Machine: $(machine). Relay on core 0; upstream and load on core 1. $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3), redis $(redis-server --version | sed -E 's/.*v=([^ ]+).*/\1/'), iperf $(iperf3 --version | head -1 | cut -d' ' -f2)."
+for section in $SECTIONS; do
+    "$section"
 done

@@ -94,9 +94,42 @@ fn relay_help_lists_its_flags() {
             "--connect-retries",
             "--splice",
             "--send-proxy-v2",
+            "--health-check",
+            "send-expect",
+            "--health-check-interval",
+            "--health-check-timeout",
+            "--rise",
+            "--fall",
+            "--health-check-send",
+            "--health-check-expect",
+            "--max-conns-per-upstream",
+            "--max-queue",
+            "--queue-timeout",
             "--idle-timeout",
             "Example:",
         ],
+    );
+}
+
+#[test]
+fn relay_logs_its_health_checks_and_upstream_limit_at_start_up() {
+    let (_running, mut lines) = spawn_with_nofile(
+        1024,
+        "relay --listen 127.0.0.1:0 --metrics-listen off --workers 1 --upstream 127.0.0.1:6398 \
+         --health-check send-expect --health-check-send PING\\r\\n --health-check-expect +PONG \
+         --health-check-interval 500ms --rise 3 --fall 4 --max-conns-per-upstream 10",
+    );
+    let relaying = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("relaying to"))
+        .expect("the relaying line");
+    assert!(
+        relaying.contains(
+            "send-expect health checks every 500ms (timeout 500ms, rise 3, fall 4), \
+             at most 10 per upstream, queue of 1024 for 5s"
+        ),
+        "{relaying}"
     );
 }
 
@@ -182,6 +215,46 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
                 "0",
             ],
             "connect-retries (--connect-retries) must be greater than zero",
+        ),
+        (
+            vec!["relay", "--upstream", "127.0.0.1:6379", "--rise", "3"],
+            "rise (--rise): only with health-check (--health-check tcp|send-expect)",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--health-check",
+                "send-expect",
+            ],
+            "health-check-expect (--health-check-expect): send-expect needs the bytes",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--health-check",
+                "send-expect",
+                "--health-check-expect",
+                "\\q",
+            ],
+            "unknown escape '\\q'",
+        ),
+        (
+            vec!["relay", "--upstream", "127.0.0.1:6379", "--max-queue", "5"],
+            "max-queue (--max-queue): only with max-conns-per-upstream",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--max-conns-per-upstream",
+                "0",
+            ],
+            "max-conns-per-upstream (--max-conns-per-upstream) must be greater than zero",
         ),
     ] {
         let out = edgepoll().args(&args).output().unwrap();

@@ -23,3 +23,33 @@ backend be
     server up 127.0.0.1:$3
 CFG
 }
+
+# haproxy_checked_conf FILE PORT UPSTREAM_PORT...: like haproxy_conf, in front of
+# several upstreams, round-robin, each with a send/expect health check ("PING\n"
+# echoed) every 500 ms, down after 2 failures, up after 2 passes, 500 ms to answer.
+haproxy_checked_conf() {
+    local up servers="" i=0
+    for up in "${@:3}"; do
+        servers+="    server up$i 127.0.0.1:$up check inter 500 fall 2 rise 2"$'\n'
+        i=$((i + 1))
+    done
+    cat >"$1" <<CFG
+global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1m
+    timeout server 1m
+    timeout check 500ms
+frontend fe
+    bind 127.0.0.1:$2
+    default_backend be
+backend be
+    balance roundrobin
+    option tcp-check
+    tcp-check send PING\\n
+    tcp-check expect string PING
+${servers}
+CFG
+}

@@ -165,12 +165,20 @@ struct HealthArgs {
     fall: Option<u32>,
 
     /// send-expect: bytes to send once connected; escapes \n \r \t \0 \\ \xHH
-    #[arg(long, value_name = "BYTES", value_parser = parse_escaped)]
-    health_check_send: Option<Vec<u8>>,
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    health_check_send: Option<Bytes>,
 
     /// send-expect: what the answer must begin with; same escapes
-    #[arg(long, value_name = "BYTES", value_parser = parse_escaped)]
-    health_check_expect: Option<Vec<u8>>,
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    health_check_expect: Option<Bytes>,
+}
+
+/// Bytes a flag gives with escapes; a newtype, since clap reads a `Vec` as a list.
+#[derive(Clone)]
+struct Bytes(Vec<u8>);
+
+fn parse_bytes(s: &str) -> Result<Bytes, String> {
+    parse_escaped(s).map(Bytes)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -218,8 +226,8 @@ impl UpstreamArgs {
         s.health_check_timeout = h.health_check_timeout;
         s.rise = h.rise;
         s.fall = h.fall;
-        s.health_check_send = h.health_check_send.clone();
-        s.health_check_expect = h.health_check_expect.clone();
+        s.health_check_send = h.health_check_send.clone().map(|b| b.0);
+        s.health_check_expect = h.health_check_expect.clone().map(|b| b.0);
     }
 }
 
@@ -541,8 +549,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if mode == Mode::Relay {
         let r = &server.config().relay;
         let ups: Vec<String> = r.upstreams.iter().map(|a| a.to_string()).collect();
+        let checks = r.health_check.as_ref().map_or(String::new(), |c| {
+            format!(
+                ", {} health checks every {:?} (timeout {:?}, rise {}, fall {})",
+                c.kind.name(),
+                c.interval,
+                c.timeout,
+                c.rise,
+                c.fall
+            )
+        });
+        let limit = r.max_conns_per_upstream.map_or(String::new(), |n| {
+            format!(
+                ", at most {n} per upstream, queue of {} for {:?}",
+                r.max_queue, r.queue_timeout
+            )
+        });
         tracing::info!(
-            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{})",
+            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{}{checks}{limit})",
             ups.join(", "),
             r.balance.name(),
             r.connect_timeout,
