@@ -10,6 +10,8 @@ cleanup() {
     local pid
     for pid in "${BG_PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
+        # A process a test stopped (kill -STOP) takes the signal only once resumed.
+        kill -CONT "$pid" 2>/dev/null || true
     done
     wait 2>/dev/null || true
     rm -rf "$WORK"

@@ -11,6 +11,10 @@ metric() {
     curl -sf "http://$EP_METRICS/metrics" | awk -v s="$1" 'index($0, s " ") == 1 { v = $2 } END { print v + 0 }'
 }
 
+# metric_is NAME_AND_LABELS VALUE: whether the sample is VALUE now (for wait_for,
+# which runs its command anew each time).
+metric_is() { [[ $(metric "$1") == "$2" ]]; }
+
 # relay_clean [REASONS]: the relay saw no connect errors and closed no pair for one of
 # REASONS (default: reset, error or upstream_error).
 relay_clean() {
@@ -102,4 +106,40 @@ print(int(s["bytes"]), round(s["bits_per_second"] / 1e9, 2))' "$WORK/iperf-$vari
     relay_clean 'error|upstream_error'
     stop_gracefully "$EP_PID"
 done
+echo "== relay: health checks find a redis-server stopped with kill -STOP"
+# Two redis-servers behind the relay, probed with PING / +PONG every 200 ms. One is
+# stopped (its kernel still accepts connections): once it is marked down every
+# redis-cli goes to the other and is answered; resumed, it rises and takes clients.
+redis_a=$(free_port)
+redis_b=$(free_port)
+start_bg redis-a redis-server --port "$redis_a" --bind 127.0.0.1 --save '' --appendonly no
+start_bg redis-b redis-server --port "$redis_b" --bind 127.0.0.1 --save '' --appendonly no
+redis_b_pid=$LAST_PID
+wait_for 10 "redis a" redis-cli -p "$redis_a" ping
+wait_for 10 "redis b" redis-cli -p "$redis_b" ping
+start_edgepoll relay-checked relay --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 \
+    --upstream "127.0.0.1:$redis_a" --upstream "127.0.0.1:$redis_b" \
+    --health-check send-expect --health-check-send 'PING\r\n' --health-check-expect '+PONG' \
+    --health-check-interval 200ms --health-check-timeout 200ms --fall 2 --rise 2
+relay_port=${EP_ADDR##*:}
+kill -STOP "$redis_b_pid"
+up_b="edgepoll_upstream_up{upstream=\"127.0.0.1:$redis_b\"}"
+wait_for 10 "the stopped redis to be marked down" metric_is "$up_b" 0
+grep -q "upstream down: 2 health checks failed in a row" "$WORK/relay-checked.log" ||
+    fail "no log line for the transition"
+for i in $(seq 50); do
+    [[ $(timeout 5 redis-cli -p "$relay_port" ping) == PONG ]] || fail "client $i through the relay got no PONG"
+done
+log "50 redis-cli through the relay answered while one redis-server is stopped"
+connects_b="edgepoll_upstream_connect_duration_seconds_count{upstream=\"127.0.0.1:$redis_b\"}"
+before=$(metric "$connects_b")
+kill -CONT "$redis_b_pid"
+wait_for 10 "the resumed redis to rise" metric_is "$up_b" 1
+for i in $(seq 20); do
+    [[ $(timeout 5 redis-cli -p "$relay_port" ping) == PONG ]] || fail "client $i after the rise"
+done
+after=$(metric "$connects_b")
+((after > before)) || fail "the risen redis-server got no client"
+log "resumed, it rose after 2 probes and took $((after - before)) of 20 clients"
+stop_gracefully "$EP_PID"
 echo "relay: ok"
