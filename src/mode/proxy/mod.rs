@@ -5,7 +5,7 @@
 //!   below; [`parse`] is its reference reader, for tests and the `proxy_v2` fuzz
 //!   target.
 //! - Receiving (`--accept-proxy`, every mode): [`inbound`] reads version 1 and 2
-//!   headers strictly, and `accept` is a connection's first phase, in which the
+//!   headers strictly, and [`accept`] is a connection's first phase, in which the
 //!   worker reads that header before any mode sees a byte.
 //!
 //! The version 2 header as [`encode`] writes it (section 2.2):
@@ -22,6 +22,7 @@
 //! `src` is the client, `dst` the address the client connected to (edgepoll's
 //! listening address). Everything is in network byte order.
 
+pub mod accept;
 pub mod inbound;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
