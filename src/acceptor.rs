@@ -14,11 +14,12 @@
 
 use std::fs::File;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::{Cidr, Config};
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RejectReason};
 use crate::shutdown::Lifecycle;
@@ -60,6 +61,10 @@ pub(crate) struct Acceptor {
     paused: crossbeam_channel::Sender<()>,
     /// `--backlog`, for a listener that listens again after an abandoned reload.
     backlog: u32,
+    /// With `--accept-proxy`, the `--trusted-proxy` ranges: a connection from
+    /// anywhere else is closed at once, and one from inside them is counted per
+    /// address only once its PROXY header names its client (see `mode::proxy::accept`).
+    trusted: Option<Vec<Cidr>>,
 }
 
 impl Acceptor {
@@ -70,7 +75,7 @@ impl Acceptor {
         lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
         paused: crossbeam_channel::Sender<()>,
-        backlog: u32,
+        config: &Config,
     ) -> io::Result<(Acceptor, Arc<EventFd>)> {
         let epoll = Epoll::new()?;
         let wake = Arc::new(EventFd::new()?);
@@ -91,7 +96,8 @@ impl Acceptor {
             exhausted: None,
             paused_until: None,
             paused,
-            backlog,
+            backlog: config.backlog,
+            trusted: config.accept_proxy.then(|| config.trusted_proxies.clone()),
         };
         Ok((acceptor, wake))
     }
@@ -250,7 +256,7 @@ impl Acceptor {
                             self.reserve = open_reserve().ok();
                         }
                     }
-                    self.hand_off(fd, peer.ip());
+                    self.hand_off(fd, peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
@@ -320,8 +326,22 @@ impl Acceptor {
     }
 
     /// Gives a new connection to the next worker, or closes it over a limit.
-    fn hand_off(&mut self, fd: OwnedFd, ip: IpAddr) {
-        let permit = match self.limits.try_acquire(ip) {
+    fn hand_off(&mut self, fd: OwnedFd, peer: SocketAddr) {
+        let acquired = match &self.trusted {
+            None => self.limits.try_acquire(peer.ip()),
+            Some(trusted) if trusted.iter().any(|t| t.contains(peer.ip())) => {
+                self.limits.try_acquire_unattributed()
+            }
+            Some(_) => {
+                // Only a trusted proxy may say who the client is: anyone else could
+                // name any address. Counted before the close, as below.
+                tracing::debug!(%peer, "not a --trusted-proxy; closing");
+                self.metrics.reject(RejectReason::ProxyHeader);
+                drop(fd);
+                return;
+            }
+        };
+        let permit = match acquired {
             Ok(permit) => permit,
             Err(reason) => {
                 // Counted before the close, as in `shed`.

@@ -25,10 +25,10 @@
 //!   for tests), as thin safe wrappers returning `io::Result`.
 //! - [`config`]: the validated configuration the command line builds, from flags over
 //!   a TOML configuration file (`config::file`) over defaults, merged and validated
-//!   in one place ([`config::load`]).
+//!   in one place ([`config::load`]); address ranges for `--trusted-proxy`.
 //! - [`limits`]: `--max-connections`, `--max-connections-per-ip` and
 //!   `--max-buffered-bytes`; a connection's counts are a [`limits::ConnPermit`] that
-//!   gives them back on drop.
+//!   gives them back on drop (attributed to a client once a PROXY header names it).
 //! - [`shutdown`]: the lifecycle every thread sees: not ready (`--shutdown-delay`),
 //!   draining and its deadline, a reload's hand-over, and the failure of a worker.
 //! - [`handover`]: reload: the messages that hand listeners, established connections
@@ -46,11 +46,14 @@
 //!   ([`mode::State`]), dispatched in one place ([`mode::Handler::serve`]) through one
 //!   context ([`mode::Ctx`]): `echo`, `http` (a fixed response, keep-alive and
 //!   pipelining, output bounded by the room left), `relay` (a TCP proxy: pairs,
-//!   connects and failover, splice), `proxy` (the PROXY protocol v2
-//!   header) and `moved` (a connection taken apart for a reload, and rebuilt).
+//!   connects and failover, splice), `proxy` (the PROXY protocol: the v2 header
+//!   relay sends, and `--accept-proxy`'s v1/v2 reader and the header phase a
+//!   connection goes through before its mode) and `moved` (a connection taken apart
+//!   for a reload, and rebuilt).
 //! - [`upstream`]: relay's upstreams: the set workers pick from, each upstream's
 //!   up/down verdict and the lease a pair holds on it; `upstream::health`, the one
-//!   thread that probes them (`--health-check`).
+//!   thread that probes them (`--health-check`); `upstream::queue`, the clients
+//!   waiting for a slot (`--max-conns-per-upstream`).
 //! - [`http1`]: the chunked-body decoder and header helpers http mode uses.
 //! - [`metrics`]: the Prometheus registry, per-worker counters, counters carried
 //!   across a reload, and the `/metrics`, `/healthz`, `/readyz` endpoint.

@@ -8,7 +8,7 @@
 //! forget to.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -61,52 +61,51 @@ impl Limits {
 
     /// A permit for a new connection from `ip`, or why there is none.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, RejectReason> {
+        let mut permit = self.try_acquire_unattributed()?;
+        permit.attribute(SocketAddr::new(ip, 0), false)?;
+        Ok(permit)
+    }
+
+    /// A permit for a new connection whose client is not known yet (with
+    /// `--accept-proxy`, its PROXY header will name it): counted against
+    /// `--max-connections` now, and against `--max-connections-per-ip` by
+    /// [`ConnPermit::attribute`] once the client is known.
+    pub fn try_acquire_unattributed(self: &Arc<Self>) -> Result<ConnPermit, RejectReason> {
         if self.open.load(Ordering::Relaxed) >= self.max_connections {
             return Err(RejectReason::MaxConnections);
         }
-        // An IPv4 client on a dual-stack socket appears as ::ffff:a.b.c.d; count it as
-        // the IPv4 address it is.
-        let ip = ip.to_canonical();
-        let counted_ip = match &self.per_ip {
-            Some(per_ip) => {
-                let mut open = per_ip.open.lock();
-                let n = open.entry(ip).or_insert(0);
-                if *n >= per_ip.limit {
-                    if *n == 0 {
-                        open.remove(&ip);
-                    }
-                    return Err(RejectReason::PerIpLimit);
-                }
-                *n += 1;
-                Some(ip)
-            }
-            None => None,
-        };
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(ConnPermit {
             limits: Arc::clone(self),
-            ip: counted_ip,
+            ip: None,
+            port: 0,
+            counted: false,
+            proxied: false,
         })
     }
 
     /// Counts a connection that arrived established from the process a reload
-    /// replaced. It is never refused: it was admitted once, and refusing it now would
-    /// cut it. Over a limit lowered by the reload, new connections are refused until
-    /// the count falls below it.
-    pub fn acquire_moved(self: &Arc<Self>, ip: Option<IpAddr>) -> ConnPermit {
-        let counted_ip = match (&self.per_ip, ip) {
-            (Some(per_ip), Some(ip)) => {
-                let ip = ip.to_canonical();
-                *per_ip.open.lock().entry(ip).or_insert(0) += 1;
-                Some(ip)
-            }
-            _ => None,
-        };
+    /// replaced, as `client` (None for one still awaiting its PROXY header, attributed
+    /// later); `proxied`: that address came from a PROXY header. It is never refused:
+    /// it was admitted once, and refusing it now would cut it. Over a limit lowered by
+    /// the reload, new connections are refused until the count falls below it.
+    pub fn acquire_moved(
+        self: &Arc<Self>,
+        client: Option<SocketAddr>,
+        proxied: bool,
+    ) -> ConnPermit {
         self.open.fetch_add(1, Ordering::Relaxed);
-        ConnPermit {
+        let mut permit = ConnPermit {
             limits: Arc::clone(self),
-            ip: counted_ip,
+            ip: None,
+            port: 0,
+            counted: false,
+            proxied: false,
+        };
+        if let Some(client) = client {
+            permit.count(client, proxied, false);
         }
+        permit
     }
 
     /// Connections holding a permit now.
@@ -141,17 +140,75 @@ impl Limits {
 }
 
 /// One open connection's share of the limits; dropping it counts the connection out.
+/// It also keeps the address the connection counts as: the socket's peer, or the
+/// client a PROXY header named, which a reload carries to the next process. 32 bytes,
+/// like the single address it held before it kept a port and two flags too.
 #[derive(Debug)]
 pub struct ConnPermit {
     limits: Arc<Limits>,
-    /// The address counted against `--max-connections-per-ip`, when that is set.
+    /// The address the connection counts as (canonical: IPv4-mapped IPv6 as IPv4);
+    /// None until it is known.
     ip: Option<IpAddr>,
+    /// The client's port, when a PROXY header named it (0 otherwise: the socket's
+    /// peer tells its own).
+    port: u16,
+    /// `ip` is counted against `--max-connections-per-ip` (and given back on drop).
+    counted: bool,
+    /// `ip` and `port` came from a PROXY header.
+    proxied: bool,
+}
+
+impl ConnPermit {
+    /// Counts the connection as `client`'s against `--max-connections-per-ip`, or says
+    /// why it may not be (the permit stays unattributed, and dropping it gives back
+    /// its `--max-connections` share only). `proxied`: the address came from a PROXY
+    /// header.
+    pub fn attribute(&mut self, client: SocketAddr, proxied: bool) -> Result<(), RejectReason> {
+        debug_assert!(self.ip.is_none(), "a permit is attributed once");
+        if self.count(client, proxied, true) {
+            Ok(())
+        } else {
+            Err(RejectReason::PerIpLimit)
+        }
+    }
+
+    /// Records `client` and counts it per address (if that limit is set); with
+    /// `enforce`, only while under the limit. Returns whether it was recorded.
+    fn count(&mut self, client: SocketAddr, proxied: bool, enforce: bool) -> bool {
+        // An IPv4 client on a dual-stack socket appears as ::ffff:a.b.c.d; count it as
+        // the IPv4 address it is.
+        let ip = client.ip().to_canonical();
+        if let Some(per_ip) = &self.limits.per_ip {
+            let mut open = per_ip.open.lock();
+            let n = open.entry(ip).or_insert(0);
+            if enforce && *n >= per_ip.limit {
+                if *n == 0 {
+                    open.remove(&ip);
+                }
+                return false;
+            }
+            *n += 1;
+            self.counted = true;
+        }
+        self.ip = Some(ip);
+        self.port = client.port();
+        self.proxied = proxied;
+        true
+    }
+
+    /// The client a PROXY header named (address and port), if one did.
+    pub fn proxied_client(&self) -> Option<SocketAddr> {
+        match (self.proxied, self.ip) {
+            (true, Some(ip)) => Some(SocketAddr::new(ip, self.port)),
+            _ => None,
+        }
+    }
 }
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
-        if let (Some(ip), Some(per_ip)) = (self.ip, &self.limits.per_ip) {
+        if let (true, Some(ip), Some(per_ip)) = (self.counted, self.ip, &self.limits.per_ip) {
             let mut open = per_ip.open.lock();
             if let Some(n) = open.get_mut(&ip) {
                 *n -= 1;
@@ -190,6 +247,46 @@ mod tests {
         drop((p1, p2, p3));
         assert_eq!(limits.open(), 0);
         assert_eq!(limits.open_from(a), 0);
+        assert!(limits.per_ip.as_ref().unwrap().open.lock().is_empty());
+    }
+
+    #[test]
+    fn an_unattributed_permit_counts_per_address_once_its_client_is_known() {
+        let limits = Limits::new(10, Some(1), 1 << 20);
+        let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let mut a = limits.try_acquire_unattributed().unwrap();
+        let mut b = limits.try_acquire_unattributed().unwrap();
+        assert_eq!((limits.open(), limits.open_from(client.ip())), (2, 0));
+        assert_eq!(a.proxied_client(), None);
+        a.attribute(client, true).unwrap();
+        assert_eq!(a.proxied_client(), Some(client));
+        assert_eq!(
+            b.attribute("[::ffff:192.0.2.7]:1".parse().unwrap(), true),
+            Err(RejectReason::PerIpLimit)
+        );
+        assert_eq!(limits.open_from(client.ip()), 1);
+        drop(b);
+        assert_eq!(
+            limits.open(),
+            1,
+            "the refused one gave back its global share"
+        );
+        assert_eq!(
+            limits.open_from(client.ip()),
+            1,
+            "and took nothing per address"
+        );
+        drop(a);
+        assert_eq!((limits.open(), limits.open_from(client.ip())), (0, 0));
+        // A moved connection is counted over the limit, never refused.
+        let m1 = limits.acquire_moved(Some(client), true);
+        let m2 = limits.acquire_moved(Some(client), false);
+        assert_eq!(limits.open_from(client.ip()), 2);
+        assert_eq!(m1.proxied_client(), Some(client));
+        assert_eq!(m2.proxied_client(), None);
+        let m3 = limits.acquire_moved(None, false);
+        drop((m1, m2, m3));
+        assert_eq!((limits.open(), limits.open_from(client.ip())), (0, 0));
         assert!(limits.per_ip.as_ref().unwrap().open.lock().is_empty());
     }
 }

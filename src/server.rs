@@ -229,7 +229,7 @@ impl Server {
             Arc::clone(&shared.lifecycle),
             Arc::clone(&metrics),
             paused_tx,
-            config.backlog,
+            &config,
         )?;
         server.acceptor_wake = Some(wake);
         let thread = std::thread::Builder::new()

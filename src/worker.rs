@@ -76,7 +76,7 @@ use crate::mode::http::Responder;
 use crate::mode::moved::Moved;
 use crate::mode::relay::Relay;
 use crate::mode::READ_BUFFER_SIZE;
-use crate::mode::{closing_reason, Conn, Ctx, Edge, Handler, Step, Wake, LINGER_MS};
+use crate::mode::{closing_reason, Conn, Ctx, Edge, Handler, State, Step, Wake, LINGER_MS};
 use crate::shutdown::Lifecycle;
 use crate::sys::epoll::{Epoll, Events, READ_INTEREST, SOCKET_INTEREST};
 use crate::sys::eventfd::EventFd;
@@ -181,6 +181,9 @@ pub(crate) struct Worker {
     cap: usize,
     /// `--idle-timeout` in ms.
     idle_timeout_ms: Option<u64>,
+    /// With `--accept-proxy`, `--proxy-header-timeout` in ms: a new connection begins
+    /// in the PROXY header phase (`mode::proxy::accept`).
+    proxy_header_timeout_ms: Option<u64>,
     /// Scratch list for expired timer entries.
     due: Vec<Token>,
     clock: Instant,
@@ -227,6 +230,9 @@ impl Worker {
             }
             Mode::Echo => {}
         }
+        if config.accept_proxy {
+            timeouts.push(config.proxy_header_timeout);
+        }
         let shortest = timeouts.iter().copied().min().unwrap_or_default();
         let longest = timeouts.iter().copied().max().unwrap_or_default();
         let worker = Worker {
@@ -248,6 +254,9 @@ impl Worker {
             waker: Arc::clone(&waker),
             cap: config.max_pending_bytes,
             idle_timeout_ms: config.idle_timeout.map(|d| (d.as_millis() as u64).max(1)),
+            proxy_header_timeout_ms: config
+                .accept_proxy
+                .then(|| (config.proxy_header_timeout.as_millis() as u64).max(1)),
             due: Vec::new(),
             clock: Instant::now(),
             now_ms: 0,
@@ -399,7 +408,9 @@ impl Worker {
                 continue;
             };
             self.wheel.disarm(token, &mut conn.timer);
-            self.counters.active -= 1;
+            if !conn.state.awaits_proxy_header() {
+                self.counters.active -= 1;
+            }
             let held = buffered(&conn) as i64;
             if held != 0 {
                 self.counters.buffered -= held;
@@ -423,14 +434,8 @@ impl Worker {
 
     /// Takes in a connection from the process a reload replaced.
     fn adopt(&mut self, moved: Moved) {
-        let ip = moved
-            .fds
-            .first()
-            .and_then(|fd| socket::peer_addr(fd.as_fd()).ok())
-            .map(|a| a.ip());
-        let permit = self.limits.acquire_moved(ip);
-        let mut conn = match self.handler.import(moved, self.now_ms, Some(permit)) {
-            Ok(conn) => conn,
+        let (mut conn, proxied) = match self.handler.import(moved, self.now_ms) {
+            Ok(imported) => imported,
             Err(e) => {
                 // A message this version cannot read: its sockets close (reset, since
                 // what they were owed is unknown) rather than go on wrong.
@@ -442,6 +447,14 @@ impl Worker {
                 return;
             }
         };
+        // It counts as the client a PROXY header named, or as its socket's peer; one
+        // still awaiting its header is counted per address once the header names it.
+        let client = match proxied {
+            Some(client) => Some(client),
+            None if conn.state.awaits_proxy_header() => None,
+            None => socket::peer_addr(conn.fd.as_fd()).ok(),
+        };
+        conn.permit = Some(self.limits.acquire_moved(client, proxied.is_some()));
         if self.drain_deadline.is_some() {
             conn.set(flags::DRAINING);
         }
@@ -450,7 +463,9 @@ impl Worker {
             self.counters.buffered += held;
             self.limits.add_buffered(held);
         }
-        self.counters.active += 1;
+        if !conn.state.awaits_proxy_header() {
+            self.counters.active += 1;
+        }
         let token = self.slab.insert(conn);
         let Some(conn) = self.slab.get_mut(token) else {
             unreachable!("a token just issued names its connection");
@@ -469,7 +484,14 @@ impl Worker {
     }
 
     fn register(&mut self, fd: OwnedFd, permit: ConnPermit) {
-        let state = self.handler.new_state(self.now_ms);
+        // With --accept-proxy no mode sees the connection before its PROXY header.
+        let state = match self.proxy_header_timeout_ms {
+            Some(t) => State::AwaitingProxy {
+                deadline_ms: self.now_ms + t,
+            },
+            None => self.handler.new_state(self.now_ms),
+        };
+        let awaiting = state.awaits_proxy_header();
         let mut conn = Conn::new(fd, self.now_ms, Some(permit), state);
         if self.drain_deadline.is_some() {
             conn.set(flags::DRAINING | flags::READ_PENDING);
@@ -486,8 +508,11 @@ impl Worker {
             self.metrics.reject(RejectReason::Error);
             return;
         }
-        self.counters.accepted += 1;
-        self.counters.active += 1;
+        if !awaiting {
+            // A connection in its PROXY header phase is counted once its mode starts.
+            self.counters.accepted += 1;
+            self.counters.active += 1;
+        }
         self.serve(token, Wake::Open);
         if self.drain_deadline.is_some() {
             self.push_ready(token);
@@ -545,6 +570,7 @@ impl Worker {
             Step::Idle => {}
             Step::Again => self.push_ready(token),
             Step::Close(reason) => self.close(token, reason),
+            Step::Reject(reason) => self.reject(token, reason),
         }
     }
 
@@ -623,6 +649,15 @@ impl Worker {
     /// Closes a connection by the close rule (see the module docs): FIN when every
     /// direction finished cleanly, a reset on every socket of it otherwise.
     fn close(&mut self, token: Token, reason: CloseReason) {
+        if self
+            .slab
+            .get_mut(token)
+            .is_some_and(|c| c.state.awaits_proxy_header())
+        {
+            // Whatever ends it (the drain, the idle timeout, a worker stopping), a
+            // connection that never got its PROXY header never reached a mode.
+            return self.reject(token, RejectReason::ProxyHeader);
+        }
         let Some(mut conn) = self.slab.remove(token) else {
             return;
         };
@@ -650,6 +685,20 @@ impl Worker {
         self.metrics.observe_duration(lived_ms as f64 / 1000.0);
         // Dropping the connection closes its sockets (which leave the epoll set) and
         // gives its permit back.
+        drop(conn);
+    }
+
+    /// Closes a connection that never reached its mode (`Step::Reject`): counted as
+    /// rejected, never as accepted or closed. It owes its peer nothing; input it sent
+    /// and nobody read (a refused header) makes the kernel answer with a reset.
+    fn reject(&mut self, token: Token, reason: RejectReason) {
+        let Some(mut conn) = self.slab.remove(token) else {
+            return;
+        };
+        self.wheel.disarm(token, &mut conn.timer);
+        // Counted before the close, as the acceptor counts its own, so a peer that
+        // sees the close also finds it counted.
+        self.metrics.reject(reason);
         drop(conn);
     }
 

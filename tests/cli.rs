@@ -57,6 +57,9 @@ fn help_lists_every_flag_with_an_example() {
             "--idle-timeout",
             "--drain-timeout",
             "--metrics-listen",
+            "--accept-proxy",
+            "--trusted-proxy",
+            "--proxy-header-timeout",
             "Example:",
         ],
     );
@@ -255,6 +258,29 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
                 "0",
             ],
             "max-conns-per-upstream (--max-conns-per-upstream) must be greater than zero",
+        ),
+        (
+            vec!["echo", "--accept-proxy"],
+            "accept-proxy (--accept-proxy) needs at least one trusted-proxy",
+        ),
+        (
+            vec!["http", "--trusted-proxy", "10.0.0.0/8"],
+            "trusted-proxy (--trusted-proxy) is set but accept-proxy (--accept-proxy) is not",
+        ),
+        (
+            vec!["echo", "--accept-proxy", "--trusted-proxy", "10.0.0.1/8"],
+            "host bits set below /8; did you mean 10.0.0.0/8?",
+        ),
+        (
+            vec![
+                "echo",
+                "--accept-proxy",
+                "--trusted-proxy",
+                "::1",
+                "--proxy-header-timeout",
+                "0",
+            ],
+            "proxy-header-timeout (--proxy-header-timeout) must be greater than zero",
         ),
     ] {
         let out = edgepoll().args(&args).output().unwrap();

@@ -4,7 +4,7 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -138,6 +138,43 @@ fn check_accepts_a_valid_file_and_says_what_it_would_run() {
     );
     assert!(stdout.contains("metrics on 127.0.0.1:9464)"), "{stdout}");
     drop(body);
+}
+
+#[test]
+fn the_proxy_keys_of_a_file_make_the_binary_read_proxy_headers() {
+    let file = ConfigFile::new(
+        "proxy.toml",
+        r#"
+        mode = "echo"
+        listen = "127.0.0.1:0"
+        metrics-listen = "off"
+        accept-proxy = true
+        trusted-proxy = ["192.0.2.0/24", "127.0.0.0/8"]
+        proxy-header-timeout = "2s"
+        "#,
+    );
+    let out = check(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        stdout.contains(", PROXY headers from 192.0.2.0/24, 127.0.0.0/8)"),
+        "{stdout}"
+    );
+    let (_running, line) = start(&["--config", file.path()]);
+    let mut client = connect(listening_on(&line));
+    client
+        .write_all(b"PROXY TCP4 198.51.100.4 192.0.2.1 5000 7000\r\n")
+        .unwrap();
+    echo_roundtrip(&mut client, b"through the header");
+    // Without trusted-proxy the file is refused, naming both keys.
+    let lone = ConfigFile::new("lone.toml", "mode = \"echo\"\naccept-proxy = true\n");
+    let out = check(&lone);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("accept-proxy (--accept-proxy) needs at least one trusted-proxy"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -61,3 +61,13 @@ fn the_proxy_v2_seed_corpus_round_trips() {
         }
     }
 }
+
+#[test]
+fn the_proxy_header_seed_corpus_holds_the_readers_properties() {
+    let seeds = corpus("proxy_header");
+    assert!(seeds.len() >= 20, "the corpus is there");
+    for data in &seeds {
+        // check() tries every prefix itself.
+        edgepoll::mode::proxy::inbound::check(data);
+    }
+}

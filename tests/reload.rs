@@ -745,3 +745,85 @@ fn an_upgrade_that_repoints_a_symlink_starts_the_new_target() {
     let line = d.expect_line("reload failed:");
     assert!(line.contains("exit status: 7"), "v2 was started: {line}");
 }
+
+/// `--accept-proxy` through a reload: a connection halfway through its PROXY header
+/// moves and finishes it in the new process; an accepted one keeps the client its
+/// header named, which the new process's `--max-connections-per-ip` counts (not the
+/// proxy's address, which every connection here shares).
+#[test]
+fn proxy_header_state_moves_with_the_connection() {
+    let mut d = Daemon::start(
+        &exe(),
+        &[
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--accept-proxy",
+            "--trusted-proxy",
+            "127.0.0.0/8",
+            "--max-connections-per-ip",
+            "1",
+            "--proxy-header-timeout",
+            "60s",
+        ],
+    );
+    let v1 = |src: &str| format!("PROXY TCP4 {src} 198.51.100.1 1000 7000\r\n").into_bytes();
+    let mut accepted = connect(d.addr);
+    accepted.write_all(&v1("192.0.2.9")).unwrap();
+    echo_roundtrip(&mut accepted, b"before");
+    let mut v2 = Vec::new();
+    edgepoll::mode::proxy::encode(
+        "192.0.2.10:2000".parse().unwrap(),
+        "198.51.100.1:7000".parse().unwrap(),
+        &mut v2,
+    );
+    let mut halfway = connect(d.addr);
+    halfway.write_all(&v2[..9]).unwrap();
+    // Nothing shows a connection awaiting its header (it is not yet active): give the
+    // acceptor a moment to take it, so it moves rather than queues. The moved count
+    // below says whether it did.
+    std::thread::sleep(Duration::from_millis(200));
+    d.reload();
+    let text = d.scrape();
+    assert_eq!(
+        sample(&text, "edgepoll_reload_connections_moved_total"),
+        Some(2.0),
+        "both connections moved"
+    );
+    let mut rest = v2[9..].to_vec();
+    rest.extend_from_slice(b"after");
+    halfway.write_all(&rest).unwrap();
+    let mut back = [0u8; 5];
+    halfway.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"after");
+    echo_roundtrip(&mut accepted, b"still here");
+    // Each moved connection still counts as its header's client...
+    for src in ["192.0.2.9", "192.0.2.10"] {
+        let mut same = connect(d.addr);
+        let _ = same.write_all(&v1(src));
+        assert!(read_to_end(&mut same).0.is_empty(), "{src} over its limit");
+    }
+    // ...and not as 127.0.0.1, which a third client's connection shares.
+    let mut other = connect(d.addr);
+    other.write_all(&v1("192.0.2.11")).unwrap();
+    echo_roundtrip(&mut other, b"a new client");
+    let text = d.scrape();
+    assert_eq!(
+        sample(
+            &text,
+            "edgepoll_connections_rejected_total{reason=\"per_ip_limit\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "edgepoll_connections_rejected_total{reason=\"proxy_header\"}"
+        ),
+        Some(0.0)
+    );
+}

@@ -353,6 +353,24 @@ struct ServerArgs {
     /// [default: 127.0.0.1:9464]
     #[arg(long, value_name = "ADDR|off")]
     metrics_listen: Option<String>,
+
+    /// Every connection must begin with a PROXY protocol header (v1 or v2) from a
+    /// --trusted-proxy; the client it names is the connection's (per-IP limit, logs,
+    /// relay's --send-proxy-v2). Anything else is closed (counted as rejected, reason
+    /// proxy_header)
+    #[arg(long)]
+    accept_proxy: bool,
+
+    /// Source address range allowed to send PROXY headers, CIDR (10.0.0.0/8,
+    /// 2001:db8::/32, or one address); repeat for several. Needed with
+    /// --accept-proxy; connections from anywhere else are closed at once
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = config::parse_cidr)]
+    trusted_proxies: Vec<config::Cidr>,
+
+    /// With --accept-proxy: a connection whose PROXY header is not complete this long
+    /// after it was accepted is closed [default: 5]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    proxy_header_timeout: Option<Duration>,
 }
 
 impl ServerArgs {
@@ -370,6 +388,11 @@ impl ServerArgs {
         s.idle_timeout = self.idle_timeout;
         s.drain_timeout = self.drain_timeout;
         s.shutdown_delay = self.shutdown_delay;
+        s.accept_proxy = self.accept_proxy.then_some(true);
+        if !self.trusted_proxies.is_empty() {
+            s.trusted_proxies = Some(self.trusted_proxies.clone());
+        }
+        s.proxy_header_timeout = self.proxy_header_timeout;
         s.metrics_listen = self
             .metrics_listen
             .as_deref()
@@ -574,6 +597,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if r.tries() == 1 { "y" } else { "ies" },
             if r.splice { ", splice" } else { "" },
             if r.send_proxy_v2 { ", PROXY v2" } else { "" },
+        );
+    }
+    if server.config().accept_proxy {
+        tracing::info!(
+            "reading a PROXY header (v1 or v2) first on every connection, from {} only; \
+             header timeout {:?}",
+            trusted(server.config()),
+            server.config().proxy_header_timeout
         );
     }
     let successor = predecessor.is_some();
@@ -894,6 +925,16 @@ fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: b
 /// What `check` reports of a valid configuration: the mode, the listeners, the
 /// workers, the connection limit (as fitted to the open-file limit), the metrics
 /// endpoint and, for relay, the upstreams.
+/// The `--trusted-proxy` ranges, for a log line.
+fn trusted(config: &Config) -> String {
+    let ranges: Vec<String> = config
+        .trusted_proxies
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    ranges.join(", ")
+}
+
 fn summary(config: &Config) -> String {
     let plural =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
@@ -925,6 +966,9 @@ fn summary(config: &Config) -> String {
             plural(ups.len(), "upstream", "upstreams"),
             list(ups)
         ));
+    }
+    if config.accept_proxy {
+        parts.push(format!("PROXY headers from {}", trusted(config)));
     }
     parts.join(", ")
 }

@@ -21,8 +21,8 @@ use serde::Deserialize;
 
 use super::settings::{Body, LoadError, Settings};
 use super::{
-    parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen, parse_size,
-    Balance, CheckKind, Mode,
+    parse_cidr, parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen,
+    parse_size, Balance, CheckKind, Mode,
 };
 
 /// The file as written: every key optional, and nothing else allowed, so that a
@@ -43,6 +43,9 @@ struct ConfigFile {
     drain_timeout: Option<Quantity>,
     shutdown_delay: Option<Quantity>,
     metrics_listen: Option<String>,
+    accept_proxy: Option<bool>,
+    trusted_proxy: Option<Ranges>,
+    proxy_header_timeout: Option<Quantity>,
     body: Option<String>,
     body_file: Option<PathBuf>,
     status: Option<u16>,
@@ -223,6 +226,14 @@ impl ConfigFile {
                 .map(|m| parse_metrics_listen(&m))
                 .transpose()
                 .map_err(bad("metrics-listen"))?,
+            accept_proxy: self.accept_proxy,
+            trusted_proxies: self
+                .trusted_proxy
+                .map(|Ranges(all)| all.iter().map(|r| parse_cidr(r)).collect())
+                .transpose()
+                .map_err(bad("trusted-proxy"))?,
+            proxy_header_timeout: duration(self.proxy_header_timeout)
+                .map_err(bad("proxy-header-timeout"))?,
             body,
             status: self.status,
             content_type: self.content_type,
@@ -324,6 +335,33 @@ impl<'de> Deserialize<'de> for Addresses {
     }
 }
 
+/// One address range or a list of them, as `trusted-proxy` takes them.
+#[derive(Debug)]
+struct Ranges(Vec<String>);
+
+impl<'de> Deserialize<'de> for Ranges {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Ranges, D::Error> {
+        struct RangesVisitor;
+        impl<'de> Visitor<'de> for RangesVisitor {
+            type Value = Ranges;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address range \"10.0.0.0/8\" or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Ranges, E> {
+                Ok(Ranges(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ranges, A::Error> {
+                let mut all = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    all.push(a);
+                }
+                Ok(Ranges(all))
+            }
+        }
+        d.deserialize_any(RangesVisitor)
+    }
+}
+
 /// Every address of every entry, resolved as `--listen` resolves them.
 fn addresses(a: Option<Addresses>) -> Result<Option<Vec<std::net::SocketAddr>>, String> {
     let Some(Addresses(all)) = a else {
@@ -366,6 +404,9 @@ mod tests {
             drain-timeout = 2.5
             shutdown-delay = "5s"
             metrics-listen = "off"
+            accept-proxy = true
+            trusted-proxy = ["127.0.0.0/8", "2001:db8::/32"]
+            proxy-header-timeout = "2s"
             status = 404
             content-type = "text/html"
             header = ["Cache-Control: no-store", "X-A: b"]
@@ -407,6 +448,12 @@ mod tests {
             drain_timeout: Some(Duration::from_millis(2500)),
             shutdown_delay: Some(Duration::from_secs(5)),
             metrics_listen: Some(None),
+            accept_proxy: Some(true),
+            trusted_proxies: Some(vec![
+                parse_cidr("127.0.0.0/8").unwrap(),
+                parse_cidr("2001:db8::/32").unwrap(),
+            ]),
+            proxy_header_timeout: Some(Duration::from_secs(2)),
             body: None,
             status: Some(404),
             content_type: Some("text/html".into()),
@@ -490,6 +537,14 @@ mod tests {
             (
                 "mode = \"gopher\"",
                 "e.toml:1: key mode: unknown mode 'gopher'",
+            ),
+            (
+                "trusted-proxy = \"10.0.0.1/8\"",
+                "e.toml:1: key trusted-proxy: invalid address range '10.0.0.1/8': host bits set",
+            ),
+            (
+                "proxy-header-timeout = \"soon\"",
+                "e.toml:1: key proxy-header-timeout: invalid duration 'soon'",
             ),
             (
                 "balance = \"random\"",

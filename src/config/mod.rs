@@ -5,14 +5,17 @@
 //! - [`settings`]: what one source (the flags, a file) sets, the merge of flags over
 //!   file, and [`load`], which applies the result over the defaults and validates it.
 //! - [`file`](mod@file): the TOML configuration file (`--config FILE`).
+//! - `cidr`: address ranges (`--trusted-proxy`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod cidr;
 pub mod file;
 mod parse;
 pub mod settings;
 
+pub use cidr::{parse_cidr, Cidr};
 pub use parse::{
     parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen, parse_size,
 };
@@ -67,6 +70,11 @@ pub const DEFAULT_MAX_PENDING_BYTES: usize = 256 * 1024;
 pub const DEFAULT_RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default time open connections get to flush on SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a connection gets to send its whole PROXY header (`--accept-proxy`):
+/// the protocol's own advice is "at least 3 seconds to cover a TCP retransmit", and a
+/// proxy sends the header in its first segment, so 5 s is slack for a loaded proxy
+/// while a silent or dribbling peer holds its descriptor for little longer.
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default address of the Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     std::net::Ipv4Addr::LOCALHOST,
@@ -107,6 +115,16 @@ pub struct Config {
     pub shutdown_delay: Duration,
     /// Address of the Prometheus endpoint; None: no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Every connection begins with a PROXY protocol header (v1 or v2), from a source
+    /// in `trusted_proxies`, and the client it names stands for the connection's peer
+    /// (per-address limit, logs, relay's `send_proxy_v2`). Anything else is refused.
+    pub accept_proxy: bool,
+    /// The sources allowed to connect with `accept_proxy`; every other is refused at
+    /// accept.
+    pub trusted_proxies: Vec<Cidr>,
+    /// With `accept_proxy`, a connection whose header is not complete this long after
+    /// it was accepted is closed.
+    pub proxy_header_timeout: Duration,
     /// The response and limits of http mode.
     pub http: HttpConfig,
     /// The upstreams and their handling in relay mode.
@@ -436,6 +454,9 @@ impl Config {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             shutdown_delay: Duration::ZERO,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
+            accept_proxy: false,
+            trusted_proxies: Vec::new(),
+            proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
             http: HttpConfig::default(),
             relay: RelayConfig::default(),
         }
@@ -474,6 +495,18 @@ impl Config {
         }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err(ConfigError::Zero("idle-timeout"));
+        }
+        // Like HAProxy's accept-proxy, and as the protocol requires ("the receiver
+        // MUST NOT try to guess whether the protocol header is present"), the header
+        // is all or nothing, and only from the ranges named: neither flag means
+        // anything without the other.
+        match (self.accept_proxy, self.trusted_proxies.is_empty()) {
+            (true, true) => return Err(ConfigError::AcceptProxyUntrusted),
+            (false, false) => return Err(ConfigError::TrustedWithoutAccept),
+            _ => {}
+        }
+        if self.proxy_header_timeout.is_zero() {
+            return Err(ConfigError::Zero("proxy-header-timeout"));
         }
         if self.mode == Mode::Http {
             self.http.validate()?;
@@ -521,6 +554,16 @@ pub enum ConfigError {
     PendingTooLarge(usize),
     #[error("metrics-listen (--metrics-listen) {0} is also a listen address (--listen)")]
     MetricsOnListen(std::net::SocketAddr),
+    #[error(
+        "accept-proxy (--accept-proxy) needs at least one trusted-proxy (--trusted-proxy \
+         CIDR): without one, every connection would be refused"
+    )]
+    AcceptProxyUntrusted,
+    #[error(
+        "trusted-proxy (--trusted-proxy) is set but accept-proxy (--accept-proxy) is not: \
+         no PROXY header would be read; add accept-proxy or remove trusted-proxy"
+    )]
+    TrustedWithoutAccept,
     #[error("{0}")]
     Http(String),
     #[error("{0}")]
@@ -546,6 +589,27 @@ mod tests {
             config.validate(),
             Err(ConfigError::MetricsOnListen(config.listen[0]))
         );
+    }
+
+    #[test]
+    fn accept_proxy_and_trusted_proxy_need_each_other() {
+        let mut config = Config::new(Mode::Echo);
+        config.accept_proxy = true;
+        assert_eq!(config.validate(), Err(ConfigError::AcceptProxyUntrusted));
+        config.trusted_proxies = vec![parse_cidr("127.0.0.0/8").unwrap()];
+        assert_eq!(config.validate(), Ok(()));
+        config.proxy_header_timeout = Duration::ZERO;
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "proxy-header-timeout (--proxy-header-timeout) must be greater than zero"
+        );
+        config.proxy_header_timeout = DEFAULT_PROXY_HEADER_TIMEOUT;
+        config.accept_proxy = false;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err, ConfigError::TrustedWithoutAccept);
+        assert!(err.to_string().starts_with(
+            "trusted-proxy (--trusted-proxy) is set but accept-proxy (--accept-proxy) is not"
+        ));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{file, Balance, CheckKind, Config, ConfigError, HealthCheck, Mode};
+use super::{file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, Mode};
 
 /// Where the body of http mode's response comes from. One setting with two spellings,
 /// so that `--body` on the command line overrides `body-file` in a file and back.
@@ -47,6 +47,12 @@ pub struct Settings {
     pub shutdown_delay: Option<Duration>,
     /// `metrics-listen`; `Some(None)` is "off".
     pub metrics_listen: Option<Option<SocketAddr>>,
+    /// `accept-proxy`. A flag can only set it to true.
+    pub accept_proxy: Option<bool>,
+    /// `trusted-proxy`, every range.
+    pub trusted_proxies: Option<Vec<Cidr>>,
+    /// `proxy-header-timeout`.
+    pub proxy_header_timeout: Option<Duration>,
     /// `body` or `body-file` (http).
     pub body: Option<Body>,
     /// `status` (http).
@@ -214,7 +220,8 @@ pub fn load(mode: Option<Mode>, flags: Settings, file: Option<&Path>) -> Result<
 
 impl Settings {
     /// These settings where they are set, `lower`'s elsewhere: the flags over a file.
-    /// A list (`listen`, `upstream`, `header`) replaces the lower one whole.
+    /// A list (`listen`, `upstream`, `header`, `trusted-proxy`) replaces the lower one
+    /// whole.
     pub fn over(self, lower: Settings) -> Settings {
         // Destructured, so that a new setting cannot be left out of the merge.
         let Settings {
@@ -230,6 +237,9 @@ impl Settings {
             drain_timeout,
             shutdown_delay,
             metrics_listen,
+            accept_proxy,
+            trusted_proxies,
+            proxy_header_timeout,
             body,
             status,
             content_type,
@@ -267,6 +277,9 @@ impl Settings {
             drain_timeout: drain_timeout.or(lower.drain_timeout),
             shutdown_delay: shutdown_delay.or(lower.shutdown_delay),
             metrics_listen: metrics_listen.or(lower.metrics_listen),
+            accept_proxy: accept_proxy.or(lower.accept_proxy),
+            trusted_proxies: trusted_proxies.or(lower.trusted_proxies),
+            proxy_header_timeout: proxy_header_timeout.or(lower.proxy_header_timeout),
             body: body.or(lower.body),
             status: status.or(lower.status),
             content_type: content_type.or(lower.content_type),
@@ -368,6 +381,17 @@ impl Settings {
         c.drain_timeout = self.drain_timeout.unwrap_or(c.drain_timeout);
         c.shutdown_delay = self.shutdown_delay.unwrap_or(c.shutdown_delay);
         c.metrics_listen = self.metrics_listen.unwrap_or(c.metrics_listen);
+        c.accept_proxy = self.accept_proxy.unwrap_or(c.accept_proxy);
+        if let Some(trusted) = &self.trusted_proxies {
+            let mut once: Vec<Cidr> = Vec::with_capacity(trusted.len());
+            for t in trusted {
+                if !once.contains(t) {
+                    once.push(*t);
+                }
+            }
+            c.trusted_proxies = once;
+        }
+        c.proxy_header_timeout = self.proxy_header_timeout.unwrap_or(c.proxy_header_timeout);
 
         let h = &mut c.http;
         match &self.body {

@@ -105,7 +105,8 @@ impl CloseReason {
     }
 }
 
-/// Why the acceptor turned a connection away; the `reason` label of
+/// Why the acceptor (or, for what a PROXY header says, the worker before any mode saw
+/// the connection) turned a connection away; the `reason` label of
 /// `edgepoll_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -115,16 +116,21 @@ pub enum RejectReason {
     FdLimit,
     /// The connection could not be set up (registration failed).
     Error,
-    /// `--max-connections-per-ip` were already open from that address.
+    /// `--max-connections-per-ip` were already open from that address (with
+    /// `--accept-proxy`, the address its PROXY header named).
     PerIpLimit,
+    /// `--accept-proxy`: a source outside `--trusted-proxy`, or a PROXY header that
+    /// was malformed, missing, or not complete by `--proxy-header-timeout`.
+    ProxyHeader,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::MaxConnections,
         RejectReason::FdLimit,
         RejectReason::Error,
         RejectReason::PerIpLimit,
+        RejectReason::ProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -133,6 +139,7 @@ impl RejectReason {
             RejectReason::FdLimit => "fd_limit",
             RejectReason::Error => "error",
             RejectReason::PerIpLimit => "per_ip_limit",
+            RejectReason::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -736,7 +743,8 @@ impl Metrics {
             .get_sample_count()
     }
 
-    /// Counts a rejected connection (acceptor only; once per connection, not per byte).
+    /// Counts a rejected connection (the acceptor, or a worker refusing a PROXY
+    /// header; once per connection, not per byte).
     pub fn reject(&self, reason: RejectReason) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
     }

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsFd;
 
 use crate::conn::{flags, Token};
-use crate::metrics::{CloseReason, Counters};
+use crate::metrics::{CloseReason, Counters, RejectReason};
 use crate::sys::epoll::Epoll;
 use crate::sys::socket;
 
@@ -29,6 +29,10 @@ pub enum State {
     /// The upstream socket and both directions' buffers; boxed, since a pair is large
     /// and exists only in relay mode.
     Relay(Box<relay::Pair>),
+    /// `--accept-proxy`: the PROXY header has not been read yet, and no mode has seen
+    /// the connection ([`proxy::accept`]). Its bytes wait in the kernel; `deadline_ms`
+    /// is when `--proxy-header-timeout` runs out (worker ms).
+    AwaitingProxy { deadline_ms: u64 },
 }
 
 impl State {
@@ -40,6 +44,7 @@ impl State {
             State::Echo => 0,
             State::Http(s) => s.head_deadline_ms,
             State::Relay(p) => p.deadline_ms(),
+            State::AwaitingProxy { deadline_ms } => *deadline_ms,
         }
     }
 
@@ -58,7 +63,7 @@ impl State {
     /// drop.
     pub fn owed(&self) -> (usize, usize) {
         match self {
-            State::Echo => (0, 0),
+            State::Echo | State::AwaitingProxy { .. } => (0, 0),
             State::Http(s) => (s.owed(), 0),
             State::Relay(p) => p.owed(),
         }
@@ -81,6 +86,13 @@ impl State {
             State::Relay(p) => p.kernel_progress(client),
             _ => false,
         }
+    }
+
+    /// Whether the connection is still in its PROXY header phase: not yet handed to
+    /// its mode, nor counted as accepted or active.
+    #[inline]
+    pub fn awaits_proxy_header(&self) -> bool {
+        matches!(self, State::AwaitingProxy { .. })
     }
 
     /// The upstream socket of a relayed pair.
@@ -148,6 +160,10 @@ impl Handler {
                 conn.set(flags::HUP_SEEN);
             }
         }
+        // The one branch `--accept-proxy` costs every serve, on or off.
+        if let State::AwaitingProxy { .. } = conn.state {
+            return proxy::accept::serve(conn, ctx, wake, self);
+        }
         match self {
             Handler::Echo => match wake {
                 Wake::Timer | Wake::Open | Wake::Granted => Step::Idle,
@@ -161,7 +177,7 @@ impl Handler {
                 _ => http::serve(conn, ctx, matches!(wake, Wake::Edge(e) if e.readable), r),
             },
             Handler::Relay(r) => match wake {
-                Wake::Open => relay::open(conn, ctx, r),
+                Wake::Open => relay::open(conn, ctx, r, None),
                 Wake::Timer => relay::on_deadline(conn, ctx, r),
                 Wake::Edge(e) => relay::serve(conn, ctx, r, Some(e)),
                 Wake::Ready => relay::serve(conn, ctx, r, None),
@@ -169,6 +185,38 @@ impl Handler {
                 Wake::Granted => relay::granted(conn, ctx, r),
             },
         }
+    }
+}
+
+impl Handler {
+    /// Hands a connection whose PROXY header was just read to its mode, as if it had
+    /// been accepted now: its mode state, its count as accepted and active, the
+    /// mode's opening (relay's upstream connect, whose own PROXY header carries
+    /// `proxied`, the addresses the received header named), and a read of what
+    /// followed the header. The header phase spent the edge that announced those
+    /// bytes, so the mode is given it again.
+    pub fn start(
+        &mut self,
+        conn: &mut Conn,
+        ctx: &mut Ctx<'_>,
+        proxied: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    ) -> Step {
+        conn.state = self.new_state(ctx.now_ms);
+        ctx.counters.accepted += 1;
+        ctx.counters.active += 1;
+        if let Handler::Relay(r) = self {
+            let step = relay::open(conn, ctx, r, proxied);
+            if step != Step::Idle {
+                return step;
+            }
+        }
+        let edge = Edge {
+            upstream: false,
+            readable: true,
+            hup: conn.has(flags::HUP_SEEN),
+            error: false,
+        };
+        self.serve(conn, ctx, Wake::Edge(edge))
     }
 }
 
@@ -201,6 +249,10 @@ pub enum Step {
     /// Close it. Whether the close is a FIN or a reset is the worker's one rule: a
     /// reset whenever anything is still owed to a peer.
     Close(CloseReason),
+    /// Close a connection no mode has seen (its PROXY header was refused, or names a
+    /// client over `--max-connections-per-ip`), counted as rejected for this reason,
+    /// never as accepted or closed.
+    Reject(RejectReason),
 }
 
 /// Bytes a connection may read per wake-up before others get their turn: four reads

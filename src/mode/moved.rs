@@ -4,12 +4,12 @@
 //! half-close flags and the time left on its deadlines. Bytes still in the kernel's
 //! socket queues need no moving: the sockets themselves move.
 
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use super::{http, relay, Conn, Handler, State};
 use crate::conn::{flags, Outbound};
 use crate::handover::wire::{Reader, WireError, Writer};
-use crate::limits::ConnPermit;
 
 /// A connection taken out of a worker, ready to be sent.
 #[derive(Debug)]
@@ -23,6 +23,20 @@ pub struct Moved {
 const ECHO: u8 = 0;
 const HTTP: u8 = 1;
 const RELAY: u8 = 2;
+/// A connection still awaiting its PROXY header, in any mode: only the time left on
+/// its header deadline moves (its bytes are in the socket).
+const AWAITING_PROXY: u8 = 3;
+
+/// Tag of the optional part after the mode's: the client a PROXY header named,
+/// `IP:PORT`, so the next process counts the connection as that client's.
+///
+/// Neither this part nor [`AWAITING_PROXY`] changes what an older binary wrote or
+/// reads: both are written only for connections that went through `--accept-proxy`,
+/// which an older binary cannot be configured with (its configuration would not
+/// parse, and the reload fails before any connection moves). So the encoding keeps
+/// its protocol version ([`crate::handover::PROTOCOL`]), and an upgrade from a binary
+/// without `--accept-proxy` moves every connection as before.
+const PROXIED_CLIENT: u8 = 1;
 
 /// Flags that describe the peer and the stream, which move; the others describe this
 /// worker's lists and are set anew by the receiving worker.
@@ -45,6 +59,7 @@ impl Handler {
             State::Echo => ECHO,
             State::Http(_) => HTTP,
             State::Relay(_) => RELAY,
+            State::AwaitingProxy { .. } => AWAITING_PROXY,
         };
         w.u8(tag)
             .u16(conn.flags & MOVING_FLAGS)
@@ -54,6 +69,9 @@ impl Handler {
             .u64(relay::time_left(conn.linger_until_ms, now_ms));
         match (&mut conn.state, self) {
             (State::Http(h), _) => h.export(&mut w, now_ms),
+            (State::AwaitingProxy { deadline_ms }, _) => {
+                w.u64(relay::time_left(*deadline_ms, now_ms));
+            }
             (State::Relay(pair), Handler::Relay(_)) => {
                 // The client socket goes first; the pair's own follow.
                 let mut own = Vec::new();
@@ -62,6 +80,9 @@ impl Handler {
             }
             _ => {}
         }
+        if let Some(client) = conn.permit.as_ref().and_then(|p| p.proxied_client()) {
+            w.u8(PROXIED_CLIENT).str(&client.to_string());
+        }
         let Conn { fd, permit, .. } = conn;
         drop(permit);
         fds.insert(0, fd);
@@ -69,13 +90,13 @@ impl Handler {
     }
 
     /// Rebuilds a connection written by [`Handler::export`] (by this version of
-    /// edgepoll, in any mode's process of the same mode).
+    /// edgepoll, in any mode's process of the same mode), without its permit, which
+    /// the caller takes for it; with the client a PROXY header named, if one did.
     pub fn import(
         &self,
         moved: Moved,
         now_ms: u64,
-        permit: Option<ConnPermit>,
-    ) -> Result<Conn, WireError> {
+    ) -> Result<(Conn, Option<SocketAddr>), WireError> {
         let mut fds = moved.fds.into_iter();
         let fd = fds
             .next()
@@ -93,12 +114,26 @@ impl Handler {
             (RELAY, Handler::Relay(relay)) => State::Relay(Box::new(relay::Pair::import(
                 &mut r, &mut fds, relay, now_ms,
             )?)),
+            (AWAITING_PROXY, _) => State::AwaitingProxy {
+                deadline_ms: relay::deadline_in(r.u64()?, now_ms),
+            },
             _ => return Err(WireError("a connection of another mode")),
+        };
+        let proxied = if r.is_empty() {
+            None
+        } else if r.u8()? == PROXIED_CLIENT {
+            let addr = r.str()?;
+            Some(
+                addr.parse::<SocketAddr>()
+                    .map_err(|_| WireError("a proxied client that is not IP:PORT"))?,
+            )
+        } else {
+            return Err(WireError("an unknown part after the mode's"));
         };
         if !r.is_empty() || fds.next().is_some() {
             return Err(WireError("more in a connection than its mode wrote"));
         }
-        let mut conn = Conn::new(fd, now_ms, permit, state);
+        let mut conn = Conn::new(fd, now_ms, None, state);
         conn.opened_ms = now_ms.saturating_sub(age);
         conn.last_active_ms = now_ms.saturating_sub(idle);
         conn.linger_until_ms = relay::deadline_in(linger_left, now_ms);
@@ -108,6 +143,6 @@ impl Handler {
         if !outbound.is_empty() {
             conn.outbound = Some(Box::new(Outbound::from_slice(outbound)));
         }
-        Ok(conn)
+        Ok((conn, proxied))
     }
 }

@@ -302,12 +302,23 @@ fn pair(conn: &mut Conn) -> &mut Pair {
 }
 
 /// Sets up a new client: the PROXY header if asked for, the pipes with `--splice`,
-/// and the first upstream connect.
-pub fn open(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
+/// and the first upstream connect. `proxied`: the client and the address it connected
+/// to as a received PROXY header named them (`--accept-proxy`), which the header sent
+/// upstream carries on, as HAProxy's `accept-proxy` with `send-proxy` does; without
+/// it, the socket's own addresses.
+pub fn open(
+    conn: &mut Conn,
+    ctx: &mut Ctx<'_>,
+    relay: &mut Relay,
+    proxied: Option<(SocketAddr, SocketAddr)>,
+) -> Step {
     let ups = &relay.upstreams;
     if ups.proxy_v2 {
-        let addrs = socket::peer_addr(conn.fd.as_fd())
-            .and_then(|src| Ok((src, socket::local_addr(conn.fd.as_fd())?)));
+        let addrs = match proxied {
+            Some(addrs) => Ok(addrs),
+            None => socket::peer_addr(conn.fd.as_fd())
+                .and_then(|src| Ok((src, socket::local_addr(conn.fd.as_fd())?))),
+        };
         match addrs {
             Ok((src, dst)) => {
                 let mut header = Vec::with_capacity(super::proxy::MAX_LEN);

@@ -118,6 +118,33 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Copies up to `buf.len()` received bytes into `buf` without consuming them
+/// (MSG_PEEK): the next read returns them again. `Ok(0)` is the peer's FIN with
+/// nothing before it; EINTR is retried. The PROXY header reader peeks, so that the
+/// bytes after the header stay in the kernel for the mode, as if the header had never
+/// been there. New bytes arriving raise a new EPOLLIN edge whether or not earlier ones
+/// were read, so peeking does not break the edge-triggered rules.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+        match syscall!(recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_PEEK
+        )) {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(super::context(
+                    e,
+                    format!("recv MSG_PEEK fd {}", fd.as_raw_fd()),
+                ))
+            }
+        }
+    }
+}
+
 /// Writes from `buf` without raising SIGPIPE; EINTR is retried. A raw `sendto`, for
 /// the reason [`read`] gives.
 #[inline]

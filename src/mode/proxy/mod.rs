@@ -1,5 +1,14 @@
-//! The PROXY protocol version 2 header (HAProxy's proxy-protocol.txt, section 2.2):
-//! the binary prefix that tells an upstream the client's real address.
+//! The PROXY protocol (HAProxy's proxy-protocol.txt): the prefix that tells the next
+//! hop the client's real address.
+//!
+//! - Sending (relay's `--send-proxy-v2`): [`encode`] writes the version 2 header
+//!   below; [`parse`] is its reference reader, for tests and the `proxy_v2` fuzz
+//!   target.
+//! - Receiving (`--accept-proxy`, every mode): [`inbound`] reads version 1 and 2
+//!   headers strictly, and [`accept`] is a connection's first phase, in which the
+//!   worker reads that header before any mode sees a byte.
+//!
+//! The version 2 header as [`encode`] writes it (section 2.2):
 //!
 //! ```text
 //! 0..12   signature  \r\n\r\n\0\r\nQUIT\n
@@ -12,6 +21,9 @@
 //!
 //! `src` is the client, `dst` the address the client connected to (edgepoll's
 //! listening address). Everything is in network byte order.
+
+pub mod accept;
+pub mod inbound;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
