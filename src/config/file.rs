@@ -21,7 +21,8 @@ use serde::Deserialize;
 
 use super::settings::{Body, LoadError, Settings};
 use super::{
-    parse_duration, parse_header, parse_listen, parse_metrics_listen, parse_size, Balance, Mode,
+    parse_duration, parse_header, parse_keepalive, parse_listen, parse_metrics_listen, parse_size,
+    parse_user_timeout, Balance, Mode,
 };
 
 /// The file as written: every key optional, and nothing else allowed, so that a
@@ -42,6 +43,8 @@ struct ConfigFile {
     drain_timeout: Option<Quantity>,
     shutdown_delay: Option<Quantity>,
     metrics_listen: Option<String>,
+    tcp_keepalive: Option<String>,
+    tcp_user_timeout: Option<Quantity>,
     body: Option<String>,
     body_file: Option<PathBuf>,
     status: Option<u16>,
@@ -187,6 +190,13 @@ impl ConfigFile {
                 .map(|m| parse_metrics_listen(&m))
                 .transpose()
                 .map_err(bad("metrics-listen"))?,
+            tcp_keepalive: self
+                .tcp_keepalive
+                .map(|k| parse_keepalive(&k))
+                .transpose()
+                .map_err(bad("tcp-keepalive"))?,
+            tcp_user_timeout: user_timeout(self.tcp_user_timeout)
+                .map_err(bad("tcp-user-timeout"))?,
             body,
             status: self.status,
             content_type: self.content_type,
@@ -261,6 +271,14 @@ fn duration(q: Option<Quantity>) -> Result<Option<Duration>, String> {
     .transpose()
 }
 
+/// `tcp-user-timeout`: a duration as [`duration`] takes it, or `"off"`.
+fn user_timeout(q: Option<Quantity>) -> Result<Option<Option<Duration>>, String> {
+    match q {
+        Some(Quantity::Text(s)) => parse_user_timeout(&s).map(Some),
+        other => duration(other).map(|d| d.map(Some)),
+    }
+}
+
 /// One address or a list of them, as `listen` and `upstream` take them.
 #[derive(Debug)]
 struct Addresses(Vec<String>);
@@ -330,6 +348,8 @@ mod tests {
             drain-timeout = 2.5
             shutdown-delay = "5s"
             metrics-listen = "off"
+            tcp-keepalive = "2m:15s:4"
+            tcp-user-timeout = "1500ms"
             status = 404
             content-type = "text/html"
             header = ["Cache-Control: no-store", "X-A: b"]
@@ -361,6 +381,12 @@ mod tests {
             drain_timeout: Some(Duration::from_millis(2500)),
             shutdown_delay: Some(Duration::from_secs(5)),
             metrics_listen: Some(None),
+            tcp_keepalive: Some(Some(crate::config::Keepalive {
+                idle: Duration::from_secs(120),
+                interval: Duration::from_secs(15),
+                count: 4,
+            })),
+            tcp_user_timeout: Some(Some(Duration::from_millis(1500))),
             body: None,
             status: Some(404),
             content_type: Some("text/html".into()),
@@ -379,6 +405,19 @@ mod tests {
             send_proxy_v2: Some(false),
         };
         assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn keepalive_and_user_timeout_take_off_and_plain_numbers() {
+        let (_, s) = parsed("tcp-keepalive = \"off\"\ntcp-user-timeout = \"off\"");
+        assert_eq!(s.tcp_keepalive, Some(None));
+        assert_eq!(s.tcp_user_timeout, Some(None));
+        let (_, s) = parsed("tcp-keepalive = \"60:10:6\"\ntcp-user-timeout = 30");
+        assert_eq!(
+            s.tcp_keepalive,
+            Some(Some(crate::config::DEFAULT_UPSTREAM_KEEPALIVE))
+        );
+        assert_eq!(s.tcp_user_timeout, Some(Some(Duration::from_secs(30))));
     }
 
     #[test]
@@ -426,6 +465,14 @@ mod tests {
             (
                 "metrics-listen = \"9464\"",
                 "e.toml:1: key metrics-listen: invalid address '9464'",
+            ),
+            (
+                "workers = 1\ntcp-keepalive = \"60:10\"",
+                "e.toml:2: key tcp-keepalive: invalid keepalive '60:10': expected IDLE:INTERVAL:COUNT",
+            ),
+            (
+                "tcp-user-timeout = \"never\"",
+                "e.toml:1: key tcp-user-timeout: invalid duration 'never'",
             ),
             (
                 "header = [\"nocolon\"]",

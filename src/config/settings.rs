@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{file, Balance, Config, ConfigError, Mode};
+use super::{file, Balance, Config, ConfigError, Keepalive, Mode};
 
 /// Where the body of http mode's response comes from. One setting with two spellings,
 /// so that `--body` on the command line overrides `body-file` in a file and back.
@@ -47,6 +47,11 @@ pub struct Settings {
     pub shutdown_delay: Option<Duration>,
     /// `metrics-listen`; `Some(None)` is "off".
     pub metrics_listen: Option<Option<SocketAddr>>,
+    /// `tcp-keepalive`, for client sockets and (relay) upstream sockets alike;
+    /// `Some(None)` is "off".
+    pub tcp_keepalive: Option<Option<Keepalive>>,
+    /// `tcp-user-timeout`; `Some(None)` is "off".
+    pub tcp_user_timeout: Option<Option<Duration>>,
     /// `body` or `body-file` (http).
     pub body: Option<Body>,
     /// `status` (http).
@@ -210,6 +215,8 @@ impl Settings {
             drain_timeout,
             shutdown_delay,
             metrics_listen,
+            tcp_keepalive,
+            tcp_user_timeout,
             body,
             status,
             content_type,
@@ -237,6 +244,8 @@ impl Settings {
             drain_timeout: drain_timeout.or(lower.drain_timeout),
             shutdown_delay: shutdown_delay.or(lower.shutdown_delay),
             metrics_listen: metrics_listen.or(lower.metrics_listen),
+            tcp_keepalive: tcp_keepalive.or(lower.tcp_keepalive),
+            tcp_user_timeout: tcp_user_timeout.or(lower.tcp_user_timeout),
             body: body.or(lower.body),
             status: status.or(lower.status),
             content_type: content_type.or(lower.content_type),
@@ -254,7 +263,9 @@ impl Settings {
     }
 
     /// The first key set here that `mode` does not have (an `upstream` for echo), with
-    /// the mode that has it; as the command line refuses `echo --upstream`.
+    /// the mode that has it; as the command line refuses `echo --upstream`. Keys of
+    /// every mode (`listen` to `metrics-listen`, `tcp-keepalive`, `tcp-user-timeout`)
+    /// are not listed.
     pub fn key_foreign_to(&self, mode: Mode) -> Option<(&'static str, Mode)> {
         let body_key = match self.body {
             Some(Body::File(_)) => "body-file",
@@ -312,6 +323,13 @@ impl Settings {
         c.drain_timeout = self.drain_timeout.unwrap_or(c.drain_timeout);
         c.shutdown_delay = self.shutdown_delay.unwrap_or(c.shutdown_delay);
         c.metrics_listen = self.metrics_listen.unwrap_or(c.metrics_listen);
+        // One setting for both kinds of socket: given, it replaces relay's upstream
+        // default too, so `off` turns keepalive off everywhere.
+        if let Some(keepalive) = self.tcp_keepalive {
+            c.tcp_keepalive = keepalive;
+            c.relay.upstream_keepalive = keepalive;
+        }
+        c.tcp_user_timeout = self.tcp_user_timeout.unwrap_or(c.tcp_user_timeout);
 
         let h = &mut c.http;
         match &self.body {
@@ -444,6 +462,56 @@ mod tests {
                 upstreams: vec![addr("127.0.0.1:6379")],
                 ..Default::default()
             }
+        );
+    }
+
+    #[test]
+    fn tcp_keepalive_sets_clients_and_upstreams_and_off_turns_both_off() {
+        let relay = |tcp_keepalive| {
+            Settings {
+                upstreams: Some(vec![addr("127.0.0.1:6379")]),
+                tcp_keepalive,
+                ..Settings::default()
+            }
+            .to_config(Mode::Relay)
+            .unwrap()
+        };
+        let unset = relay(None);
+        assert_eq!(unset.tcp_keepalive, None);
+        assert_eq!(
+            unset.relay.upstream_keepalive,
+            Some(crate::config::DEFAULT_UPSTREAM_KEEPALIVE)
+        );
+        let off = relay(Some(None));
+        assert_eq!(
+            (off.tcp_keepalive, off.relay.upstream_keepalive),
+            (None, None)
+        );
+        let k = Keepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(5),
+            count: 3,
+        };
+        let on = relay(Some(Some(k)));
+        assert_eq!(
+            (on.tcp_keepalive, on.relay.upstream_keepalive),
+            (Some(k), Some(k))
+        );
+        // A flag's off overrides a file's keepalive, as metrics-listen's does.
+        let flags = Settings {
+            tcp_keepalive: Some(None),
+            tcp_user_timeout: Some(None),
+            ..Settings::default()
+        };
+        let file = Settings {
+            tcp_keepalive: Some(Some(k)),
+            tcp_user_timeout: Some(Some(Duration::from_secs(9))),
+            ..Settings::default()
+        };
+        let merged = flags.over(file).to_config(Mode::Echo).unwrap();
+        assert_eq!(
+            (merged.tcp_keepalive, merged.tcp_user_timeout),
+            (None, None)
         );
     }
 
