@@ -19,6 +19,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::keepalive::PeerTimeouts;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RejectReason};
 use crate::shutdown::Lifecycle;
@@ -60,6 +61,14 @@ pub(crate) struct Acceptor {
     paused: crossbeam_channel::Sender<()>,
     /// `--backlog`, for a listener that listens again after an abandoned reload.
     backlog: u32,
+    /// `--tcp-keepalive` and `--tcp-user-timeout` of client sockets, which they
+    /// inherit from the listener (see `crate::keepalive`).
+    clients: PeerTimeouts,
+    /// Per listener: its queue may still hold connections whose handshake completed
+    /// before the listener had this configuration's options (at start, where a
+    /// reload or systemd handed it over, and after a reload that failed); those get
+    /// the options one by one. Cleared once the queue has been seen empty.
+    predating: Vec<bool>,
 }
 
 impl Acceptor {
@@ -71,6 +80,7 @@ impl Acceptor {
         metrics: Arc<Metrics>,
         paused: crossbeam_channel::Sender<()>,
         backlog: u32,
+        clients: PeerTimeouts,
     ) -> io::Result<(Acceptor, Arc<EventFd>)> {
         let epoll = Epoll::new()?;
         let wake = Arc::new(EventFd::new()?);
@@ -78,6 +88,7 @@ impl Acceptor {
         for (i, l) in listeners.iter().enumerate() {
             epoll.add(l.fd.as_fd(), i as u64, READ_INTEREST)?;
         }
+        let predating = vec![true; listeners.len()];
         let acceptor = Acceptor {
             epoll,
             listeners,
@@ -92,6 +103,8 @@ impl Acceptor {
             paused_until: None,
             paused,
             backlog,
+            clients,
+            predating,
         };
         Ok((acceptor, wake))
     }
@@ -113,7 +126,9 @@ impl Acceptor {
                 if !self.pause(&drain, &mut events) {
                     return; // handed over: the new process serves the listeners
                 }
-                // The reload failed: accept again, from whatever queued meanwhile.
+                // The reload failed: accept again, from whatever queued meanwhile,
+                // some of it under the new process's options.
+                self.predating.fill(true);
                 for i in 0..self.listeners.len() {
                     self.accept_all(i);
                 }
@@ -250,9 +265,17 @@ impl Acceptor {
                             self.reserve = open_reserve().ok();
                         }
                     }
+                    if self.predating[i] {
+                        // A peer that already reset makes this fail; the worker will
+                        // see the reset.
+                        let _ = self.clients.apply(fd.as_fd());
+                    }
                     self.hand_off(fd, peer.ip());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.predating[i] = false;
+                    return;
+                }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                     if !self.shed(i, &e) {
                         return;

@@ -49,9 +49,10 @@ use std::time::Instant;
 use prometheus::IntGauge;
 
 use super::{room, Conn, Ctx, Edge, Step, READ_BUDGET, READ_BUFFER_SIZE};
-use crate::config::{Balance, RelayConfig};
+use crate::config::{Balance, Config};
 use crate::conn::Outbound;
 use crate::handover::wire::{Reader, WireError, Writer};
+use crate::keepalive::PeerTimeouts;
 use crate::metrics::{CloseReason, ConnectError, Counters, Metrics, UpstreamMetrics};
 use crate::sys::epoll::SOCKET_INTEREST;
 use crate::sys::socket;
@@ -77,10 +78,13 @@ pub struct Upstreams {
     connect_timeout_ms: u64,
     splice: bool,
     proxy_v2: bool,
+    /// Keepalive and user timeout of upstream sockets (see `crate::keepalive`).
+    timeouts: PeerTimeouts,
 }
 
 impl Upstreams {
-    pub fn new(config: &RelayConfig, metrics: &Metrics) -> Upstreams {
+    pub fn new(full: &Config, metrics: &Metrics) -> Upstreams {
+        let config = &full.relay;
         let list = config
             .upstreams
             .iter()
@@ -103,6 +107,7 @@ impl Upstreams {
             connect_timeout_ms: (config.connect_timeout.as_millis() as u64).max(1),
             splice: config.splice,
             proxy_v2: config.send_proxy_v2,
+            timeouts: PeerTimeouts::upstreams(full),
         }
     }
 
@@ -479,6 +484,11 @@ fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
         };
         // Relayed request/response traffic must not wait for Nagle.
         let _ = socket::set_nodelay(fd.as_fd());
+        // A new socket cannot fail these for a reason of its peer's; if it does, the
+        // pair is relayed without them rather than refused.
+        if let Err(e) = ups.timeouts.apply_to_new(fd.as_fd()) {
+            tracing::debug!("{e}; relaying to {} without keepalive", up.addr);
+        }
         if let Err(e) = ctx
             .epoll
             .add(fd.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
@@ -1125,6 +1135,8 @@ pub fn moved(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
     let p = pair(conn);
     match p.upstream.as_ref() {
         Some(up) => {
+            // Set by the process it comes from: this one's options apply from now on.
+            let _ = relay.upstreams.timeouts.apply(up.as_fd());
             if let Err(e) = ctx
                 .epoll
                 .add(up.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
