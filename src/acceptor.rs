@@ -19,6 +19,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::keepalive::PeerTimeouts;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RejectReason};
@@ -79,8 +80,7 @@ impl Acceptor {
         lifecycle: Arc<Lifecycle>,
         metrics: Arc<Metrics>,
         paused: crossbeam_channel::Sender<()>,
-        backlog: u32,
-        clients: PeerTimeouts,
+        config: &Config,
     ) -> io::Result<(Acceptor, Arc<EventFd>)> {
         let epoll = Epoll::new()?;
         let wake = Arc::new(EventFd::new()?);
@@ -102,8 +102,8 @@ impl Acceptor {
             exhausted: None,
             paused_until: None,
             paused,
-            backlog,
-            clients,
+            backlog: config.backlog,
+            clients: PeerTimeouts::clients(config),
             predating,
         };
         Ok((acceptor, wake))

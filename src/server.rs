@@ -212,8 +212,7 @@ impl Server {
             Arc::clone(&shared.lifecycle),
             Arc::clone(&metrics),
             paused_tx,
-            config.backlog,
-            clients,
+            &config,
         )?;
         server.acceptor_wake = Some(wake);
         let thread = std::thread::Builder::new()
