@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Cidr, Config};
+use crate::keepalive::PeerTimeouts;
 use crate::limits::Limits;
 use crate::metrics::{Metrics, RejectReason};
 use crate::shutdown::Lifecycle;
@@ -65,6 +66,14 @@ pub(crate) struct Acceptor {
     /// anywhere else is closed at once, and one from inside them is counted per
     /// address only once its PROXY header names its client (see `mode::proxy::accept`).
     trusted: Option<Vec<Cidr>>,
+    /// `--tcp-keepalive` and `--tcp-user-timeout` of client sockets, which they
+    /// inherit from the listener (see `crate::keepalive`).
+    clients: PeerTimeouts,
+    /// Per listener: its queue may still hold connections whose handshake completed
+    /// before the listener had this configuration's options (at start, where a
+    /// reload or systemd handed it over, and after a reload that failed); those get
+    /// the options one by one. Cleared once the queue has been seen empty.
+    predating: Vec<bool>,
 }
 
 impl Acceptor {
@@ -83,6 +92,7 @@ impl Acceptor {
         for (i, l) in listeners.iter().enumerate() {
             epoll.add(l.fd.as_fd(), i as u64, READ_INTEREST)?;
         }
+        let predating = vec![true; listeners.len()];
         let acceptor = Acceptor {
             epoll,
             listeners,
@@ -98,6 +108,8 @@ impl Acceptor {
             paused,
             backlog: config.backlog,
             trusted: config.accept_proxy.then(|| config.trusted_proxies.clone()),
+            clients: PeerTimeouts::clients(config),
+            predating,
         };
         Ok((acceptor, wake))
     }
@@ -119,7 +131,9 @@ impl Acceptor {
                 if !self.pause(&drain, &mut events) {
                     return; // handed over: the new process serves the listeners
                 }
-                // The reload failed: accept again, from whatever queued meanwhile.
+                // The reload failed: accept again, from whatever queued meanwhile,
+                // some of it under the new process's options.
+                self.predating.fill(true);
                 for i in 0..self.listeners.len() {
                     self.accept_all(i);
                 }
@@ -256,9 +270,17 @@ impl Acceptor {
                             self.reserve = open_reserve().ok();
                         }
                     }
+                    if self.predating[i] {
+                        // A peer that already reset makes this fail; the worker will
+                        // see the reset.
+                        let _ = self.clients.apply(fd.as_fd());
+                    }
                     self.hand_off(fd, peer);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.predating[i] = false;
+                    return;
+                }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                     if !self.shed(i, &e) {
                         return;

@@ -29,6 +29,9 @@
 //! - [`limits`]: `--max-connections`, `--max-connections-per-ip` and
 //!   `--max-buffered-bytes`; a connection's counts are a [`limits::ConnPermit`] that
 //!   gives them back on drop (attributed to a client once a PROXY header names it).
+//! - [`keepalive`]: `--tcp-keepalive` and `--tcp-user-timeout`, set on listeners
+//!   (accepted sockets inherit them), on connections that predate them, and on
+//!   relay's upstream sockets.
 //! - [`shutdown`]: the lifecycle every thread sees: not ready (`--shutdown-delay`),
 //!   draining and its deadline, a reload's hand-over, and the failure of a worker.
 //! - [`handover`]: reload: the messages that hand listeners, established connections
@@ -80,6 +83,7 @@ pub mod config;
 pub mod conn;
 pub mod handover;
 pub mod http1;
+pub mod keepalive;
 pub mod limits;
 pub mod load;
 pub mod metrics;

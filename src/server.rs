@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::acceptor::{Acceptor, Listener};
 use crate::config::{Config, ConfigError, Mode};
 use crate::conn::Token;
+use crate::keepalive::PeerTimeouts;
 use crate::limits::Limits;
 use crate::metrics::endpoint::Endpoint;
 use crate::metrics::{Metrics, WorkerStats};
@@ -116,9 +117,16 @@ impl Server {
     /// endpoint, which is off without it.
     pub fn start_with(config: Config, sockets: Sockets) -> Result<Server, StartError> {
         config.validate()?;
+        let clients = PeerTimeouts::clients(&config);
         let mut listeners = Vec::with_capacity(sockets.listeners.len());
         for fd in sockets.listeners {
             let addr = socket::adopt_listener(fd.as_fd()).map_err(StartError::Bind)?;
+            // Accepted sockets inherit these (see `crate::keepalive`); a listener
+            // handed over by a reload or by systemd gets this configuration's, off
+            // values included.
+            clients
+                .apply(fd.as_fd())
+                .map_err(|e| StartError::Bind(crate::sys::context(e, addr)))?;
             listeners.push(Listener { fd, addr });
         }
         let local_addrs = listeners.iter().map(|l| l.addr).collect();
@@ -135,7 +143,7 @@ impl Server {
             ),
             lifecycle: Arc::new(Lifecycle::new()),
             upstreams: (config.mode == Mode::Relay)
-                .then(|| Arc::new(Upstreams::new(&config.relay, &metrics))),
+                .then(|| Arc::new(Upstreams::new(&config, &metrics))),
         };
         let (paused_tx, acceptor_paused) = crossbeam_channel::bounded(1);
         let mut server = Server {
@@ -430,9 +438,23 @@ impl Server {
         self.join();
     }
 
+    /// Sets this server's `--tcp-keepalive` and `--tcp-user-timeout` on its listeners
+    /// again: a reload that failed after the new process started may have left that
+    /// process's on them (the listeners are shared).
+    pub fn restore_listener_options(&self) {
+        let clients = PeerTimeouts::clients(&self.config);
+        for (fd, addr) in self.listener_dups.lock().iter().zip(&self.local_addrs) {
+            if let Err(e) = clients.apply(fd.as_fd()) {
+                tracing::error!("{addr}: {e}");
+            }
+        }
+    }
+
     /// The hand-over failed: `unsent` connections (taken out of the workers but never
     /// sent) come back, and the acceptor accepts again.
     pub fn resume(&self, unsent: Vec<Moved>) {
+        // Before the acceptor takes the queues again (see `Acceptor::pause`).
+        self.restore_listener_options();
         for moved in unsent {
             self.give_to_worker(moved);
         }

@@ -70,6 +70,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{Config, Mode};
 use crate::conn::{flags, Slab, Token};
+use crate::keepalive::PeerTimeouts;
 use crate::limits::{ConnPermit, Limits};
 use crate::metrics::{CloseReason, Counters, RejectReason, WorkerMetrics, PUBLISH_INTERVAL};
 use crate::mode::http::Responder;
@@ -197,6 +198,9 @@ pub(crate) struct Worker {
     /// Workers of the server, for this worker's share of the global room.
     workers: i64,
     drain_deadline: Option<Instant>,
+    /// `--tcp-keepalive` and `--tcp-user-timeout` of client sockets, for those a
+    /// reload moves here (new ones inherit them from the listener).
+    clients: PeerTimeouts,
 }
 
 impl Worker {
@@ -268,6 +272,7 @@ impl Worker {
             limits: Arc::clone(&shared.limits),
             workers: config.workers.max(1) as i64,
             drain_deadline: None,
+            clients: PeerTimeouts::clients(config),
         };
         Ok((worker, WorkerHandle { tx, waker }))
     }
@@ -434,6 +439,11 @@ impl Worker {
 
     /// Takes in a connection from the process a reload replaced.
     fn adopt(&mut self, moved: Moved) {
+        // The process it comes from set its own options (a reload may change them);
+        // this one's apply from now on. A reset peer makes this fail, as reading will.
+        if let Some(fd) = moved.fds.first() {
+            let _ = self.clients.apply(fd.as_fd());
+        }
         let (mut conn, proxied) = match self.handler.import(moved, self.now_ms) {
             Ok(imported) => imported,
             Err(e) => {

@@ -60,6 +60,8 @@ fn help_lists_every_flag_with_an_example() {
             "--accept-proxy",
             "--trusted-proxy",
             "--proxy-header-timeout",
+            "--tcp-keepalive",
+            "--tcp-user-timeout",
             "Example:",
         ],
     );
@@ -109,6 +111,8 @@ fn relay_help_lists_its_flags() {
             "--max-queue",
             "--queue-timeout",
             "--idle-timeout",
+            "--tcp-keepalive",
+            "upstream sockets 60s:10s:6",
             "Example:",
         ],
     );
@@ -288,6 +292,101 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(expect), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn keepalive_values_the_kernel_would_refuse_stop_the_start_with_exactly_one_line() {
+    let relay = ["relay", "--upstream", "127.0.0.1:6379"];
+    for (args, expect) in [
+        (
+            vec!["echo", "--tcp-keepalive", "60:10"],
+            "--tcp-keepalive: invalid keepalive '60:10': expected IDLE:INTERVAL:COUNT such as 60s:10s:6, or off",
+        ),
+        (
+            vec!["echo", "--tcp-keepalive", "60s:10s:many"],
+            "--tcp-keepalive: invalid keepalive '60s:10s:many': COUNT 'many' is not a whole number of probes; expected IDLE:INTERVAL:COUNT such as 60s:10s:6, or off",
+        ),
+        (
+            vec!["echo", "--tcp-keepalive", "0:10:6"],
+            "tcp-keepalive (--tcp-keepalive): IDLE must be whole seconds from 1 to 32767 (TCP_KEEPIDLE), got 0ns",
+        ),
+        (
+            vec!["http", "--tcp-keepalive", "60:10h:6"],
+            "tcp-keepalive (--tcp-keepalive): INTERVAL must be whole seconds from 1 to 32767 (TCP_KEEPINTVL), got 36000s",
+        ),
+        (
+            vec!["echo", "--tcp-keepalive", "500ms:10s:6"],
+            "tcp-keepalive (--tcp-keepalive): IDLE must be whole seconds from 1 to 32767 (TCP_KEEPIDLE), got 500ms",
+        ),
+        (
+            [&relay[..], &["--tcp-keepalive", "60:10:128"]].concat(),
+            "tcp-keepalive (--tcp-keepalive): COUNT must be from 1 to 127 (TCP_KEEPCNT), got 128",
+        ),
+        (
+            vec!["echo", "--tcp-user-timeout", "0"],
+            "tcp-user-timeout (--tcp-user-timeout) must be greater than zero",
+        ),
+        (
+            vec!["echo", "--tcp-user-timeout", "30d"],
+            "--tcp-user-timeout: invalid duration '30d': unknown unit 'd' (use ms, s, m or h)",
+        ),
+        (
+            vec!["echo", "--tcp-user-timeout", "600h"],
+            "tcp-user-timeout (--tcp-user-timeout) must be whole milliseconds up to 2147483647ms (TCP_USER_TIMEOUT), got 2160000s",
+        ),
+    ] {
+        let out = edgepoll().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err, format!("edgepoll: {expect}\n"), "{args:?}");
+    }
+}
+
+#[test]
+fn the_start_up_log_says_what_keepalive_each_kind_of_socket_gets() {
+    // The log's lines, each within PATIENCE, so a missing line fails the test rather
+    // than hanging it.
+    let log = |args: &str| {
+        let (running, lines) = spawn_with_nofile(1024, args);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (running, move || {
+            rx.recv_timeout(PATIENCE).expect("a log line")
+        })
+    };
+    let (running, mut next) = log(
+        "relay --listen 127.0.0.1:0 --metrics-listen off --workers 1 --upstream 127.0.0.1:6399 --tcp-keepalive 2m:15s:4 --tcp-user-timeout 30s",
+    );
+    let relaying = std::iter::repeat_with(&mut next)
+        .find(|l| l.contains("relaying to"))
+        .unwrap();
+    assert!(
+        relaying.ends_with(
+            "(round-robin, connect timeout 5s, 1 try per client, keepalive 120s:15s:4, user timeout 30s)"
+        ),
+        "{relaying}"
+    );
+    let clients = next();
+    assert!(
+        clients.ends_with("client sockets: TCP keepalive 120s:15s:4, user timeout 30s"),
+        "{clients}"
+    );
+    drop(running);
+    // The default: upstreams probed, clients left as the kernel has them.
+    let (running, mut next) = log(
+        "relay --listen 127.0.0.1:0 --metrics-listen off --workers 1 --upstream 127.0.0.1:6399",
+    );
+    let relaying = std::iter::repeat_with(&mut next)
+        .find(|l| l.contains("relaying to"))
+        .unwrap();
+    assert!(relaying.ends_with(", keepalive 60s:10s:6)"), "{relaying}");
+    drop(running);
 }
 
 #[test]

@@ -121,6 +121,8 @@ fn check_accepts_a_valid_file_and_says_what_it_would_run() {
         max-pending-bytes = "256KiB"
         idle-timeout = "5m"
         drain-timeout = 20
+        tcp-keepalive = "2m:20s:5"
+        tcp-user-timeout = "30s"
         metrics-listen = "127.0.0.1:9464"
         body-file = "index.html"
         header = ["Cache-Control: no-store"]
@@ -224,6 +226,21 @@ fn check_refuses_an_invalid_file_with_status_2_and_names_the_key() {
             "mode = \"echo\"\nlisten = \"127.0.0.1:7000\"\nmetrics-listen = \"127.0.0.1:7000\"\n",
             "metrics-listen (--metrics-listen)",
             "is also a listen address",
+        ),
+        (
+            "mode = \"echo\"\ntcp-keepalive = \"60s:10s\"\n",
+            "key tcp-keepalive",
+            "invalid keepalive '60s:10s': expected IDLE:INTERVAL:COUNT such as 60s:10s:6, or off",
+        ),
+        (
+            "mode = \"echo\"\ntcp-keepalive = \"60:10:0\"\n",
+            "tcp-keepalive (--tcp-keepalive)",
+            "COUNT must be from 1 to 127 (TCP_KEEPCNT), got 0",
+        ),
+        (
+            "mode = \"echo\"\ntcp-user-timeout = \"0.5ms\"\n",
+            "tcp-user-timeout (--tcp-user-timeout)",
+            "must be whole milliseconds up to 2147483647ms (TCP_USER_TIMEOUT), got 500µs",
         ),
         ("workers = 2\n", "no mode key", "add mode = \"echo\""),
         (

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use edgepoll::config::{
-    self, parse_duration, parse_escaped, parse_listen, parse_metrics_listen, parse_size, Body,
-    Config, LoadError, Mode, Settings,
+    self, parse_duration, parse_escaped, parse_keepalive, parse_listen, parse_metrics_listen,
+    parse_size, parse_user_timeout, Body, Config, LoadError, Mode, Settings,
 };
 use edgepoll::handover;
+use edgepoll::keepalive::PeerTimeouts;
 use edgepoll::metrics::endpoint::Endpoint;
 use edgepoll::sys::{rlimit, signal::ShutdownSignals, socket, systemd};
 use edgepoll::{Server, Sockets, StartError};
@@ -371,6 +372,19 @@ struct ServerArgs {
     /// after it was accepted is closed [default: 5]
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     proxy_header_timeout: Option<Duration>,
+
+    /// TCP keepalive on client sockets (and relay's upstream sockets): probes after
+    /// IDLE without traffic, every INTERVAL, and the connection is dropped after COUNT
+    /// unanswered ones (e.g. 60s:10s:6 or 60:10:6), or "off" [default: off; relay's
+    /// upstream sockets 60s:10s:6]
+    #[arg(long, value_name = "IDLE:INTERVAL:COUNT|off")]
+    tcp_keepalive: Option<String>,
+
+    /// TCP_USER_TIMEOUT on client sockets (and relay's upstream sockets): sent data
+    /// unacknowledged this long (a zero window included) drops the connection; with
+    /// keepalive it replaces COUNT (e.g. 30s), or "off" [default: off]
+    #[arg(long, value_name = "SECS|off")]
+    tcp_user_timeout: Option<String>,
 }
 
 impl ServerArgs {
@@ -400,6 +414,24 @@ impl ServerArgs {
             .transpose()
             .map_err(|reason| LoadError::Flag {
                 flag: "metrics-listen",
+                reason,
+            })?;
+        s.tcp_keepalive = self
+            .tcp_keepalive
+            .as_deref()
+            .map(parse_keepalive)
+            .transpose()
+            .map_err(|reason| LoadError::Flag {
+                flag: "tcp-keepalive",
+                reason,
+            })?;
+        s.tcp_user_timeout = self
+            .tcp_user_timeout
+            .as_deref()
+            .map(parse_user_timeout)
+            .transpose()
+            .map_err(|reason| LoadError::Flag {
+                flag: "tcp-user-timeout",
                 reason,
             })?;
         Ok(())
@@ -589,7 +621,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
         });
         tracing::info!(
-            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{}{checks}{limit})",
+            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{}, {}{checks}{limit})",
             ups.join(", "),
             r.balance.name(),
             r.connect_timeout,
@@ -597,6 +629,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if r.tries() == 1 { "y" } else { "ies" },
             if r.splice { ", splice" } else { "" },
             if r.send_proxy_v2 { ", PROXY v2" } else { "" },
+            PeerTimeouts::upstreams(server.config()),
         );
     }
     if server.config().accept_proxy {
@@ -606,6 +639,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trusted(server.config()),
             server.config().proxy_header_timeout
         );
+    }
+    let clients = PeerTimeouts::clients(server.config());
+    if clients != PeerTimeouts::default() {
+        tracing::info!("client sockets: TCP {clients}");
     }
     let successor = predecessor.is_some();
     if !successor {
@@ -880,6 +917,8 @@ fn reload(server: Server, exe: &std::path::Path, args: &[OsString], activated: b
     let (successor, ready) = match attempt {
         Ok(pair) => pair,
         Err(e) => {
+            // The new process may have set its options on the shared listeners.
+            server.restore_listener_options();
             let m = &server.metrics().reload;
             m.total.with_label_values(&["failure"]).inc();
             m.last_successful.set(0);

@@ -21,8 +21,8 @@ use serde::Deserialize;
 
 use super::settings::{Body, LoadError, Settings};
 use super::{
-    parse_cidr, parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen,
-    parse_size, Balance, CheckKind, Mode,
+    parse_cidr, parse_duration, parse_escaped, parse_header, parse_keepalive, parse_listen,
+    parse_metrics_listen, parse_size, parse_user_timeout, Balance, CheckKind, Mode,
 };
 
 /// The file as written: every key optional, and nothing else allowed, so that a
@@ -46,6 +46,8 @@ struct ConfigFile {
     accept_proxy: Option<bool>,
     trusted_proxy: Option<Ranges>,
     proxy_header_timeout: Option<Quantity>,
+    tcp_keepalive: Option<String>,
+    tcp_user_timeout: Option<Quantity>,
     body: Option<String>,
     body_file: Option<PathBuf>,
     status: Option<u16>,
@@ -234,6 +236,13 @@ impl ConfigFile {
                 .map_err(bad("trusted-proxy"))?,
             proxy_header_timeout: duration(self.proxy_header_timeout)
                 .map_err(bad("proxy-header-timeout"))?,
+            tcp_keepalive: self
+                .tcp_keepalive
+                .map(|k| parse_keepalive(&k))
+                .transpose()
+                .map_err(bad("tcp-keepalive"))?,
+            tcp_user_timeout: user_timeout(self.tcp_user_timeout)
+                .map_err(bad("tcp-user-timeout"))?,
             body,
             status: self.status,
             content_type: self.content_type,
@@ -306,6 +315,14 @@ fn duration(q: Option<Quantity>) -> Result<Option<Duration>, String> {
         Quantity::Text(s) => parse_duration(&s),
     })
     .transpose()
+}
+
+/// `tcp-user-timeout`: a duration as [`duration`] takes it, or `"off"`.
+fn user_timeout(q: Option<Quantity>) -> Result<Option<Option<Duration>>, String> {
+    match q {
+        Some(Quantity::Text(s)) => parse_user_timeout(&s).map(Some),
+        other => duration(other).map(|d| d.map(Some)),
+    }
 }
 
 /// One address or a list of them, as `listen` and `upstream` take them.
@@ -407,6 +424,8 @@ mod tests {
             accept-proxy = true
             trusted-proxy = ["127.0.0.0/8", "2001:db8::/32"]
             proxy-header-timeout = "2s"
+            tcp-keepalive = "2m:15s:4"
+            tcp-user-timeout = "1500ms"
             status = 404
             content-type = "text/html"
             header = ["Cache-Control: no-store", "X-A: b"]
@@ -454,6 +473,12 @@ mod tests {
                 parse_cidr("2001:db8::/32").unwrap(),
             ]),
             proxy_header_timeout: Some(Duration::from_secs(2)),
+            tcp_keepalive: Some(Some(crate::config::Keepalive {
+                idle: Duration::from_secs(120),
+                interval: Duration::from_secs(15),
+                count: 4,
+            })),
+            tcp_user_timeout: Some(Some(Duration::from_millis(1500))),
             body: None,
             status: Some(404),
             content_type: Some("text/html".into()),
@@ -482,6 +507,19 @@ mod tests {
             queue_timeout: Some(Duration::from_secs(2)),
         };
         assert_eq!(s, expected);
+    }
+
+    #[test]
+    fn keepalive_and_user_timeout_take_off_and_plain_numbers() {
+        let (_, s) = parsed("tcp-keepalive = \"off\"\ntcp-user-timeout = \"off\"");
+        assert_eq!(s.tcp_keepalive, Some(None));
+        assert_eq!(s.tcp_user_timeout, Some(None));
+        let (_, s) = parsed("tcp-keepalive = \"60:10:6\"\ntcp-user-timeout = 30");
+        assert_eq!(
+            s.tcp_keepalive,
+            Some(Some(crate::config::DEFAULT_UPSTREAM_KEEPALIVE))
+        );
+        assert_eq!(s.tcp_user_timeout, Some(Some(Duration::from_secs(30))));
     }
 
     #[test]
@@ -529,6 +567,14 @@ mod tests {
             (
                 "metrics-listen = \"9464\"",
                 "e.toml:1: key metrics-listen: invalid address '9464'",
+            ),
+            (
+                "workers = 1\ntcp-keepalive = \"60:10\"",
+                "e.toml:2: key tcp-keepalive: invalid keepalive '60:10': expected IDLE:INTERVAL:COUNT",
+            ),
+            (
+                "tcp-user-timeout = \"never\"",
+                "e.toml:1: key tcp-user-timeout: invalid duration 'never'",
             ),
             (
                 "header = [\"nocolon\"]",

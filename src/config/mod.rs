@@ -17,7 +17,8 @@ pub mod settings;
 
 pub use cidr::{parse_cidr, Cidr};
 pub use parse::{
-    parse_duration, parse_escaped, parse_header, parse_listen, parse_metrics_listen, parse_size,
+    parse_duration, parse_escaped, parse_header, parse_keepalive, parse_listen,
+    parse_metrics_listen, parse_size, parse_user_timeout,
 };
 pub use settings::{load, Body, LoadError, Loaded, Settings};
 
@@ -75,6 +76,20 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// proxy sends the header in its first segment, so 5 s is slack for a loaded proxy
 /// while a silent or dribbling peer holds its descriptor for little longer.
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keepalive on relay's upstream sockets unless `--tcp-keepalive` says otherwise: an
+/// upstream host that dies or is cut off without a FIN or reset would otherwise hold
+/// its pair until `--idle-timeout` (10 minutes), and a firewall or NAT between relay
+/// and upstream that forgets idle flows (AWS NLB after 350 s, conntrack) would cut a
+/// quiet pool connection silently. Probes after 60 s of silence, every 10 s, 6
+/// unanswered: a dead upstream is found within 2 minutes, and a live one costs one
+/// small packet a minute each way. Client sockets keep the kernel's default (off):
+/// clients are many, often behind links that charge per packet, and the idle timeout
+/// bounds them.
+pub const DEFAULT_UPSTREAM_KEEPALIVE: Keepalive = Keepalive {
+    idle: Duration::from_secs(60),
+    interval: Duration::from_secs(10),
+    count: 6,
+};
 /// Default address of the Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     std::net::Ipv4Addr::LOCALHOST,
@@ -125,10 +140,77 @@ pub struct Config {
     /// With `accept_proxy`, a connection whose header is not complete this long after
     /// it was accepted is closed.
     pub proxy_header_timeout: Duration,
+    /// TCP keepalive on client sockets (every mode); None: off (SO_KEEPALIVE 0, also
+    /// on listeners a reload hands over with it on).
+    pub tcp_keepalive: Option<Keepalive>,
+    /// TCP_USER_TIMEOUT on client sockets and relay's upstream sockets: how long sent
+    /// data may go unacknowledged before the kernel drops the connection; None: the
+    /// kernel's default (TCP_USER_TIMEOUT 0).
+    pub tcp_user_timeout: Option<Duration>,
     /// The response and limits of http mode.
     pub http: HttpConfig,
     /// The upstreams and their handling in relay mode.
     pub relay: RelayConfig,
+}
+
+/// TCP keepalive as `--tcp-keepalive IDLE:INTERVAL:COUNT` gives it: after `idle`
+/// without traffic either way the kernel sends a probe, then one every `interval`,
+/// and drops the connection after `count` unanswered ones (with
+/// `--tcp-user-timeout`, once that long has passed instead; see tcp(7)). The kernel
+/// counts whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// TCP_KEEPIDLE.
+    pub idle: Duration,
+    /// TCP_KEEPINTVL.
+    pub interval: Duration,
+    /// TCP_KEEPCNT.
+    pub count: u32,
+}
+
+/// The largest TCP_KEEPIDLE and TCP_KEEPINTVL the kernel accepts (MAX_TCP_KEEPIDLE,
+/// MAX_TCP_KEEPINTVL), in seconds.
+pub const MAX_KEEPALIVE_SECS: u64 = 32767;
+/// The largest TCP_KEEPCNT the kernel accepts (MAX_TCP_KEEPCNT).
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+/// The largest TCP_USER_TIMEOUT, in milliseconds: the kernel takes an int (24.8 days).
+pub const MAX_USER_TIMEOUT_MS: u128 = i32::MAX as u128;
+
+impl Keepalive {
+    /// Checks the values against the ranges the kernel accepts, so that a bad value
+    /// stops the start with a message instead of failing on every socket.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (what, option, d) in [
+            ("IDLE", "TCP_KEEPIDLE", self.idle),
+            ("INTERVAL", "TCP_KEEPINTVL", self.interval),
+        ] {
+            if d.subsec_nanos() != 0 || !(1..=MAX_KEEPALIVE_SECS).contains(&d.as_secs()) {
+                return Err(ConfigError::Keepalive(format!(
+                    "{what} must be whole seconds from 1 to {MAX_KEEPALIVE_SECS} ({option}), got {d:?}"
+                )));
+            }
+        }
+        if !(1..=MAX_KEEPALIVE_COUNT).contains(&self.count) {
+            return Err(ConfigError::Keepalive(format!(
+                "COUNT must be from 1 to {MAX_KEEPALIVE_COUNT} (TCP_KEEPCNT), got {}",
+                self.count
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Keepalive {
+    /// As `--tcp-keepalive` takes it: `60s:10s:6`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}s:{}s:{}",
+            self.idle.as_secs(),
+            self.interval.as_secs(),
+            self.count
+        )
+    }
 }
 
 /// How relay mode picks an upstream for a new client.
@@ -184,6 +266,10 @@ pub struct RelayConfig {
     pub max_queue: usize,
     /// How long a client may wait for an upstream slot.
     pub queue_timeout: Duration,
+    /// TCP keepalive on upstream sockets: [`DEFAULT_UPSTREAM_KEEPALIVE`] unless
+    /// `--tcp-keepalive` is given, which sets it for clients and upstreams alike;
+    /// None: off.
+    pub upstream_keepalive: Option<Keepalive>,
 }
 
 /// The longest `--max-queue`: a client that leaves the queue from its middle costs a
@@ -290,6 +376,7 @@ impl Default for RelayConfig {
             max_conns_per_upstream: None,
             max_queue: 1024,
             queue_timeout: Duration::from_secs(5),
+            upstream_keepalive: Some(DEFAULT_UPSTREAM_KEEPALIVE),
         }
     }
 }
@@ -331,6 +418,9 @@ impl RelayConfig {
         }
         if self.queue_timeout.is_zero() {
             return Err(ConfigError::Zero("queue-timeout"));
+        }
+        if let Some(k) = &self.upstream_keepalive {
+            k.validate()?;
         }
         Ok(())
     }
@@ -457,6 +547,8 @@ impl Config {
             accept_proxy: false,
             trusted_proxies: Vec::new(),
             proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
+            tcp_keepalive: None,
+            tcp_user_timeout: None,
             http: HttpConfig::default(),
             relay: RelayConfig::default(),
         }
@@ -507,6 +599,17 @@ impl Config {
         }
         if self.proxy_header_timeout.is_zero() {
             return Err(ConfigError::Zero("proxy-header-timeout"));
+        }
+        if let Some(k) = &self.tcp_keepalive {
+            k.validate()?;
+        }
+        if let Some(t) = self.tcp_user_timeout {
+            if t.is_zero() {
+                return Err(ConfigError::Zero("tcp-user-timeout"));
+            }
+            if t.subsec_nanos() % 1_000_000 != 0 || t.as_millis() > MAX_USER_TIMEOUT_MS {
+                return Err(ConfigError::UserTimeout(t));
+            }
         }
         if self.mode == Mode::Http {
             self.http.validate()?;
@@ -564,6 +667,10 @@ pub enum ConfigError {
          no PROXY header would be read; add accept-proxy or remove trusted-proxy"
     )]
     TrustedWithoutAccept,
+    #[error("tcp-keepalive (--tcp-keepalive): {0}")]
+    Keepalive(String),
+    #[error("tcp-user-timeout (--tcp-user-timeout) must be whole milliseconds up to {MAX_USER_TIMEOUT_MS}ms (TCP_USER_TIMEOUT), got {0:?}")]
+    UserTimeout(Duration),
     #[error("{0}")]
     Http(String),
     #[error("{0}")]
@@ -610,6 +717,80 @@ mod tests {
         assert!(err.to_string().starts_with(
             "trusted-proxy (--trusted-proxy) is set but accept-proxy (--accept-proxy) is not"
         ));
+    }
+
+    #[test]
+    fn keepalive_and_user_timeout_outside_the_kernels_ranges_are_refused() {
+        let secs = Duration::from_secs;
+        let mut config = Config::new(Mode::Echo);
+        let k = |idle, interval, count| Keepalive {
+            idle,
+            interval,
+            count,
+        };
+        for (keepalive, message) in [
+            (
+                k(secs(0), secs(10), 6),
+                "tcp-keepalive (--tcp-keepalive): IDLE must be whole seconds from 1 to 32767 (TCP_KEEPIDLE), got 0ns",
+            ),
+            (
+                k(secs(32768), secs(10), 6),
+                "tcp-keepalive (--tcp-keepalive): IDLE must be whole seconds from 1 to 32767 (TCP_KEEPIDLE), got 32768s",
+            ),
+            (
+                k(Duration::from_millis(1500), secs(10), 6),
+                "tcp-keepalive (--tcp-keepalive): IDLE must be whole seconds from 1 to 32767 (TCP_KEEPIDLE), got 1.5s",
+            ),
+            (
+                k(secs(60), Duration::from_millis(500), 6),
+                "tcp-keepalive (--tcp-keepalive): INTERVAL must be whole seconds from 1 to 32767 (TCP_KEEPINTVL), got 500ms",
+            ),
+            (
+                k(secs(60), secs(10), 0),
+                "tcp-keepalive (--tcp-keepalive): COUNT must be from 1 to 127 (TCP_KEEPCNT), got 0",
+            ),
+            (
+                k(secs(60), secs(10), 128),
+                "tcp-keepalive (--tcp-keepalive): COUNT must be from 1 to 127 (TCP_KEEPCNT), got 128",
+            ),
+        ] {
+            config.tcp_keepalive = Some(keepalive);
+            assert_eq!(config.validate().unwrap_err().to_string(), message);
+        }
+        config.tcp_keepalive = Some(k(secs(32767), secs(32767), 127));
+        assert_eq!(config.validate(), Ok(()));
+        config.tcp_keepalive = Some(k(secs(1), secs(1), 1));
+        assert_eq!(config.validate(), Ok(()));
+
+        config.tcp_user_timeout = Some(Duration::ZERO);
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "tcp-user-timeout (--tcp-user-timeout) must be greater than zero"
+        );
+        config.tcp_user_timeout = Some(Duration::from_micros(1500));
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "tcp-user-timeout (--tcp-user-timeout) must be whole milliseconds up to 2147483647ms (TCP_USER_TIMEOUT), got 1.5ms"
+        );
+        config.tcp_user_timeout = Some(Duration::from_millis(1 << 31));
+        assert!(config.validate().is_err());
+        config.tcp_user_timeout = Some(Duration::from_millis((1 << 31) - 1));
+        assert_eq!(config.validate(), Ok(()));
+
+        // Relay's upstream keepalive is checked as well, under the same flag.
+        let mut relay = Config::new(Mode::Relay);
+        relay.relay.upstreams = vec!["127.0.0.1:6379".parse().unwrap()];
+        assert_eq!(
+            relay.relay.upstream_keepalive,
+            Some(DEFAULT_UPSTREAM_KEEPALIVE)
+        );
+        assert_eq!(relay.validate(), Ok(()));
+        relay.relay.upstream_keepalive = Some(k(secs(60), secs(10), 200));
+        assert!(relay
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("tcp-keepalive (--tcp-keepalive): COUNT"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::Keepalive;
+
 /// Parses `--header 'Name: value'`.
 pub fn parse_header(s: &str) -> Result<(String, String), String> {
     let (name, value) = s
@@ -64,6 +66,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("invalid duration '{s}': out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `--tcp-keepalive`: `IDLE:INTERVAL:COUNT`, the two durations as
+/// [`parse_duration`] takes them (`60s:10s:6`, `60:10:6`, `2m:30s:4`), or `off`. The
+/// ranges the kernel accepts are checked with the rest of the configuration
+/// ([`Keepalive::validate`]).
+pub fn parse_keepalive(s: &str) -> Result<Option<Keepalive>, String> {
+    let t = s.trim();
+    if t == "off" {
+        return Ok(None);
+    }
+    let hint = "expected IDLE:INTERVAL:COUNT such as 60s:10s:6, or off";
+    let parts: Vec<&str> = t.split(':').collect();
+    let [idle, interval, count] = parts[..] else {
+        return Err(format!("invalid keepalive '{s}': {hint}"));
+    };
+    let idle = parse_duration(idle).map_err(|e| format!("invalid keepalive '{s}': IDLE: {e}"))?;
+    let interval =
+        parse_duration(interval).map_err(|e| format!("invalid keepalive '{s}': INTERVAL: {e}"))?;
+    let count = count.trim().parse::<u32>().map_err(|_| {
+        format!("invalid keepalive '{s}': COUNT '{count}' is not a whole number of probes; {hint}")
+    })?;
+    Ok(Some(Keepalive {
+        idle,
+        interval,
+        count,
+    }))
+}
+
+/// Parses `--tcp-user-timeout`: a duration as [`parse_duration`] takes it, or `off`.
+pub fn parse_user_timeout(s: &str) -> Result<Option<Duration>, String> {
+    match s.trim() {
+        "off" => Ok(None),
+        t => parse_duration(t).map(Some),
+    }
 }
 
 /// Parses a listen address: `IP:PORT` (`[::1]:7000` for IPv6), or `HOST:PORT`
@@ -167,6 +204,47 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn keepalives() {
+        let k = |idle, interval, count| {
+            Ok(Some(Keepalive {
+                idle: Duration::from_secs(idle),
+                interval: Duration::from_secs(interval),
+                count,
+            }))
+        };
+        assert_eq!(parse_keepalive("60s:10s:6"), k(60, 10, 6));
+        assert_eq!(parse_keepalive("60:10:6"), k(60, 10, 6));
+        assert_eq!(parse_keepalive("2m:30s:4"), k(120, 30, 4));
+        assert_eq!(parse_keepalive("off"), Ok(None));
+        assert_eq!(
+            parse_keepalive("60:10").unwrap_err(),
+            "invalid keepalive '60:10': expected IDLE:INTERVAL:COUNT such as 60s:10s:6, or off"
+        );
+        assert!(parse_keepalive("60:10:6:1").is_err());
+        assert!(parse_keepalive("on").is_err());
+        assert!(parse_keepalive("1d:10:6")
+            .unwrap_err()
+            .starts_with("invalid keepalive '1d:10:6': IDLE: invalid duration '1d'"));
+        assert!(parse_keepalive("60:x:6")
+            .unwrap_err()
+            .starts_with("invalid keepalive '60:x:6': INTERVAL: invalid duration 'x'"));
+        assert!(parse_keepalive("60:10:-1")
+            .unwrap_err()
+            .starts_with("invalid keepalive '60:10:-1': COUNT '-1' is not a whole number"));
+    }
+
+    #[test]
+    fn user_timeouts() {
+        assert_eq!(parse_user_timeout("30s"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(
+            parse_user_timeout("1500ms"),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(parse_user_timeout("off"), Ok(None));
+        assert!(parse_user_timeout("soon").is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, Mode};
+use super::{file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, Keepalive, Mode};
 
 /// Where the body of http mode's response comes from. One setting with two spellings,
 /// so that `--body` on the command line overrides `body-file` in a file and back.
@@ -53,6 +53,11 @@ pub struct Settings {
     pub trusted_proxies: Option<Vec<Cidr>>,
     /// `proxy-header-timeout`.
     pub proxy_header_timeout: Option<Duration>,
+    /// `tcp-keepalive`, for client sockets and (relay) upstream sockets alike;
+    /// `Some(None)` is "off".
+    pub tcp_keepalive: Option<Option<Keepalive>>,
+    /// `tcp-user-timeout`; `Some(None)` is "off".
+    pub tcp_user_timeout: Option<Option<Duration>>,
     /// `body` or `body-file` (http).
     pub body: Option<Body>,
     /// `status` (http).
@@ -240,6 +245,8 @@ impl Settings {
             accept_proxy,
             trusted_proxies,
             proxy_header_timeout,
+            tcp_keepalive,
+            tcp_user_timeout,
             body,
             status,
             content_type,
@@ -280,6 +287,8 @@ impl Settings {
             accept_proxy: accept_proxy.or(lower.accept_proxy),
             trusted_proxies: trusted_proxies.or(lower.trusted_proxies),
             proxy_header_timeout: proxy_header_timeout.or(lower.proxy_header_timeout),
+            tcp_keepalive: tcp_keepalive.or(lower.tcp_keepalive),
+            tcp_user_timeout: tcp_user_timeout.or(lower.tcp_user_timeout),
             body: body.or(lower.body),
             status: status.or(lower.status),
             content_type: content_type.or(lower.content_type),
@@ -307,7 +316,9 @@ impl Settings {
     }
 
     /// The first key set here that `mode` does not have (an `upstream` for echo), with
-    /// the mode that has it; as the command line refuses `echo --upstream`.
+    /// the mode that has it; as the command line refuses `echo --upstream`. Keys of
+    /// every mode (`listen` to `metrics-listen`, `tcp-keepalive`, `tcp-user-timeout`)
+    /// are not listed.
     pub fn key_foreign_to(&self, mode: Mode) -> Option<(&'static str, Mode)> {
         let body_key = match self.body {
             Some(Body::File(_)) => "body-file",
@@ -392,6 +403,13 @@ impl Settings {
             c.trusted_proxies = once;
         }
         c.proxy_header_timeout = self.proxy_header_timeout.unwrap_or(c.proxy_header_timeout);
+        // One setting for both kinds of socket: given, it replaces relay's upstream
+        // default too, so `off` turns keepalive off everywhere.
+        if let Some(keepalive) = self.tcp_keepalive {
+            c.tcp_keepalive = keepalive;
+            c.relay.upstream_keepalive = keepalive;
+        }
+        c.tcp_user_timeout = self.tcp_user_timeout.unwrap_or(c.tcp_user_timeout);
 
         let h = &mut c.http;
         match &self.body {
@@ -582,6 +600,56 @@ mod tests {
                 upstreams: vec![addr("127.0.0.1:6379")],
                 ..Default::default()
             }
+        );
+    }
+
+    #[test]
+    fn tcp_keepalive_sets_clients_and_upstreams_and_off_turns_both_off() {
+        let relay = |tcp_keepalive| {
+            Settings {
+                upstreams: Some(vec![addr("127.0.0.1:6379")]),
+                tcp_keepalive,
+                ..Settings::default()
+            }
+            .to_config(Mode::Relay)
+            .unwrap()
+        };
+        let unset = relay(None);
+        assert_eq!(unset.tcp_keepalive, None);
+        assert_eq!(
+            unset.relay.upstream_keepalive,
+            Some(crate::config::DEFAULT_UPSTREAM_KEEPALIVE)
+        );
+        let off = relay(Some(None));
+        assert_eq!(
+            (off.tcp_keepalive, off.relay.upstream_keepalive),
+            (None, None)
+        );
+        let k = Keepalive {
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(5),
+            count: 3,
+        };
+        let on = relay(Some(Some(k)));
+        assert_eq!(
+            (on.tcp_keepalive, on.relay.upstream_keepalive),
+            (Some(k), Some(k))
+        );
+        // A flag's off overrides a file's keepalive, as metrics-listen's does.
+        let flags = Settings {
+            tcp_keepalive: Some(None),
+            tcp_user_timeout: Some(None),
+            ..Settings::default()
+        };
+        let file = Settings {
+            tcp_keepalive: Some(Some(k)),
+            tcp_user_timeout: Some(Some(Duration::from_secs(9))),
+            ..Settings::default()
+        };
+        let merged = flags.over(file).to_config(Mode::Echo).unwrap();
+        assert_eq!(
+            (merged.tcp_keepalive, merged.tcp_user_timeout),
+            (None, None)
         );
     }
 

@@ -397,6 +397,11 @@ fn connect(pair: &mut Pair, ctx: &mut Ctx<'_>, ups: &Upstreams, lease: Lease) ->
     };
     // Relayed request/response traffic must not wait for Nagle.
     let _ = socket::set_nodelay(fd.as_fd());
+    // A new socket cannot fail these for a reason of its peer's; if it does, the
+    // pair is relayed without them rather than refused.
+    if let Err(e) = ups.timeouts.apply_to_new(fd.as_fd()) {
+        tracing::debug!("{e}; relaying to {} without keepalive", up.addr);
+    }
     if let Err(e) = ctx
         .epoll
         .add(fd.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)
@@ -1096,6 +1101,8 @@ pub fn moved(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
     let p = pair(conn);
     match p.upstream.as_ref() {
         Some(up) => {
+            // Set by the process it comes from: this one's options apply from now on.
+            let _ = relay.upstreams.timeouts.apply(up.as_fd());
             if let Err(e) = ctx
                 .epoll
                 .add(up.as_fd(), ctx.token.upstream().0, SOCKET_INTEREST)

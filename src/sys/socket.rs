@@ -203,6 +203,148 @@ pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
         .map_err(|e| super::context(e, format!("setsockopt TCP_NODELAY fd {}", fd.as_raw_fd())))
 }
 
+/// Turns TCP keepalive on or off (SO_KEEPALIVE): with it on, a connection idle for
+/// TCP_KEEPIDLE seconds is probed, and one whose peer stopped answering is dropped
+/// (reads and writes then fail with ETIMEDOUT).
+pub fn set_keepalive(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, on as i32)
+        .map_err(|e| super::context(e, format!("setsockopt SO_KEEPALIVE fd {}", fd.as_raw_fd())))
+}
+
+/// Seconds without traffic before the first keepalive probe (TCP_KEEPIDLE, 1 to
+/// 32767 in the kernel).
+pub fn set_keepalive_idle(fd: BorrowedFd<'_>, secs: u32) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        clamp_int(secs as u64),
+    )
+    .map_err(|e| super::context(e, format!("setsockopt TCP_KEEPIDLE fd {}", fd.as_raw_fd())))
+}
+
+/// Seconds between unanswered keepalive probes (TCP_KEEPINTVL, 1 to 32767).
+pub fn set_keepalive_interval(fd: BorrowedFd<'_>, secs: u32) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        clamp_int(secs as u64),
+    )
+    .map_err(|e| super::context(e, format!("setsockopt TCP_KEEPINTVL fd {}", fd.as_raw_fd())))
+}
+
+/// Unanswered keepalive probes after which the connection is dropped (TCP_KEEPCNT, 1
+/// to 127).
+pub fn set_keepalive_count(fd: BorrowedFd<'_>, count: u32) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPCNT,
+        clamp_int(count as u64),
+    )
+    .map_err(|e| super::context(e, format!("setsockopt TCP_KEEPCNT fd {}", fd.as_raw_fd())))
+}
+
+/// Milliseconds sent data may stay unacknowledged (a zero window included) before the
+/// kernel drops the connection with ETIMEDOUT (TCP_USER_TIMEOUT); 0 restores the
+/// kernel's default (retries per net.ipv4.tcp_retries2). With keepalive on, it also
+/// replaces TCP_KEEPCNT: probes go on until this long has passed (tcp(7)).
+pub fn set_user_timeout(fd: BorrowedFd<'_>, ms: u32) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        clamp_int(ms as u64),
+    )
+    .map_err(|e| {
+        super::context(
+            e,
+            format!("setsockopt TCP_USER_TIMEOUT fd {}", fd.as_raw_fd()),
+        )
+    })
+}
+
+/// A value for an int option; the callers' values are validated well below this.
+fn clamp_int(v: u64) -> i32 {
+    v.min(i32::MAX as u64) as i32
+}
+
+/// The keepalive and user-timeout options of a socket, as the kernel reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveOptions {
+    /// SO_KEEPALIVE.
+    pub enabled: bool,
+    /// TCP_KEEPIDLE, seconds.
+    pub idle_secs: u32,
+    /// TCP_KEEPINTVL, seconds.
+    pub interval_secs: u32,
+    /// TCP_KEEPCNT.
+    pub count: u32,
+    /// TCP_USER_TIMEOUT, milliseconds; 0 is the kernel's default.
+    pub user_timeout_ms: u32,
+}
+
+/// Reads a socket's [`KeepaliveOptions`] (five getsockopt calls): what tests and the
+/// operator's own tools see.
+pub fn keepalive_options(fd: BorrowedFd<'_>) -> io::Result<KeepaliveOptions> {
+    let get = |level, name, what: &str| {
+        get_int_option(fd, level, name)
+            .map(|v| v.max(0) as u32)
+            .map_err(|e| super::context(e, format!("getsockopt {what} fd {}", fd.as_raw_fd())))
+    };
+    Ok(KeepaliveOptions {
+        enabled: get(libc::SOL_SOCKET, libc::SO_KEEPALIVE, "SO_KEEPALIVE")? != 0,
+        idle_secs: get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE")?,
+        interval_secs: get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL")?,
+        count: get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, "TCP_KEEPCNT")?,
+        user_timeout_ms: get(
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            "TCP_USER_TIMEOUT",
+        )?,
+    })
+}
+
+/// A new descriptor of this process's TCP socket bound to `local` and connected to
+/// `peer`, if it has one: found through /proc/self/fd, duplicated
+/// (F_DUPFD_CLOEXEC), and checked after the duplication, so a descriptor closed and
+/// reused meanwhile is never mistaken for it. A server started through the library
+/// runs in the test's process, so a test reads the options of the very sockets the
+/// server accepted and connected (with [`keepalive_options`]).
+pub fn find_connection(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<OwnedFd>> {
+    let dir = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| super::context(e, "read_dir /proc/self/fd"))?;
+    for entry in dir.flatten() {
+        let Some(raw) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Not a socket, or already closed: skip it without a system call on it.
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:["));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: fcntl F_DUPFD_CLOEXEC takes plain ints; a number that is no longer
+        // open fails with EBADF and nothing else happens.
+        let Ok(dup) = syscall!(fcntl(raw, libc::F_DUPFD_CLOEXEC, 0)) else {
+            continue;
+        };
+        // SAFETY: `dup` is new and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+        let matches = local_addr(fd.as_fd()).is_ok_and(|a| a == local)
+            && peer_addr(fd.as_fd()).is_ok_and(|a| a == peer);
+        if matches {
+            return Ok(Some(fd));
+        }
+    }
+    Ok(None)
+}
+
 /// Sets the socket's send buffer (SO_SNDBUF; the kernel doubles the value for its
 /// bookkeeping and disables autotuning for this socket). The `pollers` benchmark uses
 /// a small one to make writes short, as a slow reader does.

@@ -33,7 +33,8 @@ use std::time::Instant;
 
 use parking_lot::RwLock;
 
-use crate::config::{Balance, RelayConfig};
+use crate::config::{Balance, Config};
+use crate::keepalive::PeerTimeouts;
 use crate::metrics::{ConnectError, Metrics, UpstreamMetrics};
 use queue::Queue;
 
@@ -193,10 +194,13 @@ pub struct Upstreams {
     limit: usize,
     /// With `--max-conns-per-upstream`: the clients waiting for a slot.
     pub queue: Option<Arc<Queue>>,
+    /// Keepalive and user timeout of upstream sockets (see `crate::keepalive`).
+    pub timeouts: PeerTimeouts,
 }
 
 impl Upstreams {
-    pub fn new(config: &RelayConfig, metrics: &Arc<Metrics>) -> Upstreams {
+    pub fn new(full: &Config, metrics: &Arc<Metrics>) -> Upstreams {
+        let config = &full.relay;
         let limit = config.max_conns_per_upstream.unwrap_or(usize::MAX);
         let queue = config.max_conns_per_upstream.map(|_| {
             let (length, wait) = metrics.upstream_queue();
@@ -222,6 +226,7 @@ impl Upstreams {
             metrics: Arc::clone(metrics),
             limit,
             queue,
+            timeouts: PeerTimeouts::upstreams(full),
         }
     }
 
