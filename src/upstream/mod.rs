@@ -23,6 +23,7 @@
 //! counted, until its last pair closes.
 
 pub mod health;
+pub mod hosts;
 
 use std::io;
 use std::net::SocketAddr;
