@@ -273,6 +273,47 @@ fn a_lookup_that_fails_keeps_the_set_and_the_name_is_followed_again_after() {
 }
 
 #[test]
+fn an_address_that_comes_back_while_its_pairs_remain_counts_them_still() {
+    let _one = one_at_a_time();
+    let (port, _pods) = pods(&[2, 3]);
+    let (a, b) = (pod(2, port), pod(3, port));
+    let hosts = HostsFile::new("back", "127.0.0.2 svc.test\n");
+    let name = format!("svc.test:{port}");
+    let relay = relay(&[&name], &hosts, |s| {
+        s.balance = Some(edgepoll::config::Balance::LeastConn)
+    });
+    let mut held: Vec<_> = (0..2).map(|_| connect(relay.local_addr())).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        echo_roundtrip(s, &pattern(i as u64, 0, 100));
+    }
+
+    // The address leaves, and comes back while its two pairs are open.
+    hosts.write("127.0.0.3 svc.test\n");
+    wait_for("the removal", || {
+        changes(&relay, &name, AddressChange::Removed) == 1
+    });
+    hosts.write("127.0.0.3 svc.test\n127.0.0.2 svc.test\n");
+    wait_for("the return", || {
+        changes(&relay, &name, AddressChange::Added) == 2
+    });
+
+    // Least-conn still sees its two pairs: the next two clients (kept open) both go
+    // to the other address. Had it come back counting none, one of them would be sent
+    // to it.
+    for i in 0..2 {
+        let mut s = connect(relay.local_addr());
+        echo_roundtrip(&mut s, &pattern(10 + i, 0, 100));
+        held.push(s);
+    }
+    assert_eq!((connects(&relay, a), connects(&relay, b)), (2, 2));
+    assert_eq!((active(&relay, a), active(&relay, b)), (2, 2));
+    drop(held);
+    wait_for("every pair to close", || {
+        active(&relay, a) == 0 && active(&relay, b) == 0
+    });
+}
+
+#[test]
 fn an_ip_literal_stays_whatever_a_name_that_shares_its_address_answers() {
     let _one = one_at_a_time();
     let (port, _pods) = pods(&[2, 3, 4]);
