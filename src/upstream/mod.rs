@@ -192,6 +192,7 @@ impl Upstreams {
             return up;
         }
         let up = Arc::new(Upstream::new(addr, &self.metrics));
+        outside.retain(|_, w| w.strong_count() > 0);
         outside.insert(addr, Arc::downgrade(&up));
         up
     }
