@@ -56,7 +56,10 @@
 //! - [`upstream`]: relay's upstreams: the set workers pick from, each upstream's
 //!   up/down verdict and the lease a pair holds on it; `upstream::health`, the one
 //!   thread that probes them (`--health-check`); `upstream::queue`, the clients
-//!   waiting for a slot (`--max-conns-per-upstream`).
+//!   waiting for a slot (`--max-conns-per-upstream`);
+//!   `upstream::resolve`, the one thread
+//!   that looks upstream names up again and changes the set (`--resolve-interval`);
+//!   `upstream::hosts`, the lookup itself (`--hosts-file`, then getaddrinfo).
 //! - [`http1`]: the chunked-body decoder and header helpers http mode uses.
 //! - [`metrics`]: the Prometheus registry, per-worker counters, counters carried
 //!   across a reload, and the `/metrics`, `/healthz`, `/readyz` endpoint.

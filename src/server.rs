@@ -24,6 +24,7 @@ use crate::shutdown::Lifecycle;
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket;
 use crate::upstream::health::Prober;
+use crate::upstream::resolve::Resolver;
 use crate::upstream::Upstreams;
 use crate::worker::{Msg, Waker, Worker, WorkerHandle, WorkerShared};
 use crossbeam_channel::Sender;
@@ -101,6 +102,9 @@ pub struct Server {
     next_adopt: std::sync::atomic::AtomicUsize,
     /// Relay with `--health-check`: the thread that probes the upstreams.
     prober: Option<Prober>,
+    /// Relay with upstream names and `--resolve-interval`: the thread that looks them
+    /// up again and changes the set.
+    resolver: Option<Resolver>,
 }
 
 impl Server {
@@ -162,9 +166,13 @@ impl Server {
             metrics_dup: None,
             next_adopt: std::sync::atomic::AtomicUsize::new(0),
             prober: None,
+            resolver: None,
         };
         if let (Some(ups), Some(check)) = (&shared.upstreams, &config.relay.health_check) {
             server.prober = Some(Prober::start(Arc::clone(ups), check.clone())?);
+        }
+        if let Some(ups) = &shared.upstreams {
+            server.resolver = Resolver::start(Arc::clone(ups), &config.relay, &metrics)?;
         }
         // On any error below, dropping `server` stops what has started.
         let cores = if config.pin_workers {

@@ -110,6 +110,8 @@ fn relay_help_lists_its_flags() {
             "--max-conns-per-upstream",
             "--max-queue",
             "--queue-timeout",
+            "--resolve-interval",
+            "--hosts-file",
             "--idle-timeout",
             "--tcp-keepalive",
             "upstream sockets 60s:10s:6",
@@ -285,6 +287,40 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
                 "0",
             ],
             "proxy-header-timeout (--proxy-header-timeout) must be greater than zero",
+        ),
+        (
+            vec!["relay", "--upstream", "db.svc", "--resolve-interval", "5"],
+            "invalid address 'db.svc': expected HOST:PORT",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--resolve-interval",
+                "soon",
+            ],
+            "--resolve-interval: invalid duration 'soon'",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "127.0.0.1:6379",
+                "--resolve-interval",
+                "5ms",
+            ],
+            "resolve-interval (--resolve-interval) 5ms: at least 10ms, or off",
+        ),
+        (
+            vec![
+                "relay",
+                "--upstream",
+                "db.svc:6379",
+                "--hosts-file",
+                "/nonexistent/hosts",
+            ],
+            "hosts-file (--hosts-file): read /nonexistent/hosts: No such file or directory",
         ),
     ] {
         let out = edgepoll().args(&args).output().unwrap();

@@ -249,6 +249,21 @@ fn check_refuses_an_invalid_file_with_status_2_and_names_the_key() {
             "at least one",
         ),
         (
+            "mode = \"relay\"\nupstream = \"db.svc:6379\"\nhosts-file = \"missing-hosts\"\n",
+            "hosts-file (--hosts-file): read ",
+            "missing-hosts: No such file",
+        ),
+        (
+            "mode = \"relay\"\nupstream = \"127.0.0.1:6379\"\nresolve-interval = \"1ms\"\n",
+            "resolve-interval (--resolve-interval)",
+            "at least 10ms",
+        ),
+        (
+            "mode = \"relay\"\nupstream = \"127.0.0.1:6379\"\nresolve-interval = \"soon\"\n",
+            "key resolve-interval",
+            "invalid duration 'soon'",
+        ),
+        (
             "mode = \"http\"\nbody-file = \"missing.html\"\n",
             "body-file (--body-file)",
             "No such file",

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use edgepoll::config::{
     self, parse_duration, parse_escaped, parse_keepalive, parse_listen, parse_metrics_listen,
-    parse_size, parse_user_timeout, Body, Config, LoadError, Mode, Settings,
+    parse_resolve_interval, parse_size, parse_upstream, parse_user_timeout, Body, Config, HostPort,
+    LoadError, Mode, Settings,
 };
 use edgepoll::handover;
 use edgepoll::keepalive::PeerTimeouts;
@@ -85,16 +86,27 @@ struct RelayArgs {
 /// The upstreams of relay mode and their handling.
 #[derive(Args)]
 struct UpstreamArgs {
-    /// Upstream to relay to, IP:PORT or HOST:PORT (resolved at start-up; a name with
-    /// several addresses adds each); repeat for several
+    /// Upstream to relay to, IP:PORT or HOST:PORT (a name with several addresses adds
+    /// each, and is looked up again every --resolve-interval); repeat for several
     #[arg(
         short,
         long = "upstream",
         value_name = "ADDR",
         required_unless_present = "config",
-        value_parser = parse_listen
+        value_parser = parse_upstream
     )]
-    upstreams: Vec<Vec<SocketAddr>>,
+    upstreams: Vec<HostPort>,
+
+    /// Look upstream names up again this often: addresses that appear get clients,
+    /// those that vanish get none (their pairs finish); 0 or off: at start-up only
+    /// [default: 30]
+    #[arg(long, value_name = "SECS|off")]
+    resolve_interval: Option<String>,
+
+    /// Look upstream names up in this hosts(5)-format file first (read anew at every
+    /// lookup), then through the system resolver
+    #[arg(long, value_name = "FILE")]
+    hosts_file: Option<PathBuf>,
 
     /// How a client's upstream is picked [default: round-robin]
     #[arg(long, value_enum)]
@@ -201,10 +213,20 @@ enum BalanceArg {
 }
 
 impl UpstreamArgs {
-    fn apply(&self, s: &mut Settings) {
+    fn apply(&self, s: &mut Settings) -> Result<(), LoadError> {
         if !self.upstreams.is_empty() {
-            s.upstreams = Some(self.upstreams.concat());
+            s.upstreams = Some(self.upstreams.clone());
         }
+        s.resolve_interval = self
+            .resolve_interval
+            .as_deref()
+            .map(parse_resolve_interval)
+            .transpose()
+            .map_err(|reason| LoadError::Flag {
+                flag: "resolve-interval",
+                reason,
+            })?;
+        s.hosts_file = self.hosts_file.clone();
         s.balance = self.balance.map(|b| match b {
             BalanceArg::RoundRobin => config::Balance::RoundRobin,
             BalanceArg::LeastConn => config::Balance::LeastConn,
@@ -229,6 +251,7 @@ impl UpstreamArgs {
         s.fall = h.fall;
         s.health_check_send = h.health_check_send.clone().map(|b| b.0);
         s.health_check_expect = h.health_check_expect.clone().map(|b| b.0);
+        Ok(())
     }
 }
 
@@ -455,7 +478,7 @@ impl Cli {
             }
             Some(Command::Relay(relay)) => {
                 relay.server.apply(&mut s)?;
-                relay.upstream.apply(&mut s);
+                relay.upstream.apply(&mut s)?;
                 Some(Mode::Relay)
             }
             Some(Command::Check) | None => None,
@@ -603,7 +626,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     if mode == Mode::Relay {
         let r = &server.config().relay;
-        let ups: Vec<String> = r.upstreams.iter().map(|a| a.to_string()).collect();
+        // A name is shown with the addresses it has now: `db.svc:6379 (10.0.0.5:6379)`.
+        let ups: Vec<String> = r
+            .upstream_entries
+            .iter()
+            .map(|e| match &e.given {
+                HostPort::Ip(addr) => addr.to_string(),
+                name => {
+                    let addrs: Vec<String> = e.addrs.iter().map(|a| a.to_string()).collect();
+                    format!("{name} ({})", addrs.join(", "))
+                }
+            })
+            .collect();
+        let follow = match (r.names().count(), r.resolve_interval) {
+            (0, _) => String::new(),
+            (_, Some(every)) => format!(", names looked up every {every:?}"),
+            (_, None) => ", names looked up at start-up only".to_string(),
+        };
         let checks = r.health_check.as_ref().map_or(String::new(), |c| {
             format!(
                 ", {} health checks every {:?} (timeout {:?}, rise {}, fall {})",
@@ -621,7 +660,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
         });
         tracing::info!(
-            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{}, {}{checks}{limit})",
+            "relaying to {} ({}, connect timeout {:?}, {} tr{} per client{}{}, {}{checks}{limit}{follow})",
             ups.join(", "),
             r.balance.name(),
             r.connect_timeout,

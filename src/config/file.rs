@@ -22,7 +22,8 @@ use serde::Deserialize;
 use super::settings::{Body, LoadError, Settings};
 use super::{
     parse_cidr, parse_duration, parse_escaped, parse_header, parse_keepalive, parse_listen,
-    parse_metrics_listen, parse_size, parse_user_timeout, Balance, CheckKind, Mode,
+    parse_metrics_listen, parse_resolve_interval, parse_size, parse_upstream, parse_user_timeout,
+    Balance, CheckKind, HostPort, Mode,
 };
 
 /// The file as written: every key optional, and nothing else allowed, so that a
@@ -56,6 +57,8 @@ struct ConfigFile {
     max_header_bytes: Option<Quantity>,
     header_timeout: Option<Quantity>,
     upstream: Option<Addresses>,
+    resolve_interval: Option<Quantity>,
+    hosts_file: Option<PathBuf>,
     balance: Option<String>,
     connect_timeout: Option<Quantity>,
     fail_timeout: Option<Quantity>,
@@ -82,8 +85,9 @@ pub fn read(path: &Path) -> Result<String, LoadError> {
     })
 }
 
-/// Parses `text`, the contents of the file at `path`. A relative `body-file` is taken
-/// from the file's directory, not from wherever edgepoll was started.
+/// Parses `text`, the contents of the file at `path`. A relative `body-file` or
+/// `hosts-file` is taken from the file's directory, not from wherever edgepoll was
+/// started.
 pub fn parse(text: &str, path: &Path) -> Result<(Option<Mode>, Settings), LoadError> {
     let file: ConfigFile = toml::from_str(text).map_err(|e| with_key(text, path, e))?;
     file.into_settings(path).map_err(|e| match e {
@@ -199,10 +203,20 @@ impl ConfigFile {
         let escaped = |v: Option<String>, key: &'static str| {
             v.map(|v| parse_escaped(&v)).transpose().map_err(bad(key))
         };
+        let beside = |file: PathBuf| path.parent().unwrap_or(Path::new("")).join(file);
         let settings = Settings {
             max_conns_per_upstream: self.max_conns_per_upstream,
             max_queue: self.max_queue,
             queue_timeout: duration(self.queue_timeout).map_err(bad("queue-timeout"))?,
+            resolve_interval: self
+                .resolve_interval
+                .map(|q| match q {
+                    Quantity::Text(s) => parse_resolve_interval(&s),
+                    other => duration(Some(other)).map(|d| d.filter(|d| !d.is_zero())),
+                })
+                .transpose()
+                .map_err(bad("resolve-interval"))?,
+            hosts_file: self.hosts_file.map(beside),
             health_check,
             health_check_interval: duration(self.health_check_interval)
                 .map_err(bad("health-check-interval"))?,
@@ -249,7 +263,7 @@ impl ConfigFile {
             headers,
             max_header_bytes: size(self.max_header_bytes).map_err(bad("max-header-bytes"))?,
             header_timeout: duration(self.header_timeout).map_err(bad("header-timeout"))?,
-            upstreams: addresses(self.upstream).map_err(bad("upstream"))?,
+            upstreams: upstreams(self.upstream).map_err(bad("upstream"))?,
             balance,
             connect_timeout: duration(self.connect_timeout).map_err(bad("connect-timeout"))?,
             fail_timeout: duration(self.fail_timeout).map_err(bad("fail-timeout"))?,
@@ -391,6 +405,12 @@ fn addresses(a: Option<Addresses>) -> Result<Option<Vec<std::net::SocketAddr>>, 
     Ok(Some(out))
 }
 
+/// Every entry as given, names not looked up yet, as `--upstream` takes them.
+fn upstreams(a: Option<Addresses>) -> Result<Option<Vec<HostPort>>, String> {
+    a.map(|Addresses(all)| all.iter().map(|s| parse_upstream(s)).collect())
+        .transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,7 +451,9 @@ mod tests {
             header = ["Cache-Control: no-store", "X-A: b"]
             max-header-bytes = "16KiB"
             header-timeout = 3
-            upstream = "127.0.0.1:6379"
+            upstream = ["127.0.0.1:6379", "db.svc:6379"]
+            resolve-interval = "10s"
+            hosts-file = "hosts"
             balance = "least-conn"
             connect-timeout = "500ms"
             fail-timeout = 0
@@ -488,7 +510,12 @@ mod tests {
             ]),
             max_header_bytes: Some(16 * 1024),
             header_timeout: Some(Duration::from_secs(3)),
-            upstreams: Some(vec!["127.0.0.1:6379".parse().unwrap()]),
+            upstreams: Some(vec![
+                HostPort::Ip("127.0.0.1:6379".parse().unwrap()),
+                HostPort::Name("db.svc".into(), 6379),
+            ]),
+            resolve_interval: Some(Some(Duration::from_secs(10))),
+            hosts_file: Some("/etc/edgepoll/hosts".into()),
             balance: Some(Balance::LeastConn),
             connect_timeout: Some(Duration::from_millis(500)),
             fail_timeout: Some(Duration::ZERO),
@@ -528,6 +555,23 @@ mod tests {
     }
 
     #[test]
+    fn resolve_interval_off_and_a_hosts_file_beside_the_file() {
+        for off in [
+            "resolve-interval = \"off\"",
+            "resolve-interval = 0",
+            "resolve-interval = \"0s\"",
+        ] {
+            assert_eq!(parsed(off).1.resolve_interval, Some(None), "{off}");
+        }
+        assert_eq!(
+            parsed("resolve-interval = 0.5").1.resolve_interval,
+            Some(Some(Duration::from_millis(500)))
+        );
+        let (_, s) = parsed("hosts-file = \"/srv/hosts\"");
+        assert_eq!(s.hosts_file, Some("/srv/hosts".into()));
+    }
+
+    #[test]
     fn a_relative_body_file_is_taken_from_the_files_directory() {
         let (_, s) = parsed("body-file = \"index.html\"");
         assert_eq!(s.body, Some(Body::File("/etc/edgepoll/index.html".into())));
@@ -563,6 +607,10 @@ mod tests {
             (
                 "upstream = \"nohost\"",
                 "e.toml:1: key upstream: invalid address 'nohost'",
+            ),
+            (
+                "resolve-interval = \"soon\"",
+                "e.toml:1: key resolve-interval: invalid duration 'soon'",
             ),
             (
                 "metrics-listen = \"9464\"",

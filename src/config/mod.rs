@@ -8,6 +8,7 @@
 //! - `cidr`: address ranges (`--trusted-proxy`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 mod cidr;
@@ -18,7 +19,8 @@ pub mod settings;
 pub use cidr::{parse_cidr, Cidr};
 pub use parse::{
     parse_duration, parse_escaped, parse_header, parse_keepalive, parse_listen,
-    parse_metrics_listen, parse_size, parse_user_timeout,
+    parse_metrics_listen, parse_resolve_interval, parse_size, parse_upstream, parse_user_timeout,
+    HostPort,
 };
 pub use settings::{load, Body, LoadError, Loaded, Settings};
 
@@ -90,6 +92,10 @@ pub const DEFAULT_UPSTREAM_KEEPALIVE: Keepalive = Keepalive {
     interval: Duration::from_secs(10),
     count: 6,
 };
+
+/// Default `--resolve-interval`: Kubernetes headless Services and DNS records with
+/// short TTLs change within a minute; a lookup every 30 s costs the resolver nothing.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default address of the Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     std::net::Ipv4Addr::LOCALHOST,
@@ -242,9 +248,20 @@ impl Balance {
 /// Where relay mode sends its clients, and how it treats upstreams that fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// Upstream addresses, resolved at start-up; a name with several addresses
-    /// contributes each of them.
+    /// Upstream addresses at start-up, each once: every IP literal given and every
+    /// address of every name given. The resolver changes the set a running server
+    /// picks from, never this.
     pub upstreams: Vec<SocketAddr>,
+    /// The `upstream` entries as given, each with the addresses it had when the
+    /// configuration was built; `upstreams` is their union, in order. Empty when
+    /// `upstreams` was set directly (as tests do): every address is then fixed.
+    pub upstream_entries: Vec<UpstreamEntry>,
+    /// How often the names among the entries are looked up again; None: only at
+    /// start-up.
+    pub resolve_interval: Option<Duration>,
+    /// A hosts(5) file where names are looked up before the system resolver, read
+    /// anew at every lookup.
+    pub hosts_file: Option<PathBuf>,
     /// How an upstream is picked for a new client.
     pub balance: Balance,
     /// A connect not complete by then counts as failed (reason `timeout`).
@@ -275,6 +292,14 @@ pub struct RelayConfig {
 /// The longest `--max-queue`: a client that leaves the queue from its middle costs a
 /// walk of it, so it stays short enough for that to be cheap.
 pub const MAX_QUEUE: usize = 100_000;
+
+/// One `upstream` entry and the addresses it had when the configuration was built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamEntry {
+    pub given: HostPort,
+    /// The literal's address, or every address of the name (at least one).
+    pub addrs: Vec<SocketAddr>,
+}
 
 /// What an active health-check probe does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,6 +391,9 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             upstreams: Vec::new(),
+            upstream_entries: Vec::new(),
+            resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
+            hosts_file: None,
             balance: Balance::RoundRobin,
             connect_timeout: Duration::from_secs(5),
             fail_timeout: Duration::from_secs(10),
@@ -381,8 +409,20 @@ impl Default for RelayConfig {
     }
 }
 
+/// The shortest `--resolve-interval`: shorter would be a busy loop, not a schedule
+/// (the same floor as `--health-check-interval`).
+pub const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(10);
+
 impl RelayConfig {
-    /// Upstreams tried per client.
+    /// The entries given as names, which the resolver follows.
+    pub fn names(&self) -> impl Iterator<Item = &UpstreamEntry> {
+        self.upstream_entries
+            .iter()
+            .filter(|e| matches!(e.given, HostPort::Name(..)))
+    }
+
+    /// Upstreams tried per client at start-up (the set may change; see
+    /// `upstream::Upstreams::tries`).
     pub fn tries(&self) -> usize {
         self.connect_retries.unwrap_or(self.upstreams.len()).max(1)
     }
@@ -403,6 +443,16 @@ impl RelayConfig {
         }
         if self.connect_retries == Some(0) {
             return Err(ConfigError::Zero("connect-retries"));
+        }
+        if self
+            .resolve_interval
+            .is_some_and(|d| d < MIN_RESOLVE_INTERVAL)
+        {
+            return Err(ConfigError::Relay(format!(
+                "resolve-interval (--resolve-interval) {:?}: at least {MIN_RESOLVE_INTERVAL:?}, \
+                 or off (names looked up at start-up only)",
+                self.resolve_interval.unwrap_or_default()
+            )));
         }
         if let Some(check) = &self.health_check {
             check.validate()?;

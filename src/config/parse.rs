@@ -1,6 +1,7 @@
 //! The parsers of flag and key values: sizes, durations, addresses, headers. Each
 //! error says what was given and what is expected; the caller adds the flag or key.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -121,6 +122,58 @@ pub fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
         ));
     }
     Ok(addrs)
+}
+
+/// An `upstream` entry as given. An IP literal is an address that never changes; a
+/// name is looked up when the configuration is built and, with `--resolve-interval`,
+/// again and again while the server runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPort {
+    /// `IP:PORT` (`[IPv6]:PORT`).
+    Ip(SocketAddr),
+    /// `HOST:PORT` whose host is not an IP literal.
+    Name(String, u16),
+}
+
+impl fmt::Display for HostPort {
+    /// As written on the command line: `10.0.0.5:6379`, `[::1]:6379`, `db.svc:6379`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPort::Ip(addr) => addr.fmt(f),
+            HostPort::Name(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// Parses an upstream: `IP:PORT` (`[::1]:6379` for IPv6) or `HOST:PORT`, without
+/// looking the name up (that happens when the configuration is built, after
+/// `--hosts-file` is known).
+pub fn parse_upstream(s: &str) -> Result<HostPort, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(HostPort::Ip(addr));
+    }
+    let hint = "expected HOST:PORT such as 10.0.0.5:6379, [::1]:6379 or db.svc:6379";
+    let bad = |why: &str| format!("invalid address '{s}': {why}{hint}");
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(bad(""));
+    };
+    if host.is_empty() || host.contains([':', '[', ']']) || host.contains(char::is_whitespace) {
+        return Err(bad("not a host name; "));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| bad("the port is not a number from 0 to 65535; "))?;
+    Ok(HostPort::Name(host.to_string(), port))
+}
+
+/// Parses `--resolve-interval`: a duration as [`parse_duration`] takes it, or `off`
+/// (also `0`) for names looked up once, at start-up.
+pub fn parse_resolve_interval(s: &str) -> Result<Option<Duration>, String> {
+    if s.trim() == "off" {
+        return Ok(None);
+    }
+    let d = parse_duration(s).map_err(|e| format!("{e}, or off"))?;
+    Ok((!d.is_zero()).then_some(d))
 }
 
 /// Parses the metrics endpoint's address: an address as [`parse_listen`] takes it (its
@@ -245,6 +298,51 @@ mod tests {
         );
         assert_eq!(parse_user_timeout("off"), Ok(None));
         assert!(parse_user_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn upstreams_keep_names_and_literals_apart() {
+        assert_eq!(
+            parse_upstream("10.0.0.5:6379"),
+            Ok(HostPort::Ip("10.0.0.5:6379".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_upstream("[::1]:6379"),
+            Ok(HostPort::Ip("[::1]:6379".parse().unwrap()))
+        );
+        let name = parse_upstream("db.svc:6379").unwrap();
+        assert_eq!(name, HostPort::Name("db.svc".into(), 6379));
+        assert_eq!(name.to_string(), "db.svc:6379");
+        for (bad, why) in [
+            ("nohost", "invalid address 'nohost': expected HOST:PORT"),
+            (":6379", "not a host name"),
+            ("::1:6379", "not a host name"),
+            ("db svc:6379", "not a host name"),
+            ("db.svc:", "the port is not a number"),
+            ("db.svc:65536", "the port is not a number"),
+        ] {
+            let err = parse_upstream(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn resolve_intervals() {
+        assert_eq!(
+            parse_resolve_interval("30s"),
+            Ok(Some(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            parse_resolve_interval("100ms"),
+            Ok(Some(Duration::from_millis(100)))
+        );
+        assert_eq!(parse_resolve_interval("off"), Ok(None));
+        assert_eq!(parse_resolve_interval("0"), Ok(None));
+        let err = parse_resolve_interval("soon").unwrap_err();
+        assert!(
+            err.contains("invalid duration 'soon'") && err.ends_with("or off"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,7 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, Keepalive, Mode};
+use super::{
+    file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, HostPort, Keepalive, Mode,
+    UpstreamEntry,
+};
+use crate::upstream::hosts::{self, Hosts};
 
 /// Where the body of http mode's response comes from. One setting with two spellings,
 /// so that `--body` on the command line overrides `body-file` in a file and back.
@@ -70,8 +74,13 @@ pub struct Settings {
     pub max_header_bytes: Option<usize>,
     /// `header-timeout` (http).
     pub header_timeout: Option<Duration>,
-    /// `upstream`: every address of every entry, resolved (relay).
-    pub upstreams: Option<Vec<SocketAddr>>,
+    /// `upstream`: every entry as given, looked up when the configuration is built
+    /// (relay).
+    pub upstreams: Option<Vec<HostPort>>,
+    /// `resolve-interval` (relay); `Some(None)` is "off".
+    pub resolve_interval: Option<Option<Duration>>,
+    /// `hosts-file` (relay).
+    pub hosts_file: Option<PathBuf>,
     /// `balance` (relay).
     pub balance: Option<Balance>,
     /// `connect-timeout` (relay).
@@ -137,6 +146,13 @@ pub enum LoadError {
     /// The response body file could not be read.
     #[error("body-file (--body-file) {}: {source}", path.display())]
     BodyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The hosts file could not be read when the configuration was built; `source`
+    /// names the call and the path.
+    #[error("hosts-file (--hosts-file): {source}")]
+    HostsFile {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -254,6 +270,8 @@ impl Settings {
             max_header_bytes,
             header_timeout,
             upstreams,
+            resolve_interval,
+            hosts_file,
             balance,
             connect_timeout,
             fail_timeout,
@@ -296,6 +314,8 @@ impl Settings {
             max_header_bytes: max_header_bytes.or(lower.max_header_bytes),
             header_timeout: header_timeout.or(lower.header_timeout),
             upstreams: upstreams.or(lower.upstreams),
+            resolve_interval: resolve_interval.or(lower.resolve_interval),
+            hosts_file: hosts_file.or(lower.hosts_file),
             balance: balance.or(lower.balance),
             connect_timeout: connect_timeout.or(lower.connect_timeout),
             fail_timeout: fail_timeout.or(lower.fail_timeout),
@@ -334,6 +354,8 @@ impl Settings {
         ];
         let relay = [
             ("upstream", self.upstreams.is_some()),
+            ("resolve-interval", self.resolve_interval.is_some()),
+            ("hosts-file", self.hosts_file.is_some()),
             ("balance", self.balance.is_some()),
             ("connect-timeout", self.connect_timeout.is_some()),
             ("fail-timeout", self.fail_timeout.is_some()),
@@ -434,9 +456,19 @@ impl Settings {
         h.header_timeout = self.header_timeout.unwrap_or(h.header_timeout);
 
         let r = &mut c.relay;
-        if let Some(upstreams) = &self.upstreams {
-            r.upstreams = without_repeats(upstreams);
+        if mode == Mode::Relay {
+            r.hosts_file = self.hosts_file.clone();
+            if let Some(given) = &self.upstreams {
+                r.upstream_entries = self.look_up(given)?;
+                let all: Vec<SocketAddr> = r
+                    .upstream_entries
+                    .iter()
+                    .flat_map(|e| e.addrs.iter().copied())
+                    .collect();
+                r.upstreams = without_repeats(&all);
+            }
         }
+        r.resolve_interval = self.resolve_interval.unwrap_or(r.resolve_interval);
         r.balance = self.balance.unwrap_or(r.balance);
         r.connect_timeout = self.connect_timeout.unwrap_or(r.connect_timeout);
         r.fail_timeout = self.fail_timeout.unwrap_or(r.fail_timeout);
@@ -471,6 +503,38 @@ impl Settings {
 }
 
 impl Settings {
+    /// Each of `given` (once) with its addresses: names looked up in `hosts-file`
+    /// first, then through the system resolver. A name that cannot be looked up, or
+    /// has no address, stops the start: there would be nothing to relay to.
+    fn look_up(&self, given: &[HostPort]) -> Result<Vec<UpstreamEntry>, LoadError> {
+        let hosts = match &self.hosts_file {
+            Some(path) => Some(Hosts::read(path).map_err(|source| LoadError::HostsFile {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let invalid = |why: String| LoadError::Invalid {
+            file: None,
+            error: ConfigError::Relay(why),
+        };
+        let mut entries = Vec::with_capacity(given.len());
+        for g in without_repeats(given) {
+            let addrs = match &g {
+                HostPort::Ip(addr) => vec![*addr],
+                HostPort::Name(host, port) => hosts::lookup(host, *port, hosts.as_ref())
+                    .map_err(|e| invalid(format!("upstream (--upstream) {g}: {e}")))?,
+            };
+            if addrs.is_empty() {
+                return Err(invalid(format!(
+                    "upstream (--upstream) {g}: the name has no address"
+                )));
+            }
+            entries.push(UpstreamEntry { given: g, addrs });
+        }
+        Ok(entries)
+    }
+
     /// The health checks the `health-check*`, `rise` and `fall` settings ask for. Any
     /// of them without `health-check` is refused rather than silently ignored.
     fn health_check(&self) -> Result<Option<HealthCheck>, LoadError> {
@@ -510,13 +574,13 @@ impl Settings {
     }
 }
 
-/// `addrs` in order, each once: a name that resolves to an address given as well
-/// must not bind it twice.
-fn without_repeats(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
-    for a in addrs {
+/// `items` in order, each once: a name that resolves to an address given as well
+/// must not bind it twice, nor be followed twice.
+fn without_repeats<T: PartialEq + Clone>(items: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for a in items {
         if !out.contains(a) {
-            out.push(*a);
+            out.push(a.clone());
         }
     }
     out
@@ -586,7 +650,7 @@ mod tests {
             assert_eq!(format!("{built:?}"), format!("{defaults:?}"));
         }
         let relay = Settings {
-            upstreams: Some(vec![addr("127.0.0.1:6379")]),
+            upstreams: Some(vec![HostPort::Ip(addr("127.0.0.1:6379"))]),
             ..Settings::default()
         };
         let built = relay.to_config(Mode::Relay).unwrap();
@@ -598,6 +662,10 @@ mod tests {
             built.relay,
             crate::config::RelayConfig {
                 upstreams: vec![addr("127.0.0.1:6379")],
+                upstream_entries: vec![UpstreamEntry {
+                    given: HostPort::Ip(addr("127.0.0.1:6379")),
+                    addrs: vec![addr("127.0.0.1:6379")],
+                }],
                 ..Default::default()
             }
         );
@@ -607,7 +675,7 @@ mod tests {
     fn tcp_keepalive_sets_clients_and_upstreams_and_off_turns_both_off() {
         let relay = |tcp_keepalive| {
             Settings {
-                upstreams: Some(vec![addr("127.0.0.1:6379")]),
+                upstreams: Some(vec![HostPort::Ip(addr("127.0.0.1:6379"))]),
                 tcp_keepalive,
                 ..Settings::default()
             }
@@ -751,6 +819,76 @@ mod tests {
             err.to_string()
                 .starts_with("/nonexistent/edgepoll.toml: No such file"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn names_are_looked_up_in_the_hosts_file_and_kept_beside_their_addresses() {
+        let hosts = TempFile::new("hosts", "127.0.0.2 svc.test\n127.0.0.3 svc.test\n");
+        let svc = HostPort::Name("svc.test".into(), 6379);
+        let literal = HostPort::Ip(addr("127.0.0.3:6379"));
+        let s = Settings {
+            upstreams: Some(vec![literal.clone(), svc.clone(), svc.clone()]),
+            hosts_file: Some(hosts.0.clone()),
+            ..Settings::default()
+        };
+        let r = s.to_config(Mode::Relay).unwrap().relay;
+        // The address both give is relayed to once; the name is followed once.
+        assert_eq!(
+            r.upstreams,
+            vec![addr("127.0.0.3:6379"), addr("127.0.0.2:6379")]
+        );
+        assert_eq!(
+            r.upstream_entries,
+            vec![
+                UpstreamEntry {
+                    given: literal,
+                    addrs: vec![addr("127.0.0.3:6379")],
+                },
+                UpstreamEntry {
+                    given: svc,
+                    addrs: vec![addr("127.0.0.2:6379"), addr("127.0.0.3:6379")],
+                },
+            ]
+        );
+        assert_eq!(r.names().count(), 1);
+        assert_eq!(
+            r.resolve_interval,
+            Some(crate::config::DEFAULT_RESOLVE_INTERVAL)
+        );
+        assert_eq!(r.hosts_file.as_deref(), Some(hosts.0.as_path()));
+    }
+
+    #[test]
+    fn a_missing_hosts_file_and_a_short_interval_stop_the_start() {
+        let s = Settings {
+            upstreams: Some(vec![HostPort::Name("svc.test".into(), 6379)]),
+            hosts_file: Some("/nonexistent/hosts".into()),
+            ..Settings::default()
+        };
+        let err = s.to_config(Mode::Relay).unwrap_err().to_string();
+        assert!(
+            err.starts_with("hosts-file (--hosts-file): read /nonexistent/hosts: No such file"),
+            "{err}"
+        );
+        let s = Settings {
+            upstreams: Some(vec![HostPort::Ip(addr("127.0.0.2:6379"))]),
+            resolve_interval: Some(Some(Duration::from_millis(5))),
+            ..Settings::default()
+        };
+        let err = s.to_config(Mode::Relay).unwrap_err().to_string();
+        assert!(
+            err.starts_with("resolve-interval (--resolve-interval) 5ms: at least 10ms"),
+            "{err}"
+        );
+        let s = Settings {
+            upstreams: Some(vec![HostPort::Ip(addr("127.0.0.2:6379"))]),
+            resolve_interval: Some(None),
+            ..Settings::default()
+        };
+        assert_eq!(
+            s.to_config(Mode::Relay).unwrap().relay.resolve_interval,
+            None
         );
     }
 

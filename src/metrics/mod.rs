@@ -248,6 +248,59 @@ impl CheckResult {
     }
 }
 
+/// How one lookup of an upstream name ended (`edgepoll_upstream_resolutions_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveResult {
+    /// At least one address.
+    Ok,
+    /// The lookup failed (or the hosts file could not be read).
+    Failed,
+    /// The lookup succeeded with no address.
+    Empty,
+}
+
+impl ResolveResult {
+    pub const ALL: [ResolveResult; 3] = [
+        ResolveResult::Ok,
+        ResolveResult::Failed,
+        ResolveResult::Empty,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolveResult::Ok => "ok",
+            ResolveResult::Failed => "failed",
+            ResolveResult::Empty => "empty",
+        }
+    }
+}
+
+/// How a name's addresses changed (`edgepoll_upstream_address_changes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressChange {
+    Added,
+    Removed,
+}
+
+impl AddressChange {
+    pub const ALL: [AddressChange; 2] = [AddressChange::Added, AddressChange::Removed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressChange::Added => "added",
+            AddressChange::Removed => "removed",
+        }
+    }
+}
+
+/// The handles the resolver keeps for one upstream name.
+pub struct NameMetrics {
+    /// Lookups, in the order of [`ResolveResult::ALL`].
+    pub resolutions: [IntCounter; 3],
+    /// Addresses that came and went, in the order of [`AddressChange::ALL`].
+    pub changes: [IntCounter; 2],
+}
+
 /// The statuses http mode can answer with, in the order of `Counters::http`: the
 /// configured one, then the error responses.
 pub fn http_statuses(configured: u16) -> [u16; 6] {
@@ -294,6 +347,9 @@ pub struct Metrics {
     upstream_checks: IntCounterVec,
     queue_length: IntGauge,
     queue_wait: Histogram,
+    /// Relay mode only: lookups of upstream names and the addresses they changed.
+    upstream_resolutions: IntCounterVec,
+    upstream_changes: IntCounterVec,
     /// Largest outbound buffer any one connection of worker i has held (library stats
     /// only: it shows that the cap holds).
     peak_pending: Vec<AtomicUsize>,
@@ -407,12 +463,30 @@ impl Metrics {
             )
             .buckets(CONNECT_BUCKETS.to_vec()),
         )?;
+        let upstream_resolutions = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_resolutions_total",
+                "Relay: lookups of upstream names (every --resolve-interval), by name and \
+                 result.",
+            ),
+            &["name", "result"],
+        )?;
+        let upstream_changes = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_upstream_address_changes_total",
+                "Relay: addresses that appeared in or vanished from an upstream name's \
+                 lookups.",
+            ),
+            &["name", "change"],
+        )?;
         if mode == Mode::Relay {
             let relay: Vec<Box<dyn Collector>> = vec![
                 Box::new(queue_length.clone()),
                 Box::new(queue_wait.clone()),
                 Box::new(upstream_up.clone()),
                 Box::new(upstream_checks.clone()),
+                Box::new(upstream_resolutions.clone()),
+                Box::new(upstream_changes.clone()),
                 Box::new(up_received.clone()),
                 Box::new(up_sent.clone()),
                 Box::new(proxy_header.clone()),
@@ -607,6 +681,8 @@ impl Metrics {
             upstream_checks,
             queue_length,
             queue_wait,
+            upstream_resolutions,
+            upstream_changes,
             peak_pending,
             timer_entries,
         }))
@@ -710,6 +786,33 @@ impl Metrics {
     /// Clients that got a slot after waiting (the wait histogram's count).
     pub fn queue_waits(&self) -> u64 {
         self.queue_wait.get_sample_count()
+    }
+
+    /// The handles the resolver updates for the upstream name `name` (`db.svc:6379`),
+    /// with every result and change created at zero.
+    pub fn name(&self, name: &str) -> NameMetrics {
+        NameMetrics {
+            resolutions: ResolveResult::ALL.map(|r| {
+                self.upstream_resolutions
+                    .with_label_values(&[name, r.as_str()])
+            }),
+            changes: AddressChange::ALL
+                .map(|c| self.upstream_changes.with_label_values(&[name, c.as_str()])),
+        }
+    }
+
+    /// Lookups of the upstream name `name` that ended with `result` so far.
+    pub fn upstream_resolutions(&self, name: &str, result: ResolveResult) -> u64 {
+        self.upstream_resolutions
+            .with_label_values(&[name, result.as_str()])
+            .get()
+    }
+
+    /// Addresses that `change`d in the lookups of the upstream name `name` so far.
+    pub fn upstream_address_changes(&self, name: &str, change: AddressChange) -> u64 {
+        self.upstream_changes
+            .with_label_values(&[name, change.as_str()])
+            .get()
     }
 
     /// Whether `upstream` takes new clients now (`edgepoll_upstream_up`).

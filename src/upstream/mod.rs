@@ -17,21 +17,26 @@
 //! # The set changes
 //!
 //! The list is a snapshot (`Arc<[Arc<Upstream>]>`) behind a lock that only the
-//! resolver takes to replace it; a worker re-reads it only when the generation
-//! counter says it changed, one relaxed load per new client. A pair holds its
-//! upstream by `Arc` ([`Lease`]), so an upstream that leaves the set stays alive,
-//! counted, until its last pair closes.
+//! resolver (`resolve`) takes to replace it ([`Upstreams::replace`]); a worker re-reads
+//! it only when the generation counter says it changed, one relaxed load per new
+//! client. A pair holds its upstream by `Arc` ([`Lease`]), so an upstream that leaves
+//! the set stays alive, counted, until its last pair closes. An address that comes
+//! back while such pairs remain gets the same `Upstream` again, so that its verdict and
+//! its count of pairs stay one.
 
 pub mod health;
+pub mod hosts;
 pub mod queue;
+pub mod resolve;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::{Balance, Config};
 use crate::keepalive::PeerTimeouts;
@@ -55,6 +60,9 @@ pub struct Upstream {
     limit: usize,
     /// Where clients wait for a slot when every upstream is at its limit.
     queue: Option<Arc<Queue>>,
+    /// In the set: false once the resolver removed it, or for an upstream only pairs
+    /// moved in by a reload hold. Waiting clients are never given a slot on it.
+    listed: AtomicBool,
     pub metrics: UpstreamMetrics,
 }
 
@@ -77,7 +85,13 @@ impl Upstream {
             conns: AtomicUsize::new(0),
             limit,
             queue,
+            listed: AtomicBool::new(true),
         }
+    }
+
+    /// Whether it is in the set (see `listed`).
+    pub fn is_listed(&self) -> bool {
+        self.listed.load(Ordering::Relaxed)
     }
 
     /// Whether it is below `--max-conns-per-upstream`.
@@ -196,6 +210,10 @@ pub struct Upstreams {
     pub queue: Option<Arc<Queue>>,
     /// Keepalive and user timeout of upstream sockets (see `crate::keepalive`).
     pub timeouts: PeerTimeouts,
+    /// Upstreams outside the set that pairs may still hold: those the resolver
+    /// removed, and those `unlisted` made for pairs a reload moved here. Only the
+    /// resolver and a reload's import take this lock, never a worker's pick.
+    outside: Mutex<HashMap<SocketAddr, Weak<Upstream>>>,
 }
 
 impl Upstreams {
@@ -227,6 +245,7 @@ impl Upstreams {
             limit,
             queue,
             timeouts: PeerTimeouts::upstreams(full),
+            outside: Mutex::new(HashMap::new()),
         }
     }
 
@@ -252,9 +271,57 @@ impl Upstreams {
 
     /// An upstream outside the set, for a pair that moved here in a reload connected
     /// to an upstream the new configuration no longer lists: the pair keeps it and is
-    /// counted under its address, and no new client is ever sent there.
+    /// counted under its address, and no new client is sent there unless the address
+    /// joins the set later. Pairs on one address share one.
     pub fn unlisted(&self, addr: SocketAddr) -> Arc<Upstream> {
-        Arc::new(Upstream::new(addr, &self.metrics, usize::MAX, None))
+        let mut outside = self.outside.lock();
+        if let Some(up) = outside.get(&addr).and_then(Weak::upgrade) {
+            return up;
+        }
+        let up = self.member(addr);
+        up.listed.store(false, Ordering::Relaxed);
+        outside.retain(|_, w| w.strong_count() > 0);
+        outside.insert(addr, Arc::downgrade(&up));
+        up
+    }
+
+    /// Makes `addrs` the set (the resolver's doing): an address already in the set
+    /// keeps its `Upstream` (verdict, pair count, metrics); one that left while pairs
+    /// still held it gets that one back; a new one starts up. An upstream that leaves
+    /// gets no new client, and lives until its last pair closes. Workers see the new
+    /// set at their next pick.
+    pub fn replace(&self, addrs: &[SocketAddr]) {
+        let old = self.list();
+        let mut outside = self.outside.lock();
+        let list: Vec<Arc<Upstream>> = addrs
+            .iter()
+            .map(|&addr| {
+                old.iter()
+                    .find(|u| u.addr == addr)
+                    .cloned()
+                    .or_else(|| outside.remove(&addr).and_then(|w| w.upgrade()))
+                    .unwrap_or_else(|| self.member(addr))
+            })
+            .collect();
+        for up in &list {
+            up.listed.store(true, Ordering::Relaxed);
+        }
+        for up in old.iter().filter(|u| !addrs.contains(&u.addr)) {
+            up.listed.store(false, Ordering::Relaxed);
+            outside.insert(up.addr, Arc::downgrade(up));
+        }
+        // The upstreams whose last pair has closed.
+        outside.retain(|_, w| w.strong_count() > 0);
+        let list: Arc<[Arc<Upstream>]> = list.into();
+        *self.current.write() = Arc::clone(&list);
+        self.generation.fetch_add(1, Ordering::Release);
+        drop(outside);
+        // A new upstream has free slots: clients waiting for one take them now.
+        if let Some(q) = &self.queue {
+            for up in list.iter() {
+                q.dispatch(up);
+            }
+        }
     }
 
     /// Upstreams tried per client: `--connect-retries`, or one try per upstream.

@@ -96,7 +96,7 @@ impl Queue {
 
     /// Gives `up`'s free slots to the waiters at the head, while it has room.
     pub fn dispatch(&self, up: &Arc<Upstream>) {
-        while !self.is_empty() && up.is_up() {
+        while !self.is_empty() && up.is_up() && up.is_listed() {
             let Some(lease) = Lease::try_new(Arc::clone(up)) else {
                 return;
             };
