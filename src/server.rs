@@ -146,8 +146,7 @@ impl Server {
                 config.max_buffered_bytes,
             ),
             lifecycle: Arc::new(Lifecycle::new()),
-            upstreams: (config.mode == Mode::Relay)
-                .then(|| Arc::new(Upstreams::new(&config, &metrics))),
+            upstreams: (config.mode == Mode::Relay).then(|| Upstreams::new(&config, &metrics)),
         };
         let (paused_tx, acceptor_paused) = crossbeam_channel::bounded(1);
         let mut server = Server {
@@ -220,11 +219,11 @@ impl Server {
                 .iter()
                 .map(|w| (w.tx.clone(), Arc::clone(&w.waker)))
                 .collect();
-            queue.set_grant(Box::new(move |worker, token, lease| {
+            queue.set_grant(Box::new(move |worker, token, lease, since| {
                 if let Some((tx, waker)) = workers.get(worker) {
                     // A worker that has exited drops the message, and with it the
                     // lease, which frees the slot for the next waiter.
-                    if tx.send(Msg::Granted(Token(token), lease)).is_ok() {
+                    if tx.send(Msg::Granted(Token(token), lease, since)).is_ok() {
                         let _ = waker.notify();
                     }
                 }

@@ -112,7 +112,7 @@ pub(crate) enum Msg {
     Adopt(Moved),
     /// Relay: the upstream slot a queued client waited for. Dropped (which frees the
     /// slot for the next waiter) if that client is gone.
-    Granted(Token, Lease),
+    Granted(Token, Lease, Instant),
 }
 
 /// The wake-up of one worker, shared with the acceptor.
@@ -397,7 +397,7 @@ impl Worker {
                 Msg::Fail => return Err(io::Error::other("injected worker failure")),
                 Msg::Export(tx) => self.export(&tx),
                 Msg::Adopt(moved) => self.adopt(moved),
-                Msg::Granted(token, lease) => self.grant(token, lease),
+                Msg::Granted(token, lease, since) => self.grant(token, lease, since),
             }
         }
         Ok(())
@@ -585,14 +585,14 @@ impl Worker {
     }
 
     /// Hands a queued relay client its upstream slot.
-    fn grant(&mut self, token: Token, lease: Lease) {
+    fn grant(&mut self, token: Token, lease: Lease, since: Instant) {
         // Rule 5 again: a client that left the queue (closed) is not found, and the
         // lease dropped here goes to the next waiter.
         if self.slab.get_mut(token).is_none() {
             return;
         }
         if let Handler::Relay(r) = &mut self.handler {
-            r.granted = Some(lease);
+            r.granted = Some((lease, since));
             self.serve(token, Wake::Granted);
         }
     }

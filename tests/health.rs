@@ -14,11 +14,11 @@ use edgepoll::metrics::CheckResult;
 use edgepoll::{Config, Server};
 use util::*;
 
-/// Probes every 50 ms, 100 ms to answer, down after 2 failures, up after 2 passes:
+/// Probes every 100 ms, 100 ms to answer, down after 2 failures, up after 2 passes:
 /// quick enough for a test, slow enough for a loaded machine's loopback.
 fn send_expect() -> HealthCheck {
     let mut check = HealthCheck::new(CheckKind::SendExpect);
-    check.interval = Duration::from_millis(50);
+    check.interval = Duration::from_millis(100);
     check.timeout = Duration::from_millis(100);
     check.rise = 2;
     check.fall = 2;

@@ -301,6 +301,12 @@ pub struct UpstreamEntry {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// The longest `--health-check-expect`: a probe reads at most this much of an answer.
+pub const MAX_EXPECT: usize = 4096;
+
+/// The longest `--health-check-send`: a probe is a handful of bytes, not an upload.
+pub const MAX_SEND: usize = 65536;
+
 /// What an active health-check probe does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckKind {
@@ -367,6 +373,26 @@ impl HealthCheck {
         }
         if self.timeout.is_zero() {
             return Err(ConfigError::Zero("health-check-timeout"));
+        }
+        // A probe ends before the next is due, so `fall` failures take at most `fall`
+        // intervals (each up to 10% longer) plus one timeout.
+        if self.timeout > self.interval {
+            return bad(format!(
+                "health-check-timeout (--health-check-timeout) {:?}: at most the interval ({:?})",
+                self.timeout, self.interval
+            ));
+        }
+        if self.expect.len() > MAX_EXPECT {
+            return bad(format!(
+                "health-check-expect (--health-check-expect): at most {MAX_EXPECT} bytes, got {}",
+                self.expect.len()
+            ));
+        }
+        if self.send.len() > MAX_SEND {
+            return bad(format!(
+                "health-check-send (--health-check-send): at most {MAX_SEND} bytes, got {}",
+                self.send.len()
+            ));
         }
         for (key, n) in [("rise", self.rise), ("fall", self.fall)] {
             if !(1..=1000).contains(&n) {

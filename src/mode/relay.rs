@@ -63,8 +63,9 @@ pub struct Relay {
     picker: Picker,
     /// The worker's id: where the queue sends this worker's clients their slots.
     id: usize,
-    /// A slot just granted to one of this worker's queued clients, for [`granted`].
-    pub granted: Option<Lease>,
+    /// A slot just granted to one of this worker's queued clients, and when that
+    /// client began to wait, for [`granted`].
+    pub granted: Option<(Lease, Instant)>,
 }
 
 impl Relay {
@@ -429,9 +430,7 @@ fn wait_in_queue(pair: &mut Pair, ctx: &mut Ctx<'_>, relay: &Relay) -> Step {
             pair.queue_deadline_ms = ctx.now_ms + relay.upstreams.queue_timeout_ms;
             // A slot may have freed between the pick and the join; whoever freed it
             // saw no waiter. Look once more, now that this client waits.
-            for up in relay.upstreams.list().iter() {
-                queue.dispatch(up);
-            }
+            relay.upstreams.dispatch_all();
             Step::Idle
         }
         None => {
@@ -443,13 +442,16 @@ fn wait_in_queue(pair: &mut Pair, ctx: &mut Ctx<'_>, relay: &Relay) -> Step {
 
 /// A queued client was handed a slot (in `relay.granted`): connect it.
 pub fn granted(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
-    let Some(lease) = relay.granted.take() else {
+    let Some((lease, since)) = relay.granted.take() else {
         return Step::Idle;
     };
     let pair = pair(conn);
     if pair.ticket.take().is_none() {
         // Not waiting (any more): the slot goes back, to the next waiter.
         return Step::Idle;
+    }
+    if let Some(q) = &relay.upstreams.queue {
+        q.waited(since);
     }
     pair.queue_deadline_ms = 0;
     match connect(pair, ctx, &relay.upstreams, lease) {

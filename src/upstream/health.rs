@@ -32,9 +32,9 @@ use crate::sys::eventfd::EventFd;
 use crate::sys::poll::{self, PollFd};
 use crate::sys::socket;
 
-/// The most bytes of an answer a `send-expect` probe reads: the expected bytes are a
-/// prefix, so anything past them is never looked at.
-const MAX_ANSWER: usize = 4096;
+/// What a passed probe reads past the expected bytes before it closes, so that the
+/// close is a FIN: a socket closed with unread bytes sends a reset instead.
+const DRAIN_AFTER_PASS: usize = 65536;
 
 /// The running prober; stopped and joined on drop.
 pub struct Prober {
@@ -240,7 +240,7 @@ fn advance(t: &mut Target, check: &HealthCheck) -> Option<CheckResult> {
             Phase::Reading { got } => {
                 let mut buf = [0u8; 512];
                 loop {
-                    let want = (check.expect.len().min(MAX_ANSWER) - got.len()).min(buf.len());
+                    let want = (check.expect.len() - got.len()).min(buf.len());
                     match socket::read(p.fd.as_fd(), &mut buf[..want]) {
                         Ok(0) => return Some(CheckResult::Closed),
                         Ok(n) => {
@@ -249,6 +249,7 @@ fn advance(t: &mut Target, check: &HealthCheck) -> Option<CheckResult> {
                                 return Some(CheckResult::Mismatch);
                             }
                             if got.len() == check.expect.len() {
+                                drain(p.fd.as_fd(), &mut buf);
                                 return Some(CheckResult::Passed);
                             }
                         }
@@ -257,6 +258,19 @@ fn advance(t: &mut Target, check: &HealthCheck) -> Option<CheckResult> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Reads what has arrived past the expected answer (`+PONG` of `+PONG\r\n`), up to
+/// [`DRAIN_AFTER_PASS`], so that the probe's close is a FIN rather than a reset.
+/// Bytes that arrive later still make the kernel answer them with a reset.
+fn drain(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) {
+    let mut read = 0;
+    while read < DRAIN_AFTER_PASS {
+        match socket::read(fd, buf) {
+            Ok(n) if n > 0 => read += n,
+            _ => return,
         }
     }
 }

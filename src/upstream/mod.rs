@@ -48,9 +48,13 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// The `upstream` label of its metrics: the address.
     pub label: String,
-    /// Without health checks: until when (ms of [`Upstreams::now_ms`]) it is skipped
-    /// after a failed connect; 0: never failed.
+    /// Without health checks: until when (ms of [`clock_ms`]) it is skipped after a
+    /// failed connect; 0: never failed.
     failed_until_ms: AtomicU64,
+    /// Held while the verdict, the skip or `listed` changes and the `up` gauge is set
+    /// from them, so that two threads changing them at once cannot leave the gauge
+    /// saying otherwise than the state. Changes are rare (never per client).
+    transition: Mutex<()>,
     /// The health verdict: false from a failed connect (with health checks) or from
     /// `--fall` failed probes, until `--rise` probes pass. Always true without checks.
     up: AtomicBool,
@@ -77,6 +81,7 @@ impl Upstream {
         let metrics = metrics.upstream(&label);
         metrics.up.set(1);
         Upstream {
+            transition: Mutex::new(()),
             addr,
             metrics,
             label,
@@ -109,18 +114,65 @@ impl Upstream {
         self.conns.load(Ordering::Relaxed)
     }
 
+    /// Whether it may take a new client while others are up: its verdict is up and it
+    /// is not skipped after a failed connect.
+    pub fn is_live(&self) -> bool {
+        self.is_up() && self.failed_until_ms.load(Ordering::Relaxed) <= clock_ms()
+    }
+
+    /// Sets the `up` gauge from the state; called with `transition` held.
+    fn publish(&self) {
+        let live = self.is_listed() && self.is_live();
+        self.metrics.up.set(live as i64);
+    }
+
     /// Sets the health verdict; returns whether it changed. An upstream that comes up
     /// takes waiting clients at once.
     fn set_up(self: &Arc<Self>, up: bool) -> bool {
-        let was = self.up.swap(up, Ordering::Relaxed);
-        if was != up {
-            self.metrics.up.set(up as i64);
-            if let Some(q) = &self.queue {
-                q.dispatch(self);
-            }
+        let changed = {
+            let _t = self.transition.lock();
+            let was = self.up.swap(up, Ordering::Relaxed);
+            self.publish();
+            was != up
+        };
+        if changed && up {
+            self.dispatch();
         }
-        was != up
+        changed
     }
+
+    /// Skips it until `until_ms` (0: no more); returns whether it was live before.
+    fn skip_until(self: &Arc<Self>, until_ms: u64) -> bool {
+        let was_live = {
+            let _t = self.transition.lock();
+            let was = self.failed_until_ms.swap(until_ms, Ordering::Relaxed);
+            self.publish();
+            was <= clock_ms()
+        };
+        if until_ms == 0 {
+            self.dispatch();
+        }
+        was_live
+    }
+
+    fn set_listed(self: &Arc<Self>, listed: bool) {
+        let _t = self.transition.lock();
+        self.listed.store(listed, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// Gives its free slots to waiting clients, if any wait.
+    fn dispatch(self: &Arc<Self>) {
+        if let Some(q) = self.queue.as_ref().filter(|q| !q.is_empty()) {
+            q.dispatch(self);
+        }
+    }
+}
+
+/// Milliseconds on a clock every thread shares, plus one so that 0 can mean "never".
+fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// A pair's hold on its upstream: counts it in the upstream's gauge and (for the
@@ -167,9 +219,7 @@ impl Drop for Lease {
         let up = &self.upstream;
         up.conns.fetch_sub(1, Ordering::Relaxed);
         up.metrics.active.dec();
-        if let Some(q) = up.queue.as_ref().filter(|q| !q.is_empty()) {
-            q.dispatch(up);
-        }
+        up.dispatch();
     }
 }
 
@@ -190,7 +240,6 @@ pub struct Upstreams {
     current: RwLock<Arc<[Arc<Upstream>]>>,
     /// Bumped after each replacement of `current`.
     generation: AtomicU64,
-    epoch: Instant,
     balance: Balance,
     fail_timeout_ms: u64,
     connect_retries: Option<usize>,
@@ -217,36 +266,39 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(full: &Config, metrics: &Arc<Metrics>) -> Upstreams {
+    pub fn new(full: &Config, metrics: &Arc<Metrics>) -> Arc<Upstreams> {
         let config = &full.relay;
         let limit = config.max_conns_per_upstream.unwrap_or(usize::MAX);
-        let queue = config.max_conns_per_upstream.map(|_| {
-            let (length, wait) = metrics.upstream_queue();
-            Arc::new(Queue::new(config.max_queue, length, wait))
-        });
-        let list: Vec<Arc<Upstream>> = config
-            .upstreams
-            .iter()
-            .map(|&addr| Arc::new(Upstream::new(addr, metrics, limit, queue.clone())))
-            .collect();
-        Upstreams {
-            current: RwLock::new(list.into()),
-            generation: AtomicU64::new(0),
-            epoch: Instant::now(),
-            balance: config.balance,
-            fail_timeout_ms: config.fail_timeout.as_millis() as u64,
-            connect_retries: config.connect_retries,
-            connect_timeout_ms: (config.connect_timeout.as_millis() as u64).max(1),
-            queue_timeout_ms: (config.queue_timeout.as_millis() as u64).max(1),
-            splice: config.splice,
-            proxy_v2: config.send_proxy_v2,
-            checked: config.health_check.is_some(),
-            metrics: Arc::clone(metrics),
-            limit,
-            queue,
-            timeouts: PeerTimeouts::upstreams(full),
-            outside: Mutex::new(HashMap::new()),
-        }
+        Arc::new_cyclic(|set| {
+            let queue = config.max_conns_per_upstream.map(|_| {
+                let (length, wait) = metrics.upstream_queue();
+                Arc::new(Queue::new(config.max_queue, length, wait, set.clone()))
+            });
+            let mut list: Vec<Arc<Upstream>> = Vec::with_capacity(config.upstreams.len());
+            for &addr in &config.upstreams {
+                // Each address once: the prober and the metrics know an upstream by it.
+                if list.iter().all(|u| u.addr != addr) {
+                    list.push(Arc::new(Upstream::new(addr, metrics, limit, queue.clone())));
+                }
+            }
+            Upstreams {
+                current: RwLock::new(list.into()),
+                generation: AtomicU64::new(0),
+                balance: config.balance,
+                fail_timeout_ms: config.fail_timeout.as_millis() as u64,
+                connect_retries: config.connect_retries,
+                connect_timeout_ms: (config.connect_timeout.as_millis() as u64).max(1),
+                queue_timeout_ms: (config.queue_timeout.as_millis() as u64).max(1),
+                splice: config.splice,
+                proxy_v2: config.send_proxy_v2,
+                checked: config.health_check.is_some(),
+                metrics: Arc::clone(metrics),
+                limit,
+                queue,
+                timeouts: PeerTimeouts::upstreams(full),
+                outside: Mutex::new(HashMap::new()),
+            }
+        })
     }
 
     /// The current set.
@@ -279,7 +331,7 @@ impl Upstreams {
             return up;
         }
         let up = self.member(addr);
-        up.listed.store(false, Ordering::Relaxed);
+        up.set_listed(false);
         outside.retain(|_, w| w.strong_count() > 0);
         outside.insert(addr, Arc::downgrade(&up));
         up
@@ -304,10 +356,10 @@ impl Upstreams {
             })
             .collect();
         for up in &list {
-            up.listed.store(true, Ordering::Relaxed);
+            up.set_listed(true);
         }
         for up in old.iter().filter(|u| !addrs.contains(&u.addr)) {
-            up.listed.store(false, Ordering::Relaxed);
+            up.set_listed(false);
             outside.insert(up.addr, Arc::downgrade(up));
         }
         // The upstreams whose last pair has closed.
@@ -317,11 +369,7 @@ impl Upstreams {
         self.generation.fetch_add(1, Ordering::Release);
         drop(outside);
         // A new upstream has free slots: clients waiting for one take them now.
-        if let Some(q) = &self.queue {
-            for up in list.iter() {
-                q.dispatch(up);
-            }
-        }
+        self.dispatch_all();
     }
 
     /// Upstreams tried per client: `--connect-retries`, or one try per upstream.
@@ -329,14 +377,21 @@ impl Upstreams {
         self.connect_retries.unwrap_or(listed).max(1)
     }
 
-    /// Milliseconds since start, plus one so that 0 can mean "never failed".
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+    /// Whether a waiting client may be given a slot on `up`: by the rule of
+    /// [`Picker::pick`], it is live, or no listed upstream is.
+    pub fn may_take(&self, up: &Upstream) -> bool {
+        up.is_listed() && (up.is_live() || !self.current.read().iter().any(|u| u.is_live()))
     }
 
-    /// Whether `up` may take a new client while others are up.
-    fn is_live(&self, up: &Upstream, now_ms: u64) -> bool {
-        up.is_up() && up.failed_until_ms.load(Ordering::Relaxed) <= now_ms
+    /// Gives the free slots of every listed upstream to waiting clients: after the
+    /// set changed, and when a client joins the queue (a slot may have freed, or an
+    /// upstream's skip ended, with no one there to hand it on).
+    pub fn dispatch_all(&self) {
+        if self.queue.as_ref().is_some_and(|q| !q.is_empty()) {
+            for up in self.list().iter() {
+                up.dispatch();
+            }
+        }
     }
 
     /// Counts a failed connect to `up`, and marks it down unless the error was ours
@@ -362,14 +417,8 @@ impl Upstreams {
             tracing::debug!(upstream = %up.addr, "connect failed: {err}");
             return;
         }
-        let now = self.now_ms();
-        let was_live = up
-            .failed_until_ms
-            .swap(now + self.fail_timeout_ms, Ordering::Relaxed)
-            <= now;
-        if was_live {
+        if up.skip_until(clock_ms() + self.fail_timeout_ms) {
             // Once per failure episode, not once per client.
-            up.metrics.up.set(0);
             tracing::warn!(
                 upstream = %up.addr,
                 "connect failed ({}: {err}); skipping it for {} ms",
@@ -379,10 +428,11 @@ impl Upstreams {
         }
     }
 
-    /// A connect to `up` succeeded: without health checks, its gauge shows it up again.
-    pub fn connected(&self, up: &Upstream) {
-        if !self.checked && up.metrics.up.get() == 0 {
-            up.metrics.up.set(1);
+    /// A connect to `up` succeeded: without health checks, a skip after a failed
+    /// connect ends (it took a client whose every other upstream was down).
+    pub fn connected(&self, up: &Arc<Upstream>) {
+        if !self.checked && up.failed_until_ms.load(Ordering::Relaxed) != 0 {
+            up.skip_until(0);
         }
     }
 }
@@ -430,17 +480,19 @@ impl Picker {
             return Pick::Empty;
         }
         if upstreams.queue.as_ref().is_some_and(|q| !q.is_empty()) {
+            // Those waiting go first. A slot that freed with no one to hand it on (an
+            // upstream whose skip ended) goes to them now.
+            upstreams.dispatch_all();
             return Pick::Full;
         }
-        let now = upstreams.now_ms();
-        let any_live = self.list.iter().any(|u| upstreams.is_live(u, now));
+        let any_live = self.list.iter().any(|u| u.is_live());
         // Candidates in turn from `next`; least-conn tries the least loaded first.
         let mut order = std::mem::take(&mut self.order);
         order.clear();
         order.extend(
             (0..n)
                 .map(|k| (self.next + k) % n)
-                .filter(|&i| !any_live || upstreams.is_live(&self.list[i], now)),
+                .filter(|&i| !any_live || self.list[i].is_live()),
         );
         if upstreams.balance == Balance::LeastConn {
             // Stable: ties stay in turn.
