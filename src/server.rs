@@ -133,7 +133,7 @@ impl Server {
                 .map_err(|e| StartError::Bind(crate::sys::context(e, addr)))?;
             listeners.push(Listener { fd, addr });
         }
-        let local_addrs = listeners.iter().map(|l| l.addr).collect();
+        let local_addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
         let listener_dups = listeners
             .iter()
             .map(|l| l.fd.try_clone())
@@ -146,7 +146,8 @@ impl Server {
                 config.max_buffered_bytes,
             ),
             lifecycle: Arc::new(Lifecycle::new()),
-            upstreams: (config.mode == Mode::Relay).then(|| Upstreams::new(&config, &metrics)),
+            upstreams: (config.mode == Mode::Relay)
+                .then(|| Upstreams::new(&config, &metrics, &local_addrs)),
         };
         let (paused_tx, acceptor_paused) = crossbeam_channel::bounded(1);
         let mut server = Server {

@@ -1258,7 +1258,7 @@ fn queued_clients_survive_a_reload_and_the_gauges_end_at_zero() {
 
 /// The metrics table: `edgepoll_upstream_up` is "1 while the upstream takes new
 /// clients". After a reload that removes an upstream, the new process counts the pair
-/// still open there under the removed address (`Upstreams::unlisted`), and
+/// still open there under the removed address (`Upstreams::for_moved`), and
 /// `Upstream::new` sets that address's `up` gauge to 1: an upstream that will never
 /// take a client again shows as up, forever (the series is never removed), and an
 /// alert on `edgepoll_upstream_up == 0` or a dashboard of live upstreams is misled.

@@ -125,10 +125,8 @@ struct HostsFile {
 
 impl HostsFile {
     fn new(test: &str, text: &str) -> HostsFile {
-        let dir = std::env::temp_dir().join(format!(
-            "edgepoll-attack16b-{}-{test}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("edgepoll-attack16b-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let hosts = HostsFile {
             path: dir.join("hosts"),
@@ -338,12 +336,20 @@ fn hundreds_of_addresses_for_one_name_survive_a_failed_lookup_and_shrink_exactly
     });
     assert_eq!(changes(&relay, &name, AddressChange::Added), 249);
     for h in [3u8, 100, 251] {
-        assert_eq!(up_gauge(&relay, pod(h, port)), 0, "127.0.0.{h} left the set");
+        assert_eq!(
+            up_gauge(&relay, pod(h, port)),
+            0,
+            "127.0.0.{h} left the set"
+        );
     }
     wait_for("every pair to close", || relay.open_connections() == 0);
     assert_eq!(up_active(&relay, pod(2, port)), 0);
     drop(relay);
-    assert_eq!(threads_named("edgepoll-dns"), 0, "the resolver stops with the server");
+    assert_eq!(
+        threads_named("edgepoll-dns"),
+        0,
+        "the resolver stops with the server"
+    );
 }
 
 /// An address removed while bulk pairs run both ways: every byte of every pair
@@ -446,7 +452,9 @@ fn a_flapping_hosts_file_never_empties_the_set_and_loses_no_client() {
     drop(held);
     wait_for("every pair to close", || relay.open_connections() == 0);
     for h in [2u8, 3] {
-        wait_for("the gauges to fall to 0", || up_active(&relay, pod(h, port)) == 0);
+        wait_for("the gauges to fall to 0", || {
+            up_active(&relay, pod(h, port)) == 0
+        });
     }
     assert_eq!(
         total(&relay, |s| s.closed[CloseReason::UpstreamError as usize]),
@@ -501,7 +509,9 @@ fn hundreds_of_half_headers_are_bounded_and_every_count_comes_back() {
         }
     }
     drop(done);
-    wait_for("every connection to be gone", || server.open_connections() == 0);
+    wait_for("every connection to be gone", || {
+        server.open_connections() == 0
+    });
     wait_for("every count to settle", || {
         total(&server, |s| s.accepted) == 50 && active(&server) == 0
     });
@@ -561,7 +571,9 @@ fn headers_split_at_every_byte_or_followed_by_a_megabyte_leave_the_stream_exact(
     wait_for("the counters", || {
         total(&server, |s| s.received_bytes) == expected
     });
-    wait_for("the echoes", || total(&server, |s| s.sent_bytes) == expected);
+    wait_for("the echoes", || {
+        total(&server, |s| s.sent_bytes) == expected
+    });
     assert_eq!(rejected(&server, RejectReason::ProxyHeader), 0);
     assert_eq!(total(&server, |s| s.accepted), 4);
 }
@@ -621,7 +633,9 @@ fn lying_headers_are_read_to_their_exact_length_or_refused() {
             String::from_utf8_lossy(bad)
         );
     }
-    wait_for("every connection to be gone", || server.open_connections() == 0);
+    wait_for("every connection to be gone", || {
+        server.open_connections() == 0
+    });
     wait_for("every served one to be counted", || {
         total(&server, |s| s.accepted) == accepted_cases.len() as u64
     });
@@ -649,7 +663,10 @@ fn per_ip_counts_of_header_clients_are_given_back_exactly_under_churn() {
         echo_roundtrip(&mut a, b"a");
         echo_roundtrip(&mut b, b"b");
         // The third from the same client, through either version: refused.
-        expect_refused(addr, &v2(&format!("192.0.2.1:{}", 3000 + round), "198.51.100.1:7000"));
+        expect_refused(
+            addr,
+            &v2(&format!("192.0.2.1:{}", 3000 + round), "198.51.100.1:7000"),
+        );
         refused += 1;
         assert_eq!(rejected(&server, RejectReason::PerIpLimit), refused);
         // Half-headers naming nobody yet hold no per-IP count.
@@ -663,7 +680,10 @@ fn per_ip_counts_of_header_clients_are_given_back_exactly_under_churn() {
         let _ = read_to_end(&mut a);
         reset(b);
         drop(c);
-        assert!(read_to_end(&mut half).0.is_empty(), "refused at the deadline");
+        assert!(
+            read_to_end(&mut half).0.is_empty(),
+            "refused at the deadline"
+        );
         wait_for("every connection of the round to be gone", || {
             server.open_connections() == 0
         });
@@ -679,7 +699,9 @@ fn per_ip_counts_of_header_clients_are_given_back_exactly_under_churn() {
     drop((a, b));
     wait_for("all gone", || server.open_connections() == 0);
     wait_for("active back to 0", || active(&server) == 0);
-    wait_for("17 accepted", || total(&server, |s| s.accepted) == 5 * 3 + 2);
+    wait_for("17 accepted", || {
+        total(&server, |s| s.accepted) == 5 * 3 + 2
+    });
 }
 
 /// `--idle-timeout` closes connections "with no traffic in either direction for this
@@ -733,7 +755,9 @@ fn a_proxy_that_resets_around_its_header_leaves_no_count_behind() {
             std::thread::sleep(Duration::from_millis(20));
             reset(s);
         }
-        wait_for("every connection to be gone", || server.open_connections() == 0);
+        wait_for("every connection to be gone", || {
+            server.open_connections() == 0
+        });
         wait_for("active back to 0", || active(server) == 0);
         wait_for("each of the three to be counted once", || {
             total(server, |s| s.accepted) + rejected(server, RejectReason::ProxyHeader) == 3

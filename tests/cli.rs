@@ -289,6 +289,26 @@ fn bad_flags_get_one_clear_line_and_exit_2() {
             "proxy-header-timeout (--proxy-header-timeout) must be greater than zero",
         ),
         (
+            vec![
+                "relay",
+                "--listen",
+                "127.0.0.1:47001",
+                "--upstream",
+                "127.0.0.1:47001",
+            ],
+            "upstream (--upstream) 127.0.0.1:47001 is this relay's own listen address",
+        ),
+        (
+            vec![
+                "relay",
+                "--listen",
+                "0.0.0.0:47002",
+                "--upstream",
+                "127.0.0.1:47002",
+            ],
+            "upstream (--upstream) 127.0.0.1:47002 is this relay's own listen address",
+        ),
+        (
             vec!["relay", "--upstream", "db.svc", "--resolve-interval", "5"],
             "invalid address 'db.svc': expected HOST:PORT",
         ),

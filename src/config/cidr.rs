@@ -77,6 +77,16 @@ pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
             "invalid address range '{s}': host bits set below /{prefix}; did you mean {first}/{prefix}?"
         ));
     }
+    // An IPv4-mapped range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps: peers
+    // are compared in their canonical form, so as IPv6 it would never match one.
+    if let (IpAddr::V6(a), true) = (addr, prefix >= 96) {
+        if let Some(v4) = a.to_ipv4_mapped() {
+            return Ok(Cidr {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
+    }
     Ok(cidr)
 }
 
@@ -86,6 +96,17 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv4_mapped_range_matches_ipv4_peers() {
+        let one = parse_cidr("::ffff:127.0.0.1").unwrap();
+        assert!(one.contains(ip("127.0.0.1")));
+        assert!(one.contains(ip("::ffff:127.0.0.1")));
+        assert!(!one.contains(ip("127.0.0.2")));
+        let net = parse_cidr("::ffff:10.0.0.0/104").unwrap();
+        assert!(net.contains(ip("10.1.2.3")));
+        assert!(!net.contains(ip("11.0.0.1")));
     }
 
     #[test]

@@ -301,6 +301,20 @@ pub struct UpstreamEntry {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// Whether `addr` is one of `listening` (this relay's own listeners): a client sent
+/// there would come back as a new client, and again, until the descriptors ran out.
+/// A wildcard listener (`0.0.0.0`, `[::]`) stands for every local address of its
+/// family, which binding a UDP socket to the address tells apart (no packet is sent).
+pub fn is_own_address(addr: SocketAddr, listening: &[SocketAddr]) -> bool {
+    listening.iter().any(|l| {
+        l.port() == addr.port()
+            && (l.ip() == addr.ip()
+                || (l.ip().is_unspecified()
+                    && l.is_ipv4() == addr.is_ipv4()
+                    && std::net::UdpSocket::bind((addr.ip(), 0)).is_ok()))
+    })
+}
+
 /// The longest `--health-check-expect`: a probe reads at most this much of an answer.
 pub const MAX_EXPECT: usize = 4096;
 
@@ -656,6 +670,25 @@ impl Config {
         if let Some(m) = self.metrics_listen {
             if self.listen.contains(&m) && m.port() != 0 {
                 return Err(ConfigError::MetricsOnListen(m));
+            }
+        }
+        if self.mode == Mode::Relay {
+            let listening: Vec<SocketAddr> = self
+                .listen
+                .iter()
+                .copied()
+                .filter(|l| l.port() != 0)
+                .collect();
+            if let Some(a) = self
+                .relay
+                .upstreams
+                .iter()
+                .find(|&&a| is_own_address(a, &listening))
+            {
+                return Err(ConfigError::Relay(format!(
+                    "upstream (--upstream) {a} is this relay's own listen address: every \
+                     client would be relayed back to it"
+                )));
             }
         }
         if self.max_buffered_bytes == 0 {

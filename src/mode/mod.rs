@@ -202,6 +202,7 @@ impl Handler {
         proxied: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     ) -> Step {
         conn.state = self.new_state(ctx.now_ms);
+        conn.last_active_ms = ctx.now_ms;
         ctx.counters.accepted += 1;
         ctx.counters.active += 1;
         if let Handler::Relay(r) = self {

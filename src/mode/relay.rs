@@ -1052,21 +1052,17 @@ impl Pair {
                 .str()?
                 .parse()
                 .map_err(|_| WireError("an upstream address that does not parse"))?;
-            let found = relay.upstreams.find(addr);
             pair.upstream = Some(fd);
             let connecting = r.u8()? == 1;
-            match found {
+            if connecting && relay.upstreams.find(addr).is_none() {
                 // Its upstream left the configuration: not a failed try.
-                None if connecting => {
-                    pair.upstream = None;
-                    gave_up = true;
-                }
-                None => pair.lease = Some(Lease::new(relay.upstreams.unlisted(addr))),
-                Some(up) => {
-                    pair.lease = Some(Lease::new(up));
-                    if connecting {
-                        pair.connecting_since = Some(Instant::now());
-                    }
+                pair.upstream = None;
+                gave_up = true;
+            } else {
+                let (up, _) = relay.upstreams.for_moved(addr);
+                pair.lease = Some(Lease::new(up));
+                if connecting {
+                    pair.connecting_since = Some(Instant::now());
                 }
             }
         } else {

@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::config::{Balance, Config};
+use crate::config::{is_own_address, Balance, Config};
 use crate::keepalive::PeerTimeouts;
 use crate::metrics::{ConnectError, Metrics, UpstreamMetrics};
 use queue::Queue;
@@ -260,13 +260,17 @@ pub struct Upstreams {
     /// Keepalive and user timeout of upstream sockets (see `crate::keepalive`).
     pub timeouts: PeerTimeouts,
     /// Upstreams outside the set that pairs may still hold: those the resolver
-    /// removed, and those `unlisted` made for pairs a reload moved here. Only the
+    /// removed, and those made for pairs a reload moved here (`for_moved`). Only the
     /// resolver and a reload's import take this lock, never a worker's pick.
     outside: Mutex<HashMap<SocketAddr, Weak<Upstream>>>,
+    /// The relay's own listening addresses, which never join the set.
+    listening: Vec<SocketAddr>,
 }
 
 impl Upstreams {
-    pub fn new(full: &Config, metrics: &Arc<Metrics>) -> Arc<Upstreams> {
+    /// The upstreams of `full`, for a relay listening on `listening` (an upstream
+    /// there is left out, with an error logged: see [`is_own_address`]).
+    pub fn new(full: &Config, metrics: &Arc<Metrics>, listening: &[SocketAddr]) -> Arc<Upstreams> {
         let config = &full.relay;
         let limit = config.max_conns_per_upstream.unwrap_or(usize::MAX);
         Arc::new_cyclic(|set| {
@@ -276,6 +280,13 @@ impl Upstreams {
             });
             let mut list: Vec<Arc<Upstream>> = Vec::with_capacity(config.upstreams.len());
             for &addr in &config.upstreams {
+                if is_own_address(addr, listening) {
+                    tracing::error!(
+                        upstream = %addr,
+                        "this upstream is the relay's own listener; it gets no client"
+                    );
+                    continue;
+                }
                 // Each address once: the prober and the metrics know an upstream by it.
                 if list.iter().all(|u| u.addr != addr) {
                     list.push(Arc::new(Upstream::new(addr, metrics, limit, queue.clone())));
@@ -297,6 +308,7 @@ impl Upstreams {
                 queue,
                 timeouts: PeerTimeouts::upstreams(full),
                 outside: Mutex::new(HashMap::new()),
+                listening: listening.to_vec(),
             }
         })
     }
@@ -321,20 +333,23 @@ impl Upstreams {
         ))
     }
 
-    /// An upstream outside the set, for a pair that moved here in a reload connected
-    /// to an upstream the new configuration no longer lists: the pair keeps it and is
-    /// counted under its address, and no new client is sent there unless the address
-    /// joins the set later. Pairs on one address share one.
-    pub fn unlisted(&self, addr: SocketAddr) -> Arc<Upstream> {
+    /// The upstream a pair moved in by a reload was connected to: the listed one at
+    /// `addr`, or one outside the set (counted under its address, given no new client); whether it is
+    /// listed. One lock around both looks, which the resolver's `replace` also takes,
+    /// so that an address it adds meanwhile never ends up with two `Upstream`s.
+    pub fn for_moved(&self, addr: SocketAddr) -> (Arc<Upstream>, bool) {
         let mut outside = self.outside.lock();
+        if let Some(up) = self.find(addr) {
+            return (up, true);
+        }
         if let Some(up) = outside.get(&addr).and_then(Weak::upgrade) {
-            return up;
+            return (up, false);
         }
         let up = self.member(addr);
         up.set_listed(false);
         outside.retain(|_, w| w.strong_count() > 0);
         outside.insert(addr, Arc::downgrade(&up));
-        up
+        (up, false)
     }
 
     /// Makes `addrs` the set (the resolver's doing): an address already in the set
@@ -343,6 +358,19 @@ impl Upstreams {
     /// gets no new client, and lives until its last pair closes. Workers see the new
     /// set at their next pick.
     pub fn replace(&self, addrs: &[SocketAddr]) {
+        let own: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|&a| is_own_address(a, &self.listening))
+            .collect();
+        for addr in &own {
+            tracing::error!(
+                upstream = %addr,
+                "a name answered the relay's own listener; it is left out of the set"
+            );
+        }
+        let addrs: Vec<SocketAddr> = addrs.iter().copied().filter(|a| !own.contains(a)).collect();
+        let addrs = &addrs[..];
         let old = self.list();
         let mut outside = self.outside.lock();
         let list: Vec<Arc<Upstream>> = addrs

@@ -60,6 +60,8 @@ pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, wake: Wake, handler: &mut Handl
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Idle,
         Err(e) => return refuse_err(conn, &e),
     };
+    // Header bytes are traffic: a slow proxy is not idle (`--idle-timeout`).
+    conn.last_active_ms = ctx.now_ms;
     let header = match inbound::read(&ctx.buf[..seen]) {
         Ok(h) => h,
         // The peer hung up (or failed) with only part of a header sent: no more is
