@@ -345,9 +345,11 @@ fn hundreds_of_addresses_for_one_name_survive_a_failed_lookup_and_shrink_exactly
     wait_for("every pair to close", || relay.open_connections() == 0);
     assert_eq!(up_active(&relay, pod(2, port)), 0);
     drop(relay);
-    assert_eq!(
-        threads_named("edgepoll-dns"),
-        0,
+    // The thread has returned when `drop` does; its /proc entry can outlive the join
+    // by a moment (the kernel wakes the joiner before it reaps the task).
+    assert!(
+        within(Duration::from_secs(5), || threads_named("edgepoll-dns")
+            == 0),
         "the resolver stops with the server"
     );
 }

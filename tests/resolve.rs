@@ -393,7 +393,8 @@ fn the_resolver_thread_exists_only_while_there_is_a_name_to_follow() {
     let (port, _pods) = pods(&[2]);
     let hosts = HostsFile::new("thread", "127.0.0.2 svc.test\n");
     let name = format!("svc.test:{port}");
-    assert_eq!(threads_named("edgepoll-dns"), 0);
+    // (A previous test's joined thread can linger in /proc for a moment.)
+    wait_for("no resolver thread", || threads_named("edgepoll-dns") == 0);
 
     let following = relay(&[&name], &hosts, |_| {});
     // A thread names itself once it runs, which may be just after `start` returns.
