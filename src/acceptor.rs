@@ -19,6 +19,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::access_log::Origin;
 use crate::config::{Cidr, Config};
 use crate::keepalive::PeerTimeouts;
 use crate::limits::Limits;
@@ -275,7 +276,8 @@ impl Acceptor {
                         // see the reset.
                         let _ = self.clients.apply(fd.as_fd());
                     }
-                    self.hand_off(fd, peer);
+                    let listen = self.listeners[i].addr;
+                    self.hand_off(fd, peer, listen);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.predating[i] = false;
@@ -348,7 +350,7 @@ impl Acceptor {
     }
 
     /// Gives a new connection to the next worker, or closes it over a limit.
-    fn hand_off(&mut self, fd: OwnedFd, peer: SocketAddr) {
+    fn hand_off(&mut self, fd: OwnedFd, peer: SocketAddr, listen: SocketAddr) {
         let acquired = match &self.trusted {
             None => self.limits.try_acquire(peer.ip()),
             Some(trusted) if trusted.iter().any(|t| t.contains(peer.ip())) => {
@@ -374,7 +376,11 @@ impl Acceptor {
         };
         // A peer that already reset makes this fail; the worker will see the reset.
         let _ = socket::set_nodelay(fd.as_fd());
-        let mut msg = Msg::Conn(fd, permit);
+        let origin = Origin {
+            peer: Some(peer),
+            listen: Some(listen),
+        };
+        let mut msg = Msg::Conn(fd, permit, origin);
         // A worker whose loop died has dropped its channel: the next one gets the
         // connection (the server is stopping by then; see `Lifecycle::fail`).
         for _ in 0..self.workers.len() {

@@ -33,6 +33,12 @@ impl Token {
         (self.0 & 0xffff_ffff) as usize
     }
 
+    /// The slab slot this token names: a dense index, for tables kept beside the slab.
+    #[inline]
+    pub fn slot(self) -> usize {
+        self.index()
+    }
+
     fn generation(self) -> u32 {
         (self.0 >> 32) as u32 & GENERATION_MASK
     }

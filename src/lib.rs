@@ -34,6 +34,9 @@
 //!   relay's upstream sockets.
 //! - [`shutdown`]: the lifecycle every thread sees: not ready (`--shutdown-delay`),
 //!   draining and its deadline, a reload's hand-over, and the failure of a worker.
+//! - [`access_log`]: `--access-log`: the record a worker fills when a connection
+//!   closes, the channel it offers it to (dropped, never waited for, when full), and
+//!   the one thread that formats records (logfmt or JSON) and writes them.
 //! - [`handover`]: reload: the messages that hand listeners, established connections
 //!   and counters to the process that replaces this one, and their byte encoding.
 //! - [`server`]: starts the acceptor, the workers and the metrics endpoint; the handle
@@ -81,6 +84,7 @@
 //! `TimerWheel` holds one entry per connection. Neither import cycle remains.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 mod acceptor;
 pub mod config;
 pub mod conn;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::access_log::AccessLog;
 use crate::acceptor::{Acceptor, Listener};
 use crate::config::{Config, ConfigError, Mode};
 use crate::conn::Token;
@@ -38,6 +39,8 @@ pub enum StartError {
     Bind(io::Error),
     #[error("metrics endpoint: {0}")]
     Metrics(io::Error),
+    #[error("access log (--access-log): {0}")]
+    AccessLog(io::Error),
     #[error("registering metrics: {0}")]
     Registry(#[from] prometheus::Error),
     #[error("{0}")]
@@ -105,6 +108,9 @@ pub struct Server {
     /// Relay with upstream names and `--resolve-interval`: the thread that looks them
     /// up again and changes the set.
     resolver: Option<Resolver>,
+    /// `--access-log`: the writer thread, stopped (after the workers, whose last
+    /// records it writes) when the server is joined.
+    access_log: Option<AccessLog>,
 }
 
 impl Server {
@@ -139,6 +145,7 @@ impl Server {
             .map(|l| l.fd.try_clone())
             .collect::<io::Result<Vec<_>>>()?;
         let metrics = Metrics::new(&config)?;
+        let access_log = AccessLog::start(&config, &metrics).map_err(StartError::AccessLog)?;
         let shared = WorkerShared {
             limits: Limits::new(
                 config.max_connections,
@@ -167,6 +174,7 @@ impl Server {
             next_adopt: std::sync::atomic::AtomicUsize::new(0),
             prober: None,
             resolver: None,
+            access_log,
         };
         if let (Some(ups), Some(check)) = (&shared.upstreams, &config.relay.health_check) {
             server.prober = Some(Prober::start(Arc::clone(ups), check.clone())?);
@@ -184,7 +192,11 @@ impl Server {
             tracing::warn!("--pin-workers: the usable cores are unknown; workers are not pinned");
         }
         for id in 0..config.workers {
-            let (worker, handle) = Worker::new(id, &config, metrics.worker(id), &shared)?;
+            let log = server
+                .access_log
+                .as_ref()
+                .and_then(|l| l.worker(id, &config));
+            let (worker, handle) = Worker::new(id, &config, metrics.worker(id), &shared, log)?;
             let lifecycle = Arc::clone(&shared.lifecycle);
             server.workers.push(handle);
             let core = cores
@@ -528,7 +540,17 @@ impl Server {
                 tracing::error!("a server thread panicked");
             }
         }
+        // The workers have written their last records; the writer writes them out.
+        self.access_log = None;
         self.endpoint = None;
+    }
+
+    /// Reopens the access log file (SIGUSR1, after logrotate renamed it): records of
+    /// connections closed before the call go to the old file, later ones to the new.
+    /// False if there is no file to reopen or it could not be opened (the old one
+    /// stays in use, and the log says why).
+    pub fn reopen_access_log(&self) -> bool {
+        self.access_log.as_ref().is_some_and(|l| l.reopen())
     }
 }
 

@@ -68,6 +68,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::access_log::{Close, Origin, Snapshot, WorkerLog};
 use crate::config::{Config, Mode};
 use crate::conn::{flags, Slab, Token};
 use crate::keepalive::PeerTimeouts;
@@ -97,8 +98,9 @@ const EVENTS_PER_WAIT: usize = 1024;
 
 /// What the acceptor sends a worker.
 pub(crate) enum Msg {
-    /// A new connection, already non-blocking, with its share of the limits.
-    Conn(OwnedFd, ConnPermit),
+    /// A new connection, already non-blocking, with its share of the limits and
+    /// where it came from.
+    Conn(OwnedFd, ConnPermit, Origin),
     /// Stop serving input, flush what is owed, and exit by the deadline.
     Drain(Instant),
     /// Fail as if `epoll_wait` had (fault injection for tests of what a dead worker
@@ -201,6 +203,8 @@ pub(crate) struct Worker {
     /// `--tcp-keepalive` and `--tcp-user-timeout` of client sockets, for those a
     /// reload moves here (new ones inherit them from the listener).
     clients: PeerTimeouts,
+    /// `--access-log`: each connection's tally, and the channel its record goes to.
+    log: Option<WorkerLog>,
 }
 
 impl Worker {
@@ -210,6 +214,7 @@ impl Worker {
         config: &Config,
         metrics: WorkerMetrics,
         shared: &WorkerShared,
+        log: Option<WorkerLog>,
     ) -> io::Result<(Worker, WorkerHandle)> {
         let epoll = Epoll::new()?;
         let waker = Arc::new(Waker::new()?);
@@ -273,6 +278,7 @@ impl Worker {
             workers: config.workers.max(1) as i64,
             drain_deadline: None,
             clients: PeerTimeouts::clients(config),
+            log,
         };
         Ok((worker, WorkerHandle { tx, waker }))
     }
@@ -392,7 +398,7 @@ impl Worker {
     fn take_messages(&mut self) -> io::Result<()> {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
-                Msg::Conn(fd, permit) => self.register(fd, permit),
+                Msg::Conn(fd, permit, origin) => self.register(fd, permit, origin),
                 Msg::Drain(deadline) => self.begin_drain(deadline),
                 Msg::Fail => return Err(io::Error::other("injected worker failure")),
                 Msg::Export(tx) => self.export(&tx),
@@ -480,6 +486,15 @@ impl Worker {
         let Some(conn) = self.slab.get_mut(token) else {
             unreachable!("a token just issued names its connection");
         };
+        if let Some(log) = &mut self.log {
+            // Its record counts from its arrival here: what it moved before was the
+            // other process's to count.
+            let origin = Origin {
+                peer: socket::peer_addr(conn.fd.as_fd()).ok(),
+                listen: socket::local_addr(conn.fd.as_fd()).ok(),
+            };
+            log.opened(token.slot(), origin);
+        }
         if let Err(e) = self.epoll.add(conn.fd.as_fd(), token.0, SOCKET_INTEREST) {
             // As for a new connection (ENOMEM, ENOSPC); closed by the close rule.
             tracing::warn!(
@@ -493,7 +508,7 @@ impl Worker {
         self.push_ready(token);
     }
 
-    fn register(&mut self, fd: OwnedFd, permit: ConnPermit) {
+    fn register(&mut self, fd: OwnedFd, permit: ConnPermit, origin: Origin) {
         // With --accept-proxy no mode sees the connection before its PROXY header.
         let state = match self.proxy_header_timeout_ms {
             Some(t) => State::AwaitingProxy {
@@ -522,6 +537,9 @@ impl Worker {
             // A connection in its PROXY header phase is counted once its mode starts.
             self.counters.accepted += 1;
             self.counters.active += 1;
+        }
+        if let Some(log) = &mut self.log {
+            log.opened(token.slot(), origin);
         }
         self.serve(token, Wake::Open);
         if self.drain_deadline.is_some() {
@@ -557,6 +575,8 @@ impl Worker {
             return;
         };
         let before = buffered(conn);
+        // With the access log on, what the counters grow by now is this connection's.
+        let counted = self.log.as_ref().map(|_| Snapshot::of(&self.counters));
         let mut ctx = Ctx {
             buf: &mut self.buf,
             out: &mut self.out,
@@ -567,6 +587,9 @@ impl Worker {
             token,
         };
         let step = self.handler.serve(conn, &mut ctx, wake);
+        if let (Some(log), Some(counted)) = (&mut self.log, &counted) {
+            log.served(token.slot(), counted, &self.counters);
+        }
         let delta = buffered(conn) as i64 - before as i64;
         if delta != 0 {
             self.counters.buffered += delta;
@@ -693,6 +716,19 @@ impl Worker {
         }
         let lived_ms = self.now_ms.saturating_sub(conn.opened_ms);
         self.metrics.observe_duration(lived_ms as f64 / 1000.0);
+        if let Some(log) = &mut self.log {
+            let close = Close {
+                reason,
+                aborted: client || upstream,
+                duration_ms: lived_ms,
+                proxied: conn.permit.as_ref().and_then(|p| p.proxied_client()),
+                peer_fin: conn.has(flags::PEER_FIN),
+                relay: conn.state.relay_facts(),
+            };
+            if !log.closed(token.slot(), close) {
+                self.counters.log_dropped += 1;
+            }
+        }
         // Dropping the connection closes its sockets (which leave the epoll set) and
         // gives its permit back.
         drop(conn);
@@ -721,6 +757,7 @@ impl Worker {
             || c.up_sent != 0
             || c.proxy_header != 0
             || c.pauses != 0
+            || c.log_dropped != 0
             || c.closed.iter().any(|&n| n != 0)
             || c.aborted.iter().any(|&n| n != 0)
             || c.http.iter().any(|&n| n != 0)

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use edgepoll::config::{
     self, parse_duration, parse_escaped, parse_keepalive, parse_listen, parse_metrics_listen,
     parse_resolve_interval, parse_size, parse_upstream, parse_user_timeout, Body, Config, HostPort,
-    LoadError, Mode, Settings,
+    LoadError, LogFormat, Mode, Settings,
 };
 use edgepoll::handover;
 use edgepoll::keepalive::PeerTimeouts;
@@ -42,6 +42,11 @@ struct Cli {
     /// plus mode = "echo"|"http"|"relay"; flags given as well override it
     #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
+
+    /// Format of edgepoll's own log lines on stderr: text, or json (one object per
+    /// line, for Loki, Vector or Elasticsearch) [default: text]
+    #[arg(long, value_name = "text|json", global = true, value_parser = config::parse_log_format)]
+    log_format: Option<LogFormat>,
 
     /// The mode to run, or check; without one, the file's mode key says
     #[command(subcommand)]
@@ -408,6 +413,22 @@ struct ServerArgs {
     /// keepalive it replaces COUNT (e.g. 30s), or "off" [default: off]
     #[arg(long, value_name = "SECS|off")]
     tcp_user_timeout: Option<String>,
+
+    /// One record per closed connection (per relayed pair), written by a thread of
+    /// its own: to this file (reopened on SIGUSR1, for logrotate), to stderr, or off
+    /// [default: off]
+    #[arg(long, value_name = "PATH|stderr|off")]
+    access_log: Option<String>,
+
+    /// Access log records as logfmt (text) or one JSON object per line [default: text]
+    #[arg(long, value_name = "text|json", value_parser = config::parse_log_format)]
+    access_log_format: Option<LogFormat>,
+
+    /// Share of cleanly ended connections (eof, shutdown) that get a record, e.g. 0.1
+    /// or 10%; every other close (resets, errors, timeouts) is always logged
+    /// [default: 1]
+    #[arg(long, value_name = "RATIO", value_parser = config::parse_sample)]
+    access_log_sample: Option<f64>,
 }
 
 impl ServerArgs {
@@ -457,6 +478,17 @@ impl ServerArgs {
                 flag: "tcp-user-timeout",
                 reason,
             })?;
+        s.access_log = self
+            .access_log
+            .as_deref()
+            .map(config::parse_log_target)
+            .transpose()
+            .map_err(|reason| LoadError::Flag {
+                flag: "access-log",
+                reason,
+            })?;
+        s.access_log_format = self.access_log_format;
+        s.access_log_sample = self.access_log_sample;
         Ok(())
     }
 }
@@ -465,7 +497,10 @@ impl Cli {
     /// The mode the subcommand names, if any, and what its flags set. A flag left out
     /// sets nothing, so that the file or the default decides.
     fn flag_settings(&self) -> Result<(Option<Mode>, Settings), LoadError> {
-        let mut s = Settings::default();
+        let mut s = Settings {
+            log_format: self.log_format,
+            ..Settings::default()
+        };
         let mode = match &self.command {
             Some(Command::Echo(server)) => {
                 server.apply(&mut s)?;
@@ -512,14 +547,26 @@ fn main() -> ExitCode {
         Some(Command::Check) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // The flag, else the file's key: logging starts before the configuration is
+    // loaded, so that the load's own lines are in the chosen format.
+    let format = cli
+        .log_format
+        .or_else(|| cli.config.as_deref().and_then(config::file::log_format_in));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format.unwrap_or_default() {
+        // One object per line: time, level, fields (message included), target and the
+        // thread's name, which says which worker wrote it.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_thread_names(true)
+            .init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -729,6 +776,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut failure = None;
     let sig = loop {
         if let Some(sig) = signals.wait(Duration::from_millis(200))? {
+            if sig == libc::SIGUSR1 {
+                reopen_access_log(&server);
+                continue;
+            }
             if sig == libc::SIGHUP {
                 server = match reload(server, &exe, &argv, activated) {
                     Reloaded::HandedOver(pid) => {
@@ -763,6 +814,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 break;
             }
             if let Some(again) = signals.wait(left.min(Duration::from_millis(200)))? {
+                if again == libc::SIGUSR1 {
+                    reopen_access_log(&server);
+                    continue;
+                }
                 if again == libc::SIGHUP {
                     tracing::warn!("SIGHUP received while shutting down: no reload");
                     continue;
@@ -797,6 +852,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     server.begin_drain();
     while !server.is_finished() {
         if let Some(sig) = signals.wait(Duration::from_millis(50))? {
+            if sig == libc::SIGUSR1 {
+                reopen_access_log(&server);
+                continue;
+            }
             if sig == libc::SIGHUP {
                 tracing::warn!("SIGHUP received while draining: no reload");
                 continue;
@@ -814,6 +873,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGUSR1: the access log file is opened anew (logrotate renamed it), as nginx
+/// does. Without a file, there is nothing to reopen.
+fn reopen_access_log(server: &Server) {
+    match &server.config().access_log.target {
+        Some(config::LogTarget::File(_)) => {
+            // The writer logs the outcome.
+            server.reopen_access_log();
+        }
+        _ => tracing::info!("SIGUSR1 received: no access log file to reopen"),
+    }
 }
 
 /// The sockets to serve. Started by systemd with sockets (socket activation, e.g.

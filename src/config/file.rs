@@ -22,8 +22,8 @@ use serde::Deserialize;
 use super::settings::{Body, LoadError, Settings};
 use super::{
     parse_cidr, parse_duration, parse_escaped, parse_header, parse_keepalive, parse_listen,
-    parse_metrics_listen, parse_resolve_interval, parse_size, parse_upstream, parse_user_timeout,
-    Balance, CheckKind, HostPort, Mode,
+    parse_log_format, parse_log_target, parse_metrics_listen, parse_resolve_interval, parse_sample,
+    parse_size, parse_upstream, parse_user_timeout, Balance, CheckKind, HostPort, LogTarget, Mode,
 };
 
 /// The file as written: every key optional, and nothing else allowed, so that a
@@ -49,6 +49,10 @@ struct ConfigFile {
     proxy_header_timeout: Option<Quantity>,
     tcp_keepalive: Option<String>,
     tcp_user_timeout: Option<Quantity>,
+    access_log: Option<PathBuf>,
+    access_log_format: Option<String>,
+    access_log_sample: Option<Quantity>,
+    log_format: Option<String>,
     body: Option<String>,
     body_file: Option<PathBuf>,
     status: Option<u16>,
@@ -75,6 +79,16 @@ struct ConfigFile {
     max_conns_per_upstream: Option<usize>,
     max_queue: Option<usize>,
     queue_timeout: Option<Quantity>,
+}
+
+/// The `log-format` key of the file at `path`, read before anything else so that
+/// every log line of a start, the first included, is in that format. None when the
+/// file cannot be read or parsed, or has no valid key: the full load that follows
+/// reports why.
+pub fn log_format_in(path: &Path) -> Option<super::LogFormat> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let table: toml::Table = toml::from_str(&text).ok()?;
+    parse_log_format(table.get("log-format")?.as_str()?).ok()
 }
 
 /// Reads the text of the file at `path`, for [`parse`].
@@ -257,6 +271,39 @@ impl ConfigFile {
                 .map_err(bad("tcp-keepalive"))?,
             tcp_user_timeout: user_timeout(self.tcp_user_timeout)
                 .map_err(bad("tcp-user-timeout"))?,
+            // A relative path is taken from the file's directory, as `body-file` is.
+            access_log: self
+                .access_log
+                .map(|p| match p.to_str() {
+                    Some(word) if !word.contains('/') => {
+                        parse_log_target(word).map(|t| t.map(|t| match t {
+                            LogTarget::File(f) => LogTarget::File(beside(f)),
+                            stderr => stderr,
+                        }))
+                    }
+                    _ => Ok(Some(LogTarget::File(beside(p)))),
+                })
+                .transpose()
+                .map_err(bad("access-log"))?,
+            access_log_format: self
+                .access_log_format
+                .map(|f| parse_log_format(&f))
+                .transpose()
+                .map_err(bad("access-log-format"))?,
+            access_log_sample: self
+                .access_log_sample
+                .map(|q| match q {
+                    Quantity::Whole(n) => parse_sample(&n.to_string()),
+                    Quantity::Fraction(f) => parse_sample(&f.to_string()),
+                    Quantity::Text(t) => parse_sample(&t),
+                })
+                .transpose()
+                .map_err(bad("access-log-sample"))?,
+            log_format: self
+                .log_format
+                .map(|f| parse_log_format(&f))
+                .transpose()
+                .map_err(bad("log-format"))?,
             body,
             status: self.status,
             content_type: self.content_type,
@@ -446,6 +493,10 @@ mod tests {
             proxy-header-timeout = "2s"
             tcp-keepalive = "2m:15s:4"
             tcp-user-timeout = "1500ms"
+            access-log = "logs/access.log"
+            access-log-format = "json"
+            access-log-sample = "10%"
+            log-format = "json"
             status = 404
             content-type = "text/html"
             header = ["Cache-Control: no-store", "X-A: b"]
@@ -501,6 +552,12 @@ mod tests {
                 count: 4,
             })),
             tcp_user_timeout: Some(Some(Duration::from_millis(1500))),
+            access_log: Some(Some(crate::config::LogTarget::File(
+                Path::new("/etc/edgepoll/logs/access.log").into(),
+            ))),
+            access_log_format: Some(crate::config::LogFormat::Json),
+            access_log_sample: Some(0.1),
+            log_format: Some(crate::config::LogFormat::Json),
             body: None,
             status: Some(404),
             content_type: Some("text/html".into()),

@@ -13,10 +13,14 @@ use std::time::Duration;
 
 mod cidr;
 pub mod file;
+mod logging;
 mod parse;
 pub mod settings;
 
 pub use cidr::{parse_cidr, Cidr};
+pub use logging::{
+    parse_log_format, parse_log_target, parse_sample, AccessLogConfig, LogFormat, LogTarget,
+};
 pub use parse::{
     parse_duration, parse_escaped, parse_header, parse_keepalive, parse_listen,
     parse_metrics_listen, parse_resolve_interval, parse_size, parse_upstream, parse_user_timeout,
@@ -153,6 +157,11 @@ pub struct Config {
     /// data may go unacknowledged before the kernel drops the connection; None: the
     /// kernel's default (TCP_USER_TIMEOUT 0).
     pub tcp_user_timeout: Option<Duration>,
+    /// The per-connection access log (`--access-log`).
+    pub access_log: AccessLogConfig,
+    /// The format of edgepoll's own log lines (`--log-format`); the binary sets up
+    /// logging with it, the library only carries it.
+    pub log_format: LogFormat,
     /// The response and limits of http mode.
     pub http: HttpConfig,
     /// The upstreams and their handling in relay mode.
@@ -639,6 +648,8 @@ impl Config {
             proxy_header_timeout: DEFAULT_PROXY_HEADER_TIMEOUT,
             tcp_keepalive: None,
             tcp_user_timeout: None,
+            access_log: AccessLogConfig::default(),
+            log_format: LogFormat::Text,
             http: HttpConfig::default(),
             relay: RelayConfig::default(),
         }
@@ -720,6 +731,7 @@ impl Config {
                 return Err(ConfigError::UserTimeout(t));
             }
         }
+        self.access_log.validate().map_err(ConfigError::AccessLog)?;
         if self.mode == Mode::Http {
             self.http.validate()?;
         }
@@ -780,6 +792,8 @@ pub enum ConfigError {
     Keepalive(String),
     #[error("tcp-user-timeout (--tcp-user-timeout) must be whole milliseconds up to {MAX_USER_TIMEOUT_MS}ms (TCP_USER_TIMEOUT), got {0:?}")]
     UserTimeout(Duration),
+    #[error("{0}")]
+    AccessLog(String),
     #[error("{0}")]
     Http(String),
     #[error("{0}")]

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{
-    file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, HostPort, Keepalive, Mode,
-    UpstreamEntry,
+    file, Balance, CheckKind, Cidr, Config, ConfigError, HealthCheck, HostPort, Keepalive,
+    LogFormat, LogTarget, Mode, UpstreamEntry,
 };
 use crate::upstream::hosts::{self, Hosts};
 
@@ -62,6 +62,14 @@ pub struct Settings {
     pub tcp_keepalive: Option<Option<Keepalive>>,
     /// `tcp-user-timeout`; `Some(None)` is "off".
     pub tcp_user_timeout: Option<Option<Duration>>,
+    /// `access-log`; `Some(None)` is "off".
+    pub access_log: Option<Option<LogTarget>>,
+    /// `access-log-format`.
+    pub access_log_format: Option<LogFormat>,
+    /// `access-log-sample`.
+    pub access_log_sample: Option<f64>,
+    /// `log-format`.
+    pub log_format: Option<LogFormat>,
     /// `body` or `body-file` (http).
     pub body: Option<Body>,
     /// `status` (http).
@@ -263,6 +271,10 @@ impl Settings {
             proxy_header_timeout,
             tcp_keepalive,
             tcp_user_timeout,
+            access_log,
+            access_log_format,
+            access_log_sample,
+            log_format,
             body,
             status,
             content_type,
@@ -307,6 +319,10 @@ impl Settings {
             proxy_header_timeout: proxy_header_timeout.or(lower.proxy_header_timeout),
             tcp_keepalive: tcp_keepalive.or(lower.tcp_keepalive),
             tcp_user_timeout: tcp_user_timeout.or(lower.tcp_user_timeout),
+            access_log: access_log.or(lower.access_log),
+            access_log_format: access_log_format.or(lower.access_log_format),
+            access_log_sample: access_log_sample.or(lower.access_log_sample),
+            log_format: log_format.or(lower.log_format),
             body: body.or(lower.body),
             status: status.or(lower.status),
             content_type: content_type.or(lower.content_type),
@@ -337,8 +353,8 @@ impl Settings {
 
     /// The first key set here that `mode` does not have (an `upstream` for echo), with
     /// the mode that has it; as the command line refuses `echo --upstream`. Keys of
-    /// every mode (`listen` to `metrics-listen`, `tcp-keepalive`, `tcp-user-timeout`)
-    /// are not listed.
+    /// every mode (`listen` to `metrics-listen`, `tcp-keepalive`, `tcp-user-timeout`,
+    /// the logging keys) are not listed.
     pub fn key_foreign_to(&self, mode: Mode) -> Option<(&'static str, Mode)> {
         let body_key = match self.body {
             Some(Body::File(_)) => "body-file",
@@ -432,6 +448,12 @@ impl Settings {
             c.relay.upstream_keepalive = keepalive;
         }
         c.tcp_user_timeout = self.tcp_user_timeout.unwrap_or(c.tcp_user_timeout);
+        if let Some(target) = &self.access_log {
+            c.access_log.target = target.clone();
+        }
+        c.access_log.format = self.access_log_format.unwrap_or(c.access_log.format);
+        c.access_log.sample = self.access_log_sample.unwrap_or(c.access_log.sample);
+        c.log_format = self.log_format.unwrap_or(c.log_format);
 
         let h = &mut c.http;
         match &self.body {

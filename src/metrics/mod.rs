@@ -350,6 +350,9 @@ pub struct Metrics {
     /// Relay mode only: lookups of upstream names and the addresses they changed.
     upstream_resolutions: IntCounterVec,
     upstream_changes: IntCounterVec,
+    /// Access log records by `result`: `written` by the writer thread, `dropped` by a
+    /// worker whose buffer was full or by the writer when a write failed.
+    access_log: IntCounterVec,
     /// Largest outbound buffer any one connection of worker i has held (library stats
     /// only: it shows that the cap holds).
     peak_pending: Vec<AtomicUsize>,
@@ -622,6 +625,18 @@ impl Metrics {
         for reason in RejectReason::ALL {
             rejected.with_label_values(&[reason.as_str()]);
         }
+        let access_log = IntCounterVec::new(
+            Opts::new(
+                "edgepoll_access_log_records_total",
+                "Access log records (--access-log), by result: written, or dropped \
+                 because the writer could not keep up or the write failed.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(access_log.clone()))?;
+        for result in AccessLogResult::ALL {
+            access_log.with_label_values(&[result.as_str()]);
+        }
         let peak_pending = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         let timer_entries = (0..workers).map(|_| AtomicUsize::new(0)).collect();
         let reload = ReloadMetrics {
@@ -683,6 +698,7 @@ impl Metrics {
             queue_wait,
             upstream_resolutions,
             upstream_changes,
+            access_log,
             peak_pending,
             timer_entries,
         }))
@@ -741,6 +757,7 @@ impl Metrics {
                 .iter()
                 .map(|s| self.http_requests.with_label_values(&[&w, &s.to_string()]))
                 .collect(),
+            log_dropped: self.access_log(AccessLogResult::Dropped),
             metrics: Arc::clone(self),
         }
     }
@@ -884,6 +901,34 @@ impl Metrics {
     pub fn rejected(&self, reason: RejectReason) -> u64 {
         self.rejected.with_label_values(&[reason.as_str()]).get()
     }
+
+    /// The counter of access log records with `result`.
+    pub fn access_log(&self, result: AccessLogResult) -> IntCounter {
+        self.access_log.with_label_values(&[result.as_str()])
+    }
+
+    /// Access log records so far with `result` (dropped ones as last published).
+    pub fn access_log_records(&self, result: AccessLogResult) -> u64 {
+        self.access_log(result).get()
+    }
+}
+
+/// What became of an access log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogResult {
+    Written,
+    Dropped,
+}
+
+impl AccessLogResult {
+    pub const ALL: [AccessLogResult; 2] = [AccessLogResult::Written, AccessLogResult::Dropped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLogResult::Written => "written",
+            AccessLogResult::Dropped => "dropped",
+        }
+    }
 }
 
 /// What one worker has published. `closed` is indexed like [`CloseReason::ALL`].
@@ -955,6 +1000,8 @@ pub struct Counters {
     pub timer_entries: usize,
     /// HTTP responses by status, indexed like [`http_statuses`].
     pub http: [u64; 6],
+    /// Access log records this worker could not hand to the writer (its buffer full).
+    pub log_dropped: u64,
     /// Room left under `--max-buffered-bytes` as this worker sees it: refreshed from
     /// the shared total every loop turn, then kept exact for this worker's own changes.
     /// Not published.
@@ -980,6 +1027,7 @@ pub struct WorkerMetrics {
     proxy_header: IntCounter,
     /// HTTP requests by status (http mode only), indexed like [`http_statuses`].
     http: Vec<IntCounter>,
+    log_dropped: IntCounter,
     metrics: Arc<Metrics>,
 }
 
@@ -1010,6 +1058,7 @@ impl WorkerMetrics {
         add(&self.up_sent, &mut c.up_sent);
         add(&self.proxy_header, &mut c.proxy_header);
         add(&self.pauses, &mut c.pauses);
+        add(&self.log_dropped, &mut c.log_dropped);
         for (counter, delta) in self.http.iter().zip(c.http.iter_mut()) {
             add(counter, delta);
         }

@@ -95,6 +95,14 @@ impl State {
         matches!(self, State::AwaitingProxy { .. })
     }
 
+    /// What the access log records of a relayed pair; None in other modes.
+    pub fn relay_facts(&self) -> Option<crate::access_log::RelayFacts> {
+        match self {
+            State::Relay(p) => Some(p.facts()),
+            _ => None,
+        }
+    }
+
     /// The upstream socket of a relayed pair.
     pub fn upstream_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         match self {

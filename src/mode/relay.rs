@@ -48,6 +48,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{room, Conn, Ctx, Edge, Step, READ_BUDGET, READ_BUFFER_SIZE};
+use crate::access_log::{Ended, RelayFacts, Stage};
 use crate::conn::Outbound;
 use crate::handover::wire::{Reader, WireError, Writer};
 use crate::metrics::{CloseReason, ConnectError, Counters};
@@ -186,6 +187,11 @@ pub struct Pair {
     reset_wait_until_ms: u64,
     /// Upstreams tried for this client.
     tries: u32,
+    /// For the access log: the upstream last tried, how long its connect took (µs),
+    /// and which side's stream ended first.
+    last_upstream: Option<SocketAddr>,
+    connect_us: Option<u32>,
+    ended: Option<Ended>,
     /// The socket that failed (reset or error) and the reason the pair will close
     /// with. What that socket had sent before it failed is still forwarded; then the
     /// pair is aborted, so the other peer learns of the failure as a reset too.
@@ -195,6 +201,24 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// What the access log records of this pair.
+    pub fn facts(&self) -> RelayFacts {
+        let stage = if self.ticket.is_some() {
+            Stage::Queue
+        } else if self.upstream.is_none() || self.connecting_since.is_some() {
+            Stage::Connect
+        } else {
+            Stage::Data
+        };
+        RelayFacts {
+            upstream: self.last_upstream,
+            connect_us: self.connect_us,
+            tries: self.tries,
+            ended: self.ended,
+            stage,
+        }
+    }
+
     /// Bytes held in user space for both directions (what counts against
     /// `--max-buffered-bytes`; a pipe's bytes are in the kernel).
     pub fn buffered(&self) -> usize {
@@ -388,6 +412,7 @@ fn connect_next(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay) -> Step {
 fn connect(pair: &mut Pair, ctx: &mut Ctx<'_>, ups: &Upstreams, lease: Lease) -> Option<Step> {
     pair.tries += 1;
     let up = lease.upstream();
+    pair.last_upstream = Some(up.addr);
     let started = Instant::now();
     let fd = match socket::connect_nonblocking(up.addr) {
         Ok(fd) => fd,
@@ -547,7 +572,9 @@ fn connected(pair: &mut Pair, ups: &Upstreams) -> Result<(), ()> {
     match socket::take_error(fd.as_fd()) {
         Ok(None) => {
             if let Some(since) = pair.connecting_since.take() {
-                up.metrics.connect.observe(since.elapsed().as_secs_f64());
+                let took = since.elapsed();
+                up.metrics.connect.observe(took.as_secs_f64());
+                pair.connect_us = Some(took.as_micros().min(u32::MAX as u128) as u32);
             }
             ups.connected(up);
             Ok(())
@@ -586,6 +613,7 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
         reset_check_ms,
         reset_wait_until_ms,
         ticket,
+        ended,
         ..
     } = &mut **pair;
     let upstream = upstream
@@ -635,6 +663,13 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
     }
     if moved {
         *last_active_ms = ctx.now_ms;
+    }
+    if ended.is_none() {
+        *ended = match (*failed, c2u.source_ended(), u2c.source_ended()) {
+            (Some((Side::Client, _)), ..) | (None, true, _) => Some(Ended::Client),
+            (Some((Side::Upstream, _)), ..) | (None, false, true) => Some(Ended::Upstream),
+            (None, false, false) => None,
+        };
     }
     if let (Some((_, reason)), Some(_)) = (*failed, ticket.as_ref()) {
         // A queued client that failed (reset) gave up its wait: it has no upstream to

@@ -1,6 +1,6 @@
 //! Shutdown signals, taken synchronously.
 //!
-//! SIGINT, SIGTERM and SIGHUP are blocked in the main thread before any other thread starts,
+//! SIGINT, SIGTERM, SIGHUP and SIGUSR1 are blocked in the main thread before any other thread starts,
 //! so every thread inherits the mask and none is interrupted; the main thread then
 //! collects them with sigtimedwait(2). No handler runs, so nothing async-signal-unsafe
 //! can happen. SIGPIPE needs no handling: every socket write uses MSG_NOSIGNAL.
@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use super::syscall;
 
-/// The signals that ask edgepoll to drain and exit (SIGINT, SIGTERM) or to reload
-/// (SIGHUP).
+/// The signals that ask edgepoll to drain and exit (SIGINT, SIGTERM), to reload
+/// (SIGHUP), or to reopen its access log (SIGUSR1, after logrotate).
 pub struct ShutdownSignals {
     set: libc::sigset_t,
 }
 
 impl ShutdownSignals {
-    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread. Call it before spawning
+    /// Blocks SIGINT, SIGTERM, SIGHUP and SIGUSR1 in the calling thread. Call it before spawning
     /// threads so they inherit the mask.
     pub fn block() -> io::Result<ShutdownSignals> {
         let mut set = MaybeUninit::<libc::sigset_t>::uninit();
@@ -30,6 +30,7 @@ impl ShutdownSignals {
             libc::sigaddset(&mut set, libc::SIGINT);
             libc::sigaddset(&mut set, libc::SIGTERM);
             libc::sigaddset(&mut set, libc::SIGHUP);
+            libc::sigaddset(&mut set, libc::SIGUSR1);
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             if rc != 0 {
                 return Err(super::context(
@@ -72,6 +73,7 @@ pub fn name(sig: i32) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
         libc::SIGHUP => "SIGHUP",
+        libc::SIGUSR1 => "SIGUSR1",
         _ => "signal",
     }
 }

@@ -1,0 +1,278 @@
+//! The access log (`--access-log`): one record per closed connection, per relayed
+//! pair, as HAProxy's `option tcplog` and nginx's stream `access_log` give.
+//!
+//! A worker never formats, writes or waits for a record. While a connection lives it
+//! keeps a [`Tally`] for it in a table indexed by slab slot (no allocation per
+//! connection): the addresses it came with, and the bytes and HTTP responses the
+//! worker's own counters grew by while serving it. At the close it fills a fixed-size
+//! [`Record`] and offers it to its own bounded channel, which the writer thread
+//! (`writer`) empties, formats (`format`) and writes in batches. A full channel (the
+//! writer behind a slow disk or a full pipe) drops the record and counts it
+//! (`edgepoll_access_log_records_total{result="dropped"}`); the worker goes on.
+
+pub mod format;
+mod writer;
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use crossbeam_channel::{Sender, TrySendError};
+
+use crate::config::{AccessLogConfig, Mode};
+use crate::metrics::{CloseReason, Counters};
+
+pub use writer::AccessLog;
+
+/// Records one worker may hold for the writer: at 50,000 closes a second per worker
+/// (more than two cores manage) that is 80 ms of them, eight of the writer's 10 ms
+/// turns, so only a writer that is stalled drops. About 1 MiB per worker while the
+/// log is on.
+pub const RECORDS_PER_WORKER: usize = 4096;
+
+/// Where a connection came from: its socket's peer and the listener that accepted
+/// it. None where it is not known (a connection a reload moved here whose peer had
+/// already reset).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub peer: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
+}
+
+/// Which side ended a connection first (HAProxy's first termination letter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client closed or reset first.
+    Client,
+    /// Relay: the upstream closed, reset or could not be connected first.
+    Upstream,
+    /// edgepoll ended it: a timeout, the drain, a refused request, a full queue.
+    Edgepoll,
+}
+
+impl Ended {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Client => "client",
+            Ended::Upstream => "upstream",
+            Ended::Edgepoll => "edgepoll",
+        }
+    }
+}
+
+/// Where a relayed pair stood when it closed (HAProxy's second termination letter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting in the queue for an upstream slot.
+    Queue,
+    /// Connecting to an upstream (or no upstream could be connected).
+    Connect,
+    /// Relaying data.
+    Data,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Connect => "connect",
+            Stage::Data => "data",
+        }
+    }
+}
+
+/// What a relayed pair adds to its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayFacts {
+    /// The upstream last connected to (or tried).
+    pub upstream: Option<SocketAddr>,
+    /// How long the connect to it took, in microseconds; None if it never completed.
+    pub connect_us: Option<u32>,
+    /// Upstreams tried for this client (1 when the first connect succeeded).
+    pub tries: u32,
+    /// The side whose stream ended first, if one did.
+    pub ended: Option<Ended>,
+    pub stage: Stage,
+}
+
+/// One closed connection: fixed size, no heap, so that filling and sending it costs
+/// the worker a copy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Record {
+    /// Wall-clock time of the close.
+    pub time: SystemTime,
+    pub worker: u16,
+    pub mode: Mode,
+    /// The client a PROXY header named (`--accept-proxy`), else the socket's peer.
+    pub client: Option<SocketAddr>,
+    /// The socket's peer: the address that connected (a proxy's, with
+    /// `--accept-proxy`).
+    pub peer: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
+    /// From accept (or the arrival of a moved connection) to the close.
+    pub duration_ms: u64,
+    pub reason: CloseReason,
+    /// The close was a reset (something was still owed to a peer).
+    pub aborted: bool,
+    pub ended: Ended,
+    /// Bytes read from and written to the client.
+    pub received: u64,
+    pub sent: u64,
+    /// Relay: bytes written to and read from the upstream.
+    pub up_sent: u64,
+    pub up_received: u64,
+    /// Relay only.
+    pub relay: Option<RelayFacts>,
+    /// Http only: responses sent, indexed like `metrics::http_statuses`.
+    pub http: Option<[u32; 6]>,
+}
+
+/// What a worker counts for one open connection.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    origin: Origin,
+    received: u64,
+    sent: u64,
+    up_sent: u64,
+    up_received: u64,
+    http: [u32; 6],
+}
+
+/// The worker's counters as they were before a connection was served: what they grew
+/// by afterwards is that connection's.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot {
+    received: u64,
+    sent: u64,
+    up_sent: u64,
+    up_received: u64,
+    http: [u64; 6],
+}
+
+impl Snapshot {
+    #[inline]
+    pub fn of(c: &Counters) -> Snapshot {
+        Snapshot {
+            received: c.received,
+            sent: c.sent,
+            up_sent: c.up_sent,
+            up_received: c.up_received,
+            http: c.http,
+        }
+    }
+}
+
+/// What a close tells the log, beside the tally.
+#[derive(Debug, Clone, Copy)]
+pub struct Close {
+    pub reason: CloseReason,
+    pub aborted: bool,
+    pub duration_ms: u64,
+    /// The client a PROXY header named.
+    pub proxied: Option<SocketAddr>,
+    /// The peer sent its FIN (echo and http; relay says through `relay`).
+    pub peer_fin: bool,
+    pub relay: Option<RelayFacts>,
+}
+
+/// One worker's side of the access log.
+pub struct WorkerLog {
+    tx: Sender<Record>,
+    tallies: Vec<Tally>,
+    worker: u16,
+    mode: Mode,
+    /// `--access-log-sample`.
+    sample: f64,
+    /// Sampling credit: each cleanly ended connection adds `sample`, and a record is
+    /// written whenever a whole one has built up, so exactly `sample` of them are
+    /// logged, spread evenly.
+    credit: f64,
+}
+
+impl WorkerLog {
+    fn new(tx: Sender<Record>, worker: usize, mode: Mode, config: &AccessLogConfig) -> WorkerLog {
+        WorkerLog {
+            tx,
+            tallies: Vec::new(),
+            worker: worker as u16,
+            mode,
+            sample: config.sample,
+            credit: 0.0,
+        }
+    }
+
+    /// A connection took slab slot `slot`.
+    pub fn opened(&mut self, slot: usize, origin: Origin) {
+        if slot >= self.tallies.len() {
+            // The table grows with the slab (a high-water mark), never per connection.
+            self.tallies.resize(slot + 1, Tally::default());
+        }
+        self.tallies[slot] = Tally {
+            origin,
+            ..Tally::default()
+        };
+    }
+
+    /// Adds what the worker's counters grew by since `before` to the connection in
+    /// `slot`.
+    #[inline]
+    pub fn served(&mut self, slot: usize, before: &Snapshot, c: &Counters) {
+        let Some(t) = self.tallies.get_mut(slot) else {
+            return;
+        };
+        t.received += c.received - before.received;
+        t.sent += c.sent - before.sent;
+        t.up_sent += c.up_sent - before.up_sent;
+        t.up_received += c.up_received - before.up_received;
+        for (n, (now, was)) in t.http.iter_mut().zip(c.http.iter().zip(before.http)) {
+            *n = n.saturating_add((now - was) as u32);
+        }
+    }
+
+    /// The connection in `slot` closed: its record goes to the writer unless sampled
+    /// out. Returns false if it had to be dropped (the writer's buffer is full).
+    pub fn closed(&mut self, slot: usize, close: Close) -> bool {
+        let t = self.tallies.get(slot).copied().unwrap_or_default();
+        let clean = matches!(close.reason, CloseReason::Eof | CloseReason::Shutdown);
+        if clean && !close.aborted && self.sample < 1.0 {
+            self.credit += self.sample;
+            if self.credit < 1.0 {
+                return true;
+            }
+            self.credit -= 1.0;
+        }
+        let ended = match close.relay {
+            Some(r) => r.ended.unwrap_or(match close.reason {
+                CloseReason::UpstreamError => Ended::Upstream,
+                CloseReason::Reset | CloseReason::Error | CloseReason::Eof => Ended::Client,
+                _ => Ended::Edgepoll,
+            }),
+            None => match close.reason {
+                CloseReason::Eof | CloseReason::Reset | CloseReason::Error => Ended::Client,
+                _ if close.peer_fin => Ended::Client,
+                _ => Ended::Edgepoll,
+            },
+        };
+        let record = Record {
+            time: SystemTime::now(),
+            worker: self.worker,
+            mode: self.mode,
+            client: close.proxied.or(t.origin.peer),
+            peer: t.origin.peer,
+            listen: t.origin.listen,
+            duration_ms: close.duration_ms,
+            reason: close.reason,
+            aborted: close.aborted,
+            ended,
+            received: t.received,
+            sent: t.sent,
+            up_sent: t.up_sent,
+            up_received: t.up_received,
+            relay: close.relay,
+            http: (self.mode == Mode::Http).then_some(t.http),
+        };
+        match self.tx.try_send(record) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
