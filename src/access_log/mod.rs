@@ -276,3 +276,18 @@ impl WorkerLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tally_stays_within_what_the_readme_says() {
+        // README: "each open connection costs at most 128 bytes more".
+        assert!(
+            std::mem::size_of::<Tally>() <= 128,
+            "{}",
+            std::mem::size_of::<Tally>()
+        );
+    }
+}
