@@ -219,12 +219,15 @@ impl WorkerLog {
         let Some(t) = self.tallies.get_mut(slot) else {
             return;
         };
-        t.received += c.received - before.received;
-        t.sent += c.sent - before.sent;
-        t.up_sent += c.up_sent - before.up_sent;
-        t.up_received += c.up_received - before.up_received;
+        // The counters only grow between two publishes, and no publish happens
+        // while a connection is served; saturating all the same, so that a change to
+        // that order could skew a record but never stop a worker.
+        t.received += c.received.saturating_sub(before.received);
+        t.sent += c.sent.saturating_sub(before.sent);
+        t.up_sent += c.up_sent.saturating_sub(before.up_sent);
+        t.up_received += c.up_received.saturating_sub(before.up_received);
         for (n, (now, was)) in t.http.iter_mut().zip(c.http.iter().zip(before.http)) {
-            *n = n.saturating_add((now - was) as u32);
+            *n = n.saturating_add(now.saturating_sub(was).min(u32::MAX as u64) as u32);
         }
     }
 
