@@ -614,6 +614,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     };
     if let (Some(Command::Check), Some(path)) = (&cli.command, &cli.config) {
+        if let Err(why) = access_log_writable(&config) {
+            eprintln!("edgepoll: {}: access-log (--access-log): {why}", path.display());
+            return Ok(ExitCode::from(USAGE_ERROR));
+        }
         println!(
             "edgepoll: configuration {} is valid ({})",
             path.display(),
@@ -873,6 +877,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("drained; exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// For `check`: whether the access log file could be opened for appending, without
+/// creating it (as start-up would): an existing file is opened, a new one needs its
+/// directory.
+fn access_log_writable(config: &Config) -> Result<(), String> {
+    let Some(config::LogTarget::File(path)) = &config.access_log.target else {
+        return Ok(());
+    };
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| format!("open {}: {e}", path.display()));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        ))
+    }
 }
 
 /// SIGUSR1: the access log file is opened anew (logrotate renamed it), as nginx
