@@ -545,8 +545,9 @@ impl Server {
         self.endpoint = None;
     }
 
-    /// Reopens the access log file (SIGUSR1, after logrotate renamed it): records of
-    /// connections closed before the call go to the old file, later ones to the new.
+    /// Reopens the access log file (SIGUSR1, after logrotate renamed it): every record
+    /// of a connection closed before the call is in the old file when this returns,
+    /// and each later one is in exactly one of the two.
     /// False if there is no file to reopen or it could not be opened (the old one
     /// stays in use, and the log says why).
     pub fn reopen_access_log(&self) -> bool {
