@@ -84,8 +84,8 @@
 //! `TimerWheel` holds one entry per connection. Neither import cycle remains.
 #![deny(unsafe_code)]
 
-pub mod access_log;
 mod acceptor;
+pub mod access_log;
 pub mod config;
 pub mod conn;
 pub mod handover;

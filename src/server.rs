@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::access_log::AccessLog;
 use crate::acceptor::{Acceptor, Listener};
+use crate::access_log::AccessLog;
 use crate::config::{Config, ConfigError, Mode};
 use crate::conn::Token;
 use crate::keepalive::PeerTimeouts;

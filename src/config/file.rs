@@ -275,12 +275,12 @@ impl ConfigFile {
             access_log: self
                 .access_log
                 .map(|p| match p.to_str() {
-                    Some(word) if !word.contains('/') => {
-                        parse_log_target(word).map(|t| t.map(|t| match t {
+                    Some(word) if !word.contains('/') => parse_log_target(word).map(|t| {
+                        t.map(|t| match t {
                             LogTarget::File(f) => LogTarget::File(beside(f)),
                             stderr => stderr,
-                        }))
-                    }
+                        })
+                    }),
                     _ => Ok(Some(LogTarget::File(beside(p)))),
                 })
                 .transpose()
