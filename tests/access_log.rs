@@ -1,10 +1,11 @@
 //! The access log (`--access-log`) over real loopback sockets: one record per closed
 //! connection in every mode, whose bytes, addresses, reason and side match what the
 //! test's own clients did and what the metrics counted; the same values as JSON;
-//! resets, refusing and closing upstreams, timeouts and PROXY headers; exact
-//! sampling; a writer stalled by a pipe nobody reads, which must cost the workers
-//! nothing and lose no record uncounted; a reopen (SIGUSR1) after a rename that
-//! neither loses nor repeats a record; bad settings refused; `--log-format json`.
+//! resets, refusing and closing upstreams, timeouts, the queue, the drain, a reload's
+//! move and PROXY headers; exact sampling; a writer stalled by a pipe nobody reads
+//! or failing on a full disk, which must cost the workers nothing and lose no record
+//! uncounted; a reopen (SIGUSR1) after a rename that neither loses nor repeats a
+//! record; bad settings refused; `--log-format json`.
 //!
 //! The hostile peers here reset, stall the log's reader, refuse connects and hang
 //! around until a timeout; the log must still say exactly what happened.
@@ -239,7 +240,16 @@ fn layout(mode: &str) -> Vec<&'static str> {
 /// as RFC 3339 UTC with milliseconds, and `worker` among `workers`.
 #[track_caller]
 fn assert_shape(rec: &Rec, mode: &str, since: SystemTime, workers: u64) {
-    assert_eq!(rec.keys(), layout(mode), "{}", rec.line);
+    let keys = layout(mode);
+    assert_eq!(rec.keys(), keys, "{}", rec.line);
+    // http's counts per status close the record.
+    assert!(
+        rec.fields[keys.len()..]
+            .iter()
+            .all(|(k, _)| k.starts_with("status_")),
+        "{}",
+        rec.line
+    );
     if mode != "http" {
         assert!(rec.statuses().is_empty(), "{}", rec.line);
     }
