@@ -180,12 +180,24 @@ pub struct WorkerLog {
     tallies: Vec<Tally>,
     worker: u16,
     mode: Mode,
-    /// `--access-log-sample`.
-    sample: f64,
-    /// Sampling credit: each cleanly ended connection adds `sample`, and a record is
-    /// written whenever a whole one has built up, so exactly `sample` of them are
-    /// logged, spread evenly.
-    credit: f64,
+    /// `--access-log-sample`, in millionths ([`SAMPLE_WHOLE`] is 1).
+    sample: u32,
+    /// Sampling credit, in millionths: each cleanly ended connection adds `sample`, and
+    /// a record is written whenever a whole one has built up, so that exactly
+    /// floor(n * sample) of n are logged, spread evenly. Whole numbers, because a float
+    /// credit misses: ten additions of 0.1 come to 0.9999999999999999, and a 10%
+    /// sample logged none of its first ten.
+    credit: u32,
+}
+
+/// A sample of 1 (every record), in the millionths [`WorkerLog`] counts in: exact for
+/// any ratio given with up to six decimals (0.000001, 0.0001%).
+const SAMPLE_WHOLE: u32 = 1_000_000;
+
+/// `ratio` (0 < ratio <= 1, as validated) in millionths; at least one, so that a
+/// sample too small to express still logs now and then rather than never.
+fn millionths(ratio: f64) -> u32 {
+    ((ratio * SAMPLE_WHOLE as f64).round() as u32).clamp(1, SAMPLE_WHOLE)
 }
 
 impl WorkerLog {
@@ -195,8 +207,8 @@ impl WorkerLog {
             tallies: Vec::new(),
             worker: worker as u16,
             mode,
-            sample: config.sample,
-            credit: 0.0,
+            sample: millionths(config.sample),
+            credit: 0,
         }
     }
 
@@ -236,12 +248,12 @@ impl WorkerLog {
     pub fn closed(&mut self, slot: usize, close: Close) -> bool {
         let t = self.tallies.get(slot).copied().unwrap_or_default();
         let clean = matches!(close.reason, CloseReason::Eof | CloseReason::Shutdown);
-        if clean && !close.aborted && self.sample < 1.0 {
+        if clean && !close.aborted && self.sample < SAMPLE_WHOLE {
             self.credit += self.sample;
-            if self.credit < 1.0 {
+            if self.credit < SAMPLE_WHOLE {
                 return true;
             }
-            self.credit -= 1.0;
+            self.credit -= SAMPLE_WHOLE;
         }
         let ended = match close.relay {
             Some(r) => r.ended.unwrap_or(match close.reason {
@@ -292,5 +304,14 @@ mod tests {
             "{}",
             std::mem::size_of::<Tally>()
         );
+    }
+
+    #[test]
+    fn ratios_become_exact_millionths() {
+        assert_eq!(millionths(1.0), SAMPLE_WHOLE);
+        assert_eq!(millionths(0.1), 100_000);
+        assert_eq!(millionths(0.3), 300_000);
+        assert_eq!(millionths(0.000001), 1);
+        assert_eq!(millionths(1e-9), 1, "never rounded down to never");
     }
 }

@@ -615,7 +615,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     if let (Some(Command::Check), Some(path)) = (&cli.command, &cli.config) {
         if let Err(why) = access_log_writable(&config) {
-            eprintln!("edgepoll: {}: access-log (--access-log): {why}", path.display());
+            eprintln!(
+                "edgepoll: {}: access-log (--access-log): {why}",
+                path.display()
+            );
             return Ok(ExitCode::from(USAGE_ERROR));
         }
         println!(
