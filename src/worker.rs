@@ -722,7 +722,6 @@ impl Worker {
                 aborted: client || upstream,
                 duration_ms: lived_ms,
                 proxied: conn.permit.as_ref().and_then(|p| p.proxied_client()),
-                peer_fin: conn.has(flags::PEER_FIN),
                 relay: conn.state.relay_facts(),
             };
             if !log.closed(token.slot(), close) {

@@ -169,8 +169,6 @@ pub struct Close {
     pub duration_ms: u64,
     /// The client a PROXY header named.
     pub proxied: Option<SocketAddr>,
-    /// The peer sent its FIN (echo and http; relay says through `relay`).
-    pub peer_fin: bool,
     pub relay: Option<RelayFacts>,
 }
 
@@ -263,7 +261,8 @@ impl WorkerLog {
             }),
             None => match close.reason {
                 CloseReason::Eof | CloseReason::Reset | CloseReason::Error => Ended::Client,
-                _ if close.peer_fin => Ended::Client,
+                // A timeout, the drain or a refused request: edgepoll's decision,
+                // whether or not the client had also finished sending.
                 _ => Ended::Edgepoll,
             },
         };
