@@ -68,7 +68,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::access_log::{Close, Origin, Snapshot, WorkerLog};
+use crate::access_log::{Close, Origin, WorkerLog};
 use crate::config::{Config, Mode};
 use crate::conn::{flags, Slab, Token};
 use crate::keepalive::PeerTimeouts;
@@ -576,7 +576,9 @@ impl Worker {
         };
         let before = buffered(conn);
         // With the access log on, what the counters grow by now is this connection's.
-        let counted = self.log.as_ref().map(|_| Snapshot::of(&self.counters));
+        if let Some(log) = &mut self.log {
+            log.before(&self.counters);
+        }
         let mut ctx = Ctx {
             buf: &mut self.buf,
             out: &mut self.out,
@@ -587,8 +589,8 @@ impl Worker {
             token,
         };
         let step = self.handler.serve(conn, &mut ctx, wake);
-        if let (Some(log), Some(counted)) = (&mut self.log, &counted) {
-            log.served(token.slot(), counted, &self.counters);
+        if let Some(log) = &mut self.log {
+            log.served(token.slot(), &self.counters);
         }
         let delta = buffered(conn) as i64 - before as i64;
         if delta != 0 {

@@ -139,8 +139,8 @@ struct Tally {
 
 /// The worker's counters as they were before a connection was served: what they grew
 /// by afterwards is that connection's.
-#[derive(Debug, Clone, Copy)]
-pub struct Snapshot {
+#[derive(Debug, Clone, Copy, Default)]
+struct Snapshot {
     received: u64,
     sent: u64,
     up_sent: u64,
@@ -150,7 +150,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     #[inline]
-    pub fn of(c: &Counters) -> Snapshot {
+    fn of(c: &Counters) -> Snapshot {
         Snapshot {
             received: c.received,
             sent: c.sent,
@@ -176,6 +176,8 @@ pub struct Close {
 pub struct WorkerLog {
     tx: Sender<Record>,
     tallies: Vec<Tally>,
+    /// The counters before the connection being served was served.
+    before: Snapshot,
     worker: u16,
     mode: Mode,
     /// `--access-log-sample`, in millionths ([`SAMPLE_WHOLE`] is 1).
@@ -203,6 +205,7 @@ impl WorkerLog {
         WorkerLog {
             tx,
             tallies: Vec::new(),
+            before: Snapshot::default(),
             worker: worker as u16,
             mode,
             sample: millionths(config.sample),
@@ -222,10 +225,17 @@ impl WorkerLog {
         };
     }
 
-    /// Adds what the worker's counters grew by since `before` to the connection in
-    /// `slot`.
+    /// A connection is about to be served: the counters as they are now.
     #[inline]
-    pub fn served(&mut self, slot: usize, before: &Snapshot, c: &Counters) {
+    pub fn before(&mut self, c: &Counters) {
+        self.before = Snapshot::of(c);
+    }
+
+    /// Adds what the worker's counters grew by since [`WorkerLog::before`] to the
+    /// connection in `slot`.
+    #[inline]
+    pub fn served(&mut self, slot: usize, c: &Counters) {
+        let before = self.before;
         let Some(t) = self.tallies.get_mut(slot) else {
             return;
         };

@@ -648,6 +648,12 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
         };
         let first = failed.is_none();
         fail(failed, [&mut *c2u, &mut *u2c], side, &err);
+        if ended.is_none() {
+            *ended = Some(match side {
+                Side::Client => Ended::Client,
+                Side::Upstream => Ended::Upstream,
+            });
+        }
         let from_failed = from(c2u, u2c, side);
         if read_failed {
             // The read that returned the error ends that direction.
@@ -664,7 +670,9 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
     if moved {
         *last_active_ms = ctx.now_ms;
     }
-    if ended.is_none() {
+    // Once per pair, when a source first ends (a failure is noted where it happens):
+    // one test of both halves' flags in the common case.
+    if (c2u.flags | u2c.flags) & (half::EOF | half::GONE) != 0 && ended.is_none() {
         *ended = match (*failed, c2u.source_ended(), u2c.source_ended()) {
             (Some((Side::Client, _)), ..) | (None, true, _) => Some(Ended::Client),
             (Some((Side::Upstream, _)), ..) | (None, false, true) => Some(Ended::Upstream),
