@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# The access log's cost under connection churn (issue 18): connect, one 64-byte echo,
+# close, again (`edgeload --reconnect`, CONNS slots) through a relay with one worker or
+# thread on core 0, to an edgepoll echo upstream; the upstream and the load share
+# core 1. Every connection makes one record, so churn is the access log's worst case:
+# the most records per unit of work.
+#
+# - churn: edgepoll relay with the access log off, on to a file (text), on to a file
+#   (json); HAProxy (Debian's package, tcp mode, one thread) without a log and with
+#   `option tcplog`. HAProxy logs through syslog targets only: here `log stdout format
+#   raw local0` with HAProxy's stdout redirected to the file (benches/peers/haproxy.sh,
+#   haproxy_tcplog_conf). A file descriptor is the nearest HAProxy has to a file of its
+#   own (one blocking writev(2) per record, in its only thread); a UDP syslog target or
+#   a `ring` forwarded to one would need a syslog daemon to reach a file, whose CPU a
+#   per-process figure would leave out. The log files are on the same file system for
+#   both (the page cache; nothing is fsynced).
+# - stalled: the access log off, against the log to a FIFO that is held open and
+#   never read: the writer blocks on the full pipe, the workers' channels fill, and
+#   every record after that is dropped and counted. A worker must not slow down.
+#
+# Server CPU is the relay process's user + system time (all its threads: edgepoll's
+# access log writer included) from /proc/PID/stat, taken before the load and 0.3 s
+# after it (the writer catches up within 10 ms), divided by the connections edgeload
+# completed. Each contender gets a fresh process per run. The contenders alternate
+# within each run, starting one further along the list each run, after an uncounted
+# warm-up run: every measured run follows another's churn, whose TIME_WAIT sockets
+# (tens of thousands; net.ipv4.tcp_tw_reuse lets loopback connects reuse them) make
+# the next run's connects dearer, so no contender always goes first.
+#
+# Records per connection: the log's lines over the connections edgeload completed
+# (slightly above 1: the connections still open when the load stops are logged too,
+# and edgeload's first connection only checks that the target answers). A logger that
+# lost records would look cheap; the dropped column (edgepoll's
+# edgepoll_access_log_records_total{result="dropped"}, scraped 0.3 s after the load)
+# shows it did not.
+#
+#   bash benches/access_log_churn.sh                  # RUNS=5 DURATION=5s CONNS=50
+#   SECTIONS=churn RUNS=3 bash benches/access_log_churn.sh
+source "$(dirname "$0")/lib.sh"
+cd "$(dirname "$0")/.."
+source benches/peers/haproxy.sh
+RUNS=${RUNS:-5}
+DURATION=${DURATION:-5s}
+CONNS=${CONNS:-50}
+SECTIONS=${SECTIONS:-"churn stalled"}
+for tool in haproxy curl python3; do
+    command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install -y haproxy curl python3" >&2; exit 1; }
+done
+
+# The echo upstream on core 1, shared by every contender of a section.
+start_upstream() {
+    RUST_LOG=info taskset -c 1 "$BIN_DIR/edgepoll" echo --listen 127.0.0.1:0 --workers 1 \
+        --metrics-listen off >"$WORK/upstream.log" 2>&1 &
+    UP_PID=$!
+    BG_PIDS+=("$UP_PID")
+    await_line "$WORK/upstream.log" ' listening on '
+    UP_PORT=$(sed -nE 's/.* listening on [^ ,]+:([0-9]+).*/\1/p' "$WORK/upstream.log")
+}
+
+# start_relay KIND: starts the relay on core 0 in front of the upstream; sets
+# RELAY_PID, RELAY_PORT, LOG_FILE (empty without a log) and METRICS (edgepoll's
+# metrics address, empty for HAProxy).
+start_relay() {
+    local kind=$1
+    LOG_FILE="" METRICS=""
+    case $kind in
+        edgepoll-*)
+            local log=()
+            case $kind in
+                edgepoll-text) LOG_FILE=$WORK/access.log; log=(--access-log "$LOG_FILE") ;;
+                edgepoll-json) LOG_FILE=$WORK/access.log
+                    log=(--access-log "$LOG_FILE" --access-log-format json) ;;
+                edgepoll-stalled)
+                    # Opened read-write, so that neither this open nor edgepoll's waits
+                    # for the other end; nothing ever reads it.
+                    mkfifo "$WORK/stall.fifo"
+                    exec 7<>"$WORK/stall.fifo"
+                    log=(--access-log "$WORK/stall.fifo") ;;
+            esac
+            # Metrics on for every edgepoll contender alike, to read the access log's
+            # counters once at the end; unscraped during the load, they cost nothing
+            # measurable (benches/README.md, "Metrics on vs off").
+            start_edgepoll relay --listen 127.0.0.1:0 --workers 1 --metrics-listen 127.0.0.1:0 \
+                --upstream "127.0.0.1:$UP_PORT" "${log[@]}"
+            RELAY_PID=$EP_PID
+            RELAY_PORT=${EP_ADDR##*:}
+            METRICS=$EP_METRICS
+            ;;
+        haproxy | haproxy-tcplog)
+            RELAY_PORT=$(free_port)
+            if [[ $kind == haproxy-tcplog ]]; then
+                LOG_FILE=$WORK/access.log
+                haproxy_tcplog_conf "$WORK/haproxy.cfg" "$RELAY_PORT" "$UP_PORT"
+            else
+                haproxy_conf "$WORK/haproxy.cfg" "$RELAY_PORT" "$UP_PORT"
+            fi
+            taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" >"${LOG_FILE:-/dev/null}" \
+                2>"$WORK/haproxy.err" &
+            RELAY_PID=$!
+            BG_PIDS+=("$RELAY_PID")
+            local i
+            for i in $(seq 100); do
+                (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && return
+                sleep 0.05
+            done
+            echo "HAProxy did not listen on $RELAY_PORT within 5 s:" >&2
+            cat "$WORK/haproxy.err" >&2
+            exit 1
+            ;;
+    esac
+}
+
+# access_log_count RESULT: edgepoll_access_log_records_total{result=RESULT} now.
+access_log_count() {
+    curl -sf "http://$METRICS/metrics" |
+        awk -v r="$1" '$1 == "edgepoll_access_log_records_total{result=\"" r "\"}" { print $2 }'
+}
+
+# one_run KIND: prints "connections/s cpu_ns_per_connection records_per_connection
+# bytes_per_record written dropped" ("-" where a figure does not apply).
+one_run() {
+    local kind=$1 before after written=- dropped=- records=- bytes=-
+    start_relay "$kind"
+    before=$(cpu_seconds "$RELAY_PID")
+    taskset -c 1 "$BIN_DIR/edgeload" --json -t1 -c"$CONNS" --reconnect -d"$DURATION" \
+        "tcp://127.0.0.1:$RELAY_PORT" >"$WORK/load.json"
+    sleep 0.3
+    after=$(cpu_seconds "$RELAY_PID")
+    if [[ -n $METRICS && $kind != edgepoll-off ]]; then
+        written=$(access_log_count written)
+        dropped=$(access_log_count dropped)
+    fi
+    # A stalled writer holds edgepoll's exit for its 2 s stop wait.
+    stop_pid "$RELAY_PID"
+    if [[ $kind == edgepoll-stalled ]]; then
+        exec 7<&-
+        rm -f "$WORK/stall.fifo"
+    fi
+    if [[ -n $LOG_FILE ]]; then
+        records=$(wc -l <"$LOG_FILE")
+        bytes=$(stat -c %s "$LOG_FILE")
+        rm -f "$LOG_FILE"
+    fi
+    grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
+    python3 - "$WORK/load.json" "$before" "$after" "$records" "$bytes" "$written" "$dropped" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+before, after = float(sys.argv[2]), float(sys.argv[3])
+records, size, written, dropped = sys.argv[4:8]
+n = r["requests"]
+# Records per connection: the lines in the file, or without one (the stalled FIFO)
+# the records edgepoll counts as written.
+logged = records if records != "-" else written
+per_conn = "-" if logged == "-" else "%.4f" % (int(logged) / n)
+per_record = "-" if records == "-" or int(records) == 0 else "%.0f" % (int(size) / int(records))
+print("%.0f %.1f %s %s %s %s" % (r["requests_per_sec"], (after - before) / n * 1e9,
+                                per_conn, per_record, written, dropped))
+PY
+}
+
+# section NAME KIND...: the warm-up, then RUNS rounds of the KINDs, rotated by one per
+# round; appends "NAME KIND RUN figures..." lines to $WORK/results.
+section() {
+    local name=$1 kinds=("${@:2}") run i k line
+    start_upstream
+    one_run "${kinds[0]}" >/dev/null
+    for run in $(seq "$RUNS"); do
+        for i in "${!kinds[@]}"; do
+            k=${kinds[$(((i + run - 1) % ${#kinds[@]}))]}
+            line=$(one_run "$k")
+            echo "$name $k $run $line" >>"$WORK/results"
+            read -r r c rec b w d <<<"$line"
+            echo "run $run $k: $r conn/s, $c ns CPU/conn, $rec records/conn, $b B/record, written $w dropped $d" \
+                "(TIME_WAIT $(ss -tan state time-wait | wc -l))" >&2
+        done
+    done
+    stop_pid "$UP_PID"
+}
+
+churn() { section churn edgepoll-off edgepoll-text edgepoll-json haproxy haproxy-tcplog; }
+stalled() { section stalled edgepoll-off edgepoll-stalled; }
+
+echo "Machine: $(machine), load average $(cut -d' ' -f1 /proc/loadavg) at the start. Relay (1 worker or thread) on core 0; edgepoll echo upstream and edgeload on core 1. edgeload -c $CONNS --reconnect, one 64-byte echo per connection, $DURATION x $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3)."
+: >"$WORK/results"
+for s in $SECTIONS; do
+    "$s"
+done
+python3 - "$WORK/results" <<'PY'
+import statistics, sys
+from collections import defaultdict
+
+runs = defaultdict(dict)  # (section, kind) -> run -> figures
+for line in open(sys.argv[1]):
+    section, kind, run, *f = line.split()
+    runs[(section, kind)][int(run)] = f
+
+LABELS = {
+    "edgepoll-off": "edgepoll relay, access log off",
+    "edgepoll-text": "edgepoll relay, --access-log FILE (text)",
+    "edgepoll-json": "edgepoll relay, --access-log FILE --access-log-format json",
+    "haproxy": "HAProxy, no log",
+    "haproxy-tcplog": "HAProxy, option tcplog, log stdout format raw > FILE",
+    "edgepoll-stalled": "edgepoll relay, --access-log to a FIFO nobody reads",
+}
+# Logging off, the same relay: what "on / off" divides by.
+BASE = {"edgepoll-text": "edgepoll-off", "edgepoll-json": "edgepoll-off",
+        "edgepoll-stalled": "edgepoll-off", "haproxy-tcplog": "haproxy"}
+
+def col(section, kind, i):
+    return [float(f[i]) for f in runs[(section, kind)].values() if f[i] != "-"]
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+def table(section, kinds, title):
+    print()
+    print(f"### {title}")
+    print()
+    print("| relay, access log | connections/s (median) | relay CPU ns per connection, median (range) "
+          "| CPU vs edgepoll, log off | CPU, log on / off of the same relay | the same, per run: median (range) "
+          "| records written per connection (median) | records dropped (median) | bytes per record |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    off = med(col(section, "edgepoll-off", 1))
+    for kind in kinds:
+        cpu = col(section, kind, 1)
+        m = med(cpu)
+        rng = f"{m:.0f} ({min(cpu):.0f} to {max(cpu):.0f})"
+        vs_off = fmt(m / off, ".3f") if off else "-"
+        on_off = per_run = "-"
+        base = BASE.get(kind)
+        if base:
+            on_off = fmt(m / med(col(section, base, 1)), ".3f")
+            mine, theirs = runs[(section, kind)], runs[(section, base)]
+            ratios = [float(mine[r][1]) / float(theirs[r][1]) for r in mine if r in theirs]
+            per_run = f"{med(ratios):.3f} ({min(ratios):.3f} to {max(ratios):.3f})"
+        print(f"| {LABELS[kind]} | {med(col(section, kind, 0)):.0f} | {rng} | {vs_off} | {on_off} "
+              f"| {per_run} | {fmt(med(col(section, kind, 2)), '.3f')} "
+              f"| {fmt(med(col(section, kind, 5)), '.0f')} | {fmt(med(col(section, kind, 3)), '.0f')} |")
+
+if any(s == "churn" for s, _ in runs):
+    table("churn", ["edgepoll-off", "edgepoll-text", "edgepoll-json", "haproxy", "haproxy-tcplog"],
+          "Connection churn through the relay, access log off and on")
+if any(s == "stalled" for s, _ in runs):
+    table("stalled", ["edgepoll-off", "edgepoll-stalled"],
+          "A stalled access log (the writer blocked on a full pipe)")
+PY
