@@ -21,7 +21,10 @@
 # Server CPU is the relay process's user + system time (all its threads: edgepoll's
 # access log writer included) from /proc/PID/stat, taken before the load and 0.3 s
 # after it (the writer catches up within 10 ms), divided by the connections edgeload
-# completed. Each contender gets a fresh process per run. The contenders alternate
+# completed. Each contender gets a fresh process per run. The access log writer
+# thread's own share is read apart, exactly, from its /proc/PID/task/TID/schedstat,
+# per record written: the formatting and writing, against the noise of the kernel's
+# TCP work in the total. The contenders alternate
 # within each run, starting one further along the list each run, after an uncounted
 # warm-up run: every measured run follows another's churn, whose TIME_WAIT sockets
 # (tens of thousands; net.ipv4.tcp_tw_reuse lets loopback connects reuse them) make
@@ -110,6 +113,20 @@ start_relay() {
     esac
 }
 
+# writer_ns: the CPU time, in ns, edgepoll's access log writer thread ("edgepoll-log")
+# has run so far (schedstat's first field: exact, where /proc/PID/stat counts 10 ms
+# ticks); 0 when there is none.
+writer_ns() {
+    local comm
+    for comm in /proc/"$RELAY_PID"/task/*/comm; do
+        if [[ $(cat "$comm" 2>/dev/null) == edgepoll-log ]]; then
+            cut -d' ' -f1 "${comm%/comm}/schedstat"
+            return
+        fi
+    done
+    echo 0
+}
+
 # access_log_count RESULT: edgepoll_access_log_records_total{result=RESULT} now.
 access_log_count() {
     curl -sf "http://$METRICS/metrics" |
@@ -117,15 +134,18 @@ access_log_count() {
 }
 
 # one_run KIND: prints "connections/s cpu_ns_per_connection records_per_connection
-# bytes_per_record written dropped" ("-" where a figure does not apply).
+# bytes_per_record written dropped writer_ns_per_record" ("-" where a figure does not
+# apply).
 one_run() {
-    local kind=$1 before after written=- dropped=- records=- bytes=-
+    local kind=$1 before after written=- dropped=- records=- bytes=- w_before w_after
     start_relay "$kind"
     before=$(cpu_seconds "$RELAY_PID")
+    w_before=$(writer_ns)
     taskset -c 1 "$BIN_DIR/edgeload" --json -t1 -c"$CONNS" --reconnect -d"$DURATION" \
         "tcp://127.0.0.1:$RELAY_PORT" >"$WORK/load.json"
     sleep 0.3
     after=$(cpu_seconds "$RELAY_PID")
+    w_after=$(writer_ns)
     if [[ -n $METRICS && $kind != edgepoll-off ]]; then
         written=$(access_log_count written)
         dropped=$(access_log_count dropped)
@@ -142,19 +162,22 @@ one_run() {
         rm -f "$LOG_FILE"
     fi
     grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
-    python3 - "$WORK/load.json" "$before" "$after" "$records" "$bytes" "$written" "$dropped" <<'PY'
+    python3 - "$WORK/load.json" "$before" "$after" "$records" "$bytes" "$written" "$dropped" \
+        "$((w_after - w_before))" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 before, after = float(sys.argv[2]), float(sys.argv[3])
-records, size, written, dropped = sys.argv[4:8]
+records, size, written, dropped, writer = sys.argv[4:9]
 n = r["requests"]
 # Records per connection: the lines in the file, or without one (the stalled FIFO)
 # the records edgepoll counts as written.
 logged = records if records != "-" else written
 per_conn = "-" if logged == "-" else "%.4f" % (int(logged) / n)
 per_record = "-" if records == "-" or int(records) == 0 else "%.0f" % (int(size) / int(records))
-print("%.0f %.1f %s %s %s %s" % (r["requests_per_sec"], (after - before) / n * 1e9,
-                                per_conn, per_record, written, dropped))
+# The writer's CPU per record it wrote (the workers drop the others without it).
+per_written = "%.0f" % (int(writer) / int(written)) if written not in ("-", "0") else "-"
+print("%.0f %.1f %s %s %s %s %s" % (r["requests_per_sec"], (after - before) / n * 1e9,
+                                   per_conn, per_record, written, dropped, per_written))
 PY
 }
 
@@ -169,8 +192,8 @@ section() {
             k=${kinds[$(((i + run - 1) % ${#kinds[@]}))]}
             line=$(one_run "$k")
             echo "$name $k $run $line" >>"$WORK/results"
-            read -r r c rec b w d <<<"$line"
-            echo "run $run $k: $r conn/s, $c ns CPU/conn, $rec records/conn, $b B/record, written $w dropped $d" \
+            read -r r c rec b w d wr <<<"$line"
+            echo "run $run $k: $r conn/s, $c ns CPU/conn, $rec records/conn, $b B/record, written $w dropped $d, writer $wr ns/record" \
                 "(TIME_WAIT $(ss -tan state time-wait | wc -l))" >&2
         done
     done
@@ -220,9 +243,9 @@ def table(section, kinds, title):
     print(f"### {title}")
     print()
     print("| relay, access log | connections/s (median) | relay CPU ns per connection, median (range) "
-          "| CPU vs edgepoll, log off | CPU, log on / off of the same relay | the same, per run: median (range) "
+          "| log writer thread CPU ns per record (median) | CPU vs edgepoll, log off | CPU, log on / off of the same relay | the same, per run: median (range) "
           "| records written per connection (median) | records dropped (median) | bytes per record |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     off = med(col(section, "edgepoll-off", 1))
     for kind in kinds:
         cpu = col(section, kind, 1)
@@ -236,7 +259,8 @@ def table(section, kinds, title):
             mine, theirs = runs[(section, kind)], runs[(section, base)]
             ratios = [float(mine[r][1]) / float(theirs[r][1]) for r in mine if r in theirs]
             per_run = f"{med(ratios):.3f} ({min(ratios):.3f} to {max(ratios):.3f})"
-        print(f"| {LABELS[kind]} | {med(col(section, kind, 0)):.0f} | {rng} | {vs_off} | {on_off} "
+        print(f"| {LABELS[kind]} | {med(col(section, kind, 0)):.0f} | {rng} "
+              f"| {fmt(med(col(section, kind, 6)), '.0f')} | {vs_off} | {on_off} "
               f"| {per_run} | {fmt(med(col(section, kind, 2)), '.3f')} "
               f"| {fmt(med(col(section, kind, 5)), '.0f')} | {fmt(med(col(section, kind, 3)), '.0f')} |")
 
