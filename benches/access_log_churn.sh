@@ -174,8 +174,9 @@ n = r["requests"]
 logged = records if records != "-" else written
 per_conn = "-" if logged == "-" else "%.4f" % (int(logged) / n)
 per_record = "-" if records == "-" or int(records) == 0 else "%.0f" % (int(size) / int(records))
-# The writer's CPU per record it wrote (the workers drop the others without it).
-per_written = "%.0f" % (int(writer) / int(written)) if written not in ("-", "0") else "-"
+# The writer's CPU per record it wrote to a file (the workers drop the others without
+# it; a writer stalled on the FIFO wrote a few, and its time means nothing per record).
+per_written = "%.0f" % (int(writer) / int(records)) if int(writer) and records not in ("-", "0") else "-"
 print("%.0f %.1f %s %s %s %s %s" % (r["requests_per_sec"], (after - before) / n * 1e9,
                                    per_conn, per_record, written, dropped, per_written))
 PY
