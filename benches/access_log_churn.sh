@@ -17,18 +17,25 @@
 # - stalled: the access log off, against the log to a FIFO that is held open and
 #   never read: the writer blocks on the full pipe, the workers' channels fill, and
 #   every record after that is dropped and counted. A worker must not slow down.
+# - instructions: the churn's contenders under callgrind (user-space instructions per
+#   connection, every thread counted), runs of SHORT and LONG differenced: a count
+#   that does not move with the machine's other load, as CPU time here does by 20%.
 #
 # Server CPU is the relay process's user + system time (all its threads: edgepoll's
 # access log writer included) from /proc/PID/stat, taken before the load and 0.3 s
 # after it (the writer catches up within 10 ms), divided by the connections edgeload
 # completed. Each contender gets a fresh process per run. The access log writer
 # thread's own share is read apart, exactly, from its /proc/PID/task/TID/schedstat,
-# per record written: the formatting and writing, against the noise of the kernel's
-# TCP work in the total. The contenders alternate
-# within each run, starting one further along the list each run, after an uncounted
-# warm-up run: every measured run follows another's churn, whose TIME_WAIT sockets
-# (tens of thousands; net.ipv4.tcp_tw_reuse lets loopback connects reuse them) make
-# the next run's connects dearer, so no contender always goes first.
+# per record written: the formatting and writing, apart from the kernel's TCP work
+# that makes up most of the total and most of its noise.
+#
+# The contenders alternate within each run, starting one further along the list each
+# run, after an uncounted warm-up run: every measured run follows another's churn,
+# whose TIME_WAIT sockets (tens of thousands; net.ipv4.tcp_tw_reuse lets loopback
+# connects reuse them) make the next run's connects dearer, so no contender always
+# goes first. Besides the ratio of medians, each run's ratio to the same relay's
+# log-off run of that round is given (median and range): those pairs ran within
+# seconds of each other, so the machine's drift over the whole benchmark cancels.
 #
 # Records per connection: the log's lines over the connections edgeload completed
 # (slightly above 1: the connections still open when the load stops are logged too,
@@ -37,17 +44,24 @@
 # edgepoll_access_log_records_total{result="dropped"}, scraped 0.3 s after the load)
 # shows it did not.
 #
-#   bash benches/access_log_churn.sh                  # RUNS=5 DURATION=5s CONNS=50
-#   SECTIONS=churn RUNS=3 bash benches/access_log_churn.sh
+#   bash benches/access_log_churn.sh       # RUNS=5 DURATION=5s CONNS=50 SHORT=1s LONG=4s
+#   SECTIONS=churn RUNS=3 bash benches/access_log_churn.sh   # sections: churn stalled instructions
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 source benches/peers/haproxy.sh
+# Say which command failed, in functions and command substitutions too, before
+# set -e ends the script (a silent exit would leave nothing to look at).
+set -E
+trap 'echo "access_log_churn.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5s}
 CONNS=${CONNS:-50}
-SECTIONS=${SECTIONS:-"churn stalled"}
-for tool in haproxy curl python3; do
-    command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install -y haproxy curl python3" >&2; exit 1; }
+SECTIONS=${SECTIONS:-"churn stalled instructions"}
+SHORT=${SHORT:-1s}
+LONG=${LONG:-4s}
+for tool in haproxy curl python3 valgrind; do
+    command -v "$tool" >/dev/null ||
+        { echo "needs $tool: apt-get install -y haproxy curl python3 valgrind" >&2; exit 1; }
 done
 
 # The echo upstream on core 1, shared by every contender of a section.
@@ -60,15 +74,18 @@ start_upstream() {
     UP_PORT=$(sed -nE 's/.* listening on [^ ,]+:([0-9]+).*/\1/p' "$WORK/upstream.log")
 }
 
+# WRAP: a command the relay runs under (callgrind, in the instructions section).
+WRAP=()
+
 # start_relay KIND: starts the relay on core 0 in front of the upstream; sets
 # RELAY_PID, RELAY_PORT, LOG_FILE (empty without a log) and METRICS (edgepoll's
 # metrics address, empty for HAProxy).
 start_relay() {
-    local kind=$1
+    local kind=$1 i
     LOG_FILE="" METRICS=""
     case $kind in
         edgepoll-*)
-            local log=()
+            local log=() line
             case $kind in
                 edgepoll-text) LOG_FILE=$WORK/access.log; log=(--access-log "$LOG_FILE") ;;
                 edgepoll-json) LOG_FILE=$WORK/access.log
@@ -83,11 +100,20 @@ start_relay() {
             # Metrics on for every edgepoll contender alike, to read the access log's
             # counters once at the end; unscraped during the load, they cost nothing
             # measurable (benches/README.md, "Metrics on vs off").
-            start_edgepoll relay --listen 127.0.0.1:0 --workers 1 --metrics-listen 127.0.0.1:0 \
-                --upstream "127.0.0.1:$UP_PORT" "${log[@]}"
-            RELAY_PID=$EP_PID
-            RELAY_PORT=${EP_ADDR##*:}
-            METRICS=$EP_METRICS
+            RUST_LOG=info taskset -c 0 "${WRAP[@]}" "$BIN_DIR/edgepoll" relay --listen 127.0.0.1:0 \
+                --workers 1 --metrics-listen 127.0.0.1:0 --upstream "127.0.0.1:$UP_PORT" "${log[@]}" \
+                >"$WORK/relay.log" 2>&1 &
+            RELAY_PID=$!
+            BG_PIDS+=("$RELAY_PID")
+            # Up to 30 s: valgrind takes a while to start.
+            for i in $(seq 600); do
+                grep -q ' listening on ' "$WORK/relay.log" && break
+                sleep 0.05
+            done
+            line=$(grep ' listening on ' "$WORK/relay.log") ||
+                { echo "edgepoll did not start within 30 s:" >&2; cat "$WORK/relay.log" >&2; exit 1; }
+            RELAY_PORT=$(sed -E 's/.* listening on [^ ,]+:([0-9]+).*/\1/' <<<"$line")
+            METRICS=$(sed -nE 's#.*metrics on http://([^/]+)/metrics.*#\1#p' <<<"$line")
             ;;
         haproxy | haproxy-tcplog)
             RELAY_PORT=$(free_port)
@@ -97,17 +123,16 @@ start_relay() {
             else
                 haproxy_conf "$WORK/haproxy.cfg" "$RELAY_PORT" "$UP_PORT"
             fi
-            taskset -c 0 haproxy -db -f "$WORK/haproxy.cfg" >"${LOG_FILE:-/dev/null}" \
-                2>"$WORK/haproxy.err" &
+            taskset -c 0 "${WRAP[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"${LOG_FILE:-/dev/null}" \
+                2>"$WORK/relay.log" &
             RELAY_PID=$!
             BG_PIDS+=("$RELAY_PID")
-            local i
-            for i in $(seq 100); do
+            for i in $(seq 600); do
                 (exec 3<>"/dev/tcp/127.0.0.1/$RELAY_PORT") 2>/dev/null && return
                 sleep 0.05
             done
-            echo "HAProxy did not listen on $RELAY_PORT within 5 s:" >&2
-            cat "$WORK/haproxy.err" >&2
+            echo "HAProxy did not listen on $RELAY_PORT within 30 s:" >&2
+            cat "$WORK/relay.log" >&2
             exit 1
             ;;
     esac
@@ -129,7 +154,7 @@ writer_ns() {
 
 # access_log_count RESULT: edgepoll_access_log_records_total{result=RESULT} now.
 access_log_count() {
-    curl -sf "http://$METRICS/metrics" |
+    curl -sSf --max-time 5 "http://$METRICS/metrics" |
         awk -v r="$1" '$1 == "edgepoll_access_log_records_total{result=\"" r "\"}" { print $2 }'
 }
 
@@ -144,6 +169,12 @@ one_run() {
     taskset -c 1 "$BIN_DIR/edgeload" --json -t1 -c"$CONNS" --reconnect -d"$DURATION" \
         "tcp://127.0.0.1:$RELAY_PORT" >"$WORK/load.json"
     sleep 0.3
+    # A relay that died under the load would still show a zombie's /proc/PID/stat.
+    if [[ $(cut -d' ' -f3 "/proc/$RELAY_PID/stat") == Z ]]; then
+        echo "$kind exited during the load:" >&2
+        tail -n 20 "$WORK/relay.log" >&2
+        exit 1
+    fi
     after=$(cpu_seconds "$RELAY_PID")
     w_after=$(writer_ns)
     if [[ -n $METRICS && $kind != edgepoll-off ]]; then
@@ -201,10 +232,49 @@ section() {
     stop_pid "$UP_PID"
 }
 
+# cg_run KIND DURATION: prints "instructions connections" for one run of KIND under
+# callgrind, loaded for DURATION.
+cg_run() {
+    local kind=$1
+    rm -f "$WORK/cg.out"
+    WRAP=(valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out")
+    start_relay "$kind"
+    WRAP=()
+    # A longer timeout than the 2 s default: the relay runs some 50 times slower.
+    taskset -c 1 "$BIN_DIR/edgeload" --json -t1 -c"$CONNS" --reconnect -d"$2" --timeout 10s \
+        "tcp://127.0.0.1:$RELAY_PORT" >"$WORK/load.json"
+    grep -q '"total":0' "$WORK/load.json" || { cat "$WORK/load.json" >&2; exit 1; }
+    # SIGTERM: the relay exits, and callgrind writes its counts.
+    stop_pid "$RELAY_PID"
+    [[ -s $WORK/cg.out ]] || { echo "callgrind wrote no counts for $kind:" >&2; cat "$WORK/relay.log" >&2; exit 1; }
+    if [[ -n $LOG_FILE ]]; then rm -f "$LOG_FILE"; fi
+    echo "$(awk '/^(summary|totals):/ { print $2; exit }' "$WORK/cg.out") $(json_field "$WORK/load.json" requests)"
+}
+
+# instructions: user-space instructions per connection, every thread counted (the
+# access log's writer too); each contender loaded for SHORT and for LONG, and the
+# difference divided by the difference in connections, which cancels start-up and
+# shutdown. Unlike CPU time, the count does not depend on what else the machine does;
+# the kernel's share (the system calls) is not in it.
+instructions() {
+    local kind line ir1 n1 ir2 n2
+    start_upstream
+    for kind in edgepoll-off edgepoll-text edgepoll-json haproxy haproxy-tcplog; do
+        line=$(cg_run "$kind" "$SHORT")
+        read -r ir1 n1 <<<"$line"
+        line=$(cg_run "$kind" "$LONG")
+        read -r ir2 n2 <<<"$line"
+        echo "instructions $kind: $ir1 Ir / $n1 connections, $ir2 Ir / $n2 connections" >&2
+        echo "instructions $kind 1 $(awk -v a="$ir1" -v b="$ir2" -v x="$n1" -v y="$n2" \
+            'BEGIN { printf "%.0f", (b - a) / (y - x) }')" >>"$WORK/results"
+    done
+    stop_pid "$UP_PID"
+}
+
 churn() { section churn edgepoll-off edgepoll-text edgepoll-json haproxy haproxy-tcplog; }
 stalled() { section stalled edgepoll-off edgepoll-stalled; }
 
-echo "Machine: $(machine), load average $(cut -d' ' -f1 /proc/loadavg) at the start. Relay (1 worker or thread) on core 0; edgepoll echo upstream and edgeload on core 1. edgeload -c $CONNS --reconnect, one 64-byte echo per connection, $DURATION x $RUNS runs each, alternating. $(haproxy -v | head -1 | cut -d' ' -f1-3)."
+echo "Machine: $(machine), load average $(cut -d' ' -f1 /proc/loadavg) at the start. Relay (1 worker or thread) on core 0; edgepoll echo upstream and edgeload on core 1. edgeload -c $CONNS --reconnect, one 64-byte echo per connection, $DURATION x $RUNS runs each, alternating. $(haproxy -v | awk 'NR == 1 { print $1, $2, $3 }')."
 : >"$WORK/results"
 for s in $SECTIONS; do
     "$s"
@@ -268,6 +338,22 @@ def table(section, kinds, title):
 if any(s == "churn" for s, _ in runs):
     table("churn", ["edgepoll-off", "edgepoll-text", "edgepoll-json", "haproxy", "haproxy-tcplog"],
           "Connection churn through the relay, access log off and on")
+if any(s == "instructions" for s, _ in runs):
+    print()
+    print("### User-space instructions per connection (callgrind, every thread)")
+    print()
+    print("| relay, access log | instructions per connection | log on / off, same relay | added per connection |")
+    print("|---|---|---|---|")
+    for kind in ["edgepoll-off", "edgepoll-text", "edgepoll-json", "haproxy", "haproxy-tcplog"]:
+        if ("instructions", kind) not in runs:
+            continue
+        n = float(runs[("instructions", kind)][1][0])
+        base = BASE.get(kind)
+        if base and ("instructions", base) in runs:
+            b = float(runs[("instructions", base)][1][0])
+            print(f"| {LABELS[kind]} | {n:.0f} | {n / b:.3f} | {n - b:+.0f} |")
+        else:
+            print(f"| {LABELS[kind]} | {n:.0f} | - | - |")
 if any(s == "stalled" for s, _ in runs):
     table("stalled", ["edgepoll-off", "edgepoll-stalled"],
           "A stalled access log (the writer blocked on a full pipe)")
