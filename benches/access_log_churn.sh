@@ -50,8 +50,11 @@ source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 source benches/peers/haproxy.sh
 # Say which command failed, in functions and command substitutions too, before
-# set -e ends the script (a silent exit would leave nothing to look at).
+# set -e ends the script (a silent exit would leave nothing to look at); and let -e
+# hold inside command substitutions, which bash otherwise runs without it, so that
+# `line=$(one_run ...)` stops at a failure instead of printing half a result.
 set -E
+shopt -s inherit_errexit
 trap 'echo "access_log_churn.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 RUNS=${RUNS:-5}
 DURATION=${DURATION:-5s}
