@@ -6,7 +6,7 @@
 # and quotes the figures of the run it was written for.
 #
 # Needs a release build and, for the peer comparisons,
-# `apt-get install -y nginx-light wrk haproxy redis-server redis-tools iperf3`.
+# `apt-get install -y nginx-light wrk haproxy redis-server redis-tools iperf3 valgrind`.
 # Takes about 20 minutes with the defaults.
 #
 #   bash benches/run.sh                       # RUNS and DURATION pass through
@@ -17,7 +17,7 @@ source benches/lib.sh
 cargo build --release --bins
 
 ALL=(metrics_overhead echo_vs_peers instructions idle_scaling idle_memory churn
-    loadgen_vs_wrk http_vs_nginx relay_vs_haproxy reload pollers)
+    loadgen_vs_wrk http_vs_nginx relay_vs_haproxy access_log_churn reload pollers)
 if (($# > 0)); then BENCHES=("$@"); else BENCHES=("${ALL[@]}"); fi
 
 # write_block NAME FILE: replaces NAME's block in benches/README.md with FILE.

@@ -53,3 +53,14 @@ backend be
 ${servers}
 CFG
 }
+
+# haproxy_tcplog_conf FILE PORT UPSTREAM_PORT: haproxy_conf's relay with HAProxy's
+# connection log on: `option tcplog` (one line per connection, at its end) written to
+# HAProxy's own stdout, without a syslog header (`format raw`). HAProxy has no file
+# target of its own: a log goes to a syslog server, a `ring`, or a file descriptor,
+# and fd 1 redirected to a file is the nearest to writing a file itself (one writev(2)
+# per record, in the thread that closed the connection).
+haproxy_tcplog_conf() {
+    haproxy_conf "$@" "log stdout format raw local0"
+    sed -i 's/^frontend fe$/&\n    log global\n    option tcplog/' "$1"
+}
