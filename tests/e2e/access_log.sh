@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# The access log against real tools: wrk's keep-alive connections give one JSON record
-# each whose request counts add up to the metric, and the deploy/ logrotate snippet,
-# run by the real logrotate, rotates the file with SIGUSR1 and loses or repeats no
-# record.
+# The access log against a real client: wrk's keep-alive connections give one JSON
+# record each, whose request counts add up to the metric (rotation with the real
+# logrotate is tests/e2e/logrotate.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source tests/e2e/lib.sh
 
 # count_lines FILE: lines in FILE (0 if it does not exist).
 count_lines() { [[ -f $1 ]] && wc -l <"$1" || echo 0; }
-has_lines() { [[ $(count_lines "$1") -eq $2 ]]; }
-metric() { curl -sf "http://$EP_METRICS/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 
 echo "== access log: wrk's connections, one JSON record each"
 start_edgepoll http http --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 \
@@ -44,33 +41,3 @@ logged=$(cat "$WORK/records-http.jsonl.sum")
 # have answered a few more than wrk reports, never fewer.
 ((logged >= served)) || fail "records count $logged requests, wrk $served"
 log "$records records for $closed connections, all JSON; their requests add up to $logged (the metric: $answered; wrk counted $served)"
-
-echo "== access log: logrotate (deploy/logrotate/edgepoll) and SIGUSR1"
-start_edgepoll echo echo --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --workers 2 \
-    --access-log "$WORK/records.log"
-for _ in $(seq 50); do echo_bytes "$EP_ADDR" 100; done
-wait_for 10 "50 records written" has_lines "$WORK/records.log" 50
-# The deploy snippet as shipped, pointed at this run's file and process.
-# (its postrotate script, which signals the systemd unit, signals this process).
-awk -v path="$WORK/records.log" -v pid="$EP_PID" '
-    /^\/var\/log\/edgepoll\/access\.log/ { sub(/\/var\/log\/edgepoll\/access\.log/, path) }
-    /^[[:space:]]*endscript/ { skip = 0 }
-    skip { next }
-    { print }
-    /^[[:space:]]*postrotate/ { print "        kill -USR1 " pid; skip = 1 }
-' deploy/logrotate/edgepoll >"$WORK/logrotate.conf"
-grep -q "kill -USR1 $EP_PID" "$WORK/logrotate.conf" || fail "no USR1 line in the snippet"
-logrotate -f -s "$WORK/logrotate.state" "$WORK/logrotate.conf"
-wait_for 10 "the reopen" grep -q 'access log reopened' "$WORK/echo.log"
-for _ in $(seq 30); do echo_bytes "$EP_ADDR" 100; done
-wait_for 10 "30 records in the new file" has_lines "$WORK/records.log" 30
-old=$(count_lines "$WORK/records.log.1")
-[[ $old -eq 50 ]] || fail "the rotated file holds $old records, not 50"
-ports=$(cat "$WORK/records.log.1" "$WORK/records.log" | sed -E 's/.* peer=[^ ]*:([0-9]+) .*/\1/' | sort -u | wc -l)
-[[ $ports -eq 80 ]] || fail "$ports distinct clients across the two files, not 80"
-[[ $(metric 'edgepoll_access_log_records_total{result="written"}') == 80 ]] ||
-    fail "written records metric is not 80"
-[[ $(metric 'edgepoll_access_log_records_total{result="dropped"}') == 0 ]] ||
-    fail "records were dropped"
-stop_gracefully "$EP_PID"
-log "rotated: 50 records in the renamed file, 30 in the new one, 80 distinct clients, none dropped"
