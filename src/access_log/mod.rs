@@ -29,6 +29,12 @@ pub use writer::AccessLog;
 /// log is on.
 pub const RECORDS_PER_WORKER: usize = 4096;
 
+/// A worker whose buffer fills to this wakes the writer rather than wait for its
+/// tick: a burst of closes (a stop that closes thousands of connections at once, a
+/// load test's end) comes faster than an idle writer's 100 ms tick, and would
+/// otherwise overflow a buffer that a healthy writer empties in a millisecond.
+const NUDGE_AT: usize = RECORDS_PER_WORKER / 4;
+
 /// Where a connection came from: its socket's peer and the listener that accepted
 /// it. None where it is not known (a connection a reload moved here whose peer had
 /// already reset).
@@ -175,6 +181,8 @@ pub struct Close {
 /// One worker's side of the access log.
 pub struct WorkerLog {
     tx: Sender<Record>,
+    /// Wakes the writer when `tx` holds [`NUDGE_AT`] records.
+    nudge: Sender<()>,
     tallies: Vec<Tally>,
     /// The counters before the connection being served was served.
     before: Snapshot,
@@ -201,9 +209,16 @@ fn millionths(ratio: f64) -> u32 {
 }
 
 impl WorkerLog {
-    fn new(tx: Sender<Record>, worker: usize, mode: Mode, config: &AccessLogConfig) -> WorkerLog {
+    fn new(
+        tx: Sender<Record>,
+        nudge: Sender<()>,
+        worker: usize,
+        mode: Mode,
+        config: &AccessLogConfig,
+    ) -> WorkerLog {
         WorkerLog {
             tx,
+            nudge,
             tallies: Vec::new(),
             before: Snapshot::default(),
             worker: worker as u16,
@@ -295,7 +310,14 @@ impl WorkerLog {
             http: (self.mode == Mode::Http).then_some(t.http),
         };
         match self.tx.try_send(record) {
-            Ok(()) => true,
+            Ok(()) => {
+                // Only this worker adds to its buffer, so a burst passes this length
+                // exactly once on its way up; a nudge already waiting is enough.
+                if self.tx.len() == NUDGE_AT {
+                    let _ = self.nudge.try_send(());
+                }
+                true
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
         }
     }

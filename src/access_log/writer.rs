@@ -46,6 +46,8 @@ pub struct AccessLog {
     control: Sender<Control>,
     /// Worker i's sending end, taken by [`AccessLog::worker`].
     senders: Vec<Sender<Record>>,
+    /// Where a worker whose buffer fills up wakes the writer.
+    nudge: Sender<()>,
     thread: Option<JoinHandle<()>>,
     /// Disconnected when the thread has returned.
     exited: Receiver<()>,
@@ -63,11 +65,15 @@ impl AccessLog {
             .map(|_| crossbeam_channel::bounded(RECORDS_PER_WORKER))
             .unzip();
         let (control, commands) = crossbeam_channel::unbounded();
+        // One nudge waiting is as good as many.
+        let (nudge, nudges) = crossbeam_channel::bounded(1);
         let (exiting, exited) = crossbeam_channel::bounded::<()>(0);
         let mut writer = Writer {
             sink,
             receivers,
             commands,
+            nudges,
+            _nudge: nudge.clone(),
             formatter: Formatter::new(config.access_log.format, config.http.status),
             batch: Vec::with_capacity(BATCH_BYTES + 4096),
             in_batch: 0,
@@ -97,6 +103,7 @@ impl AccessLog {
         Ok(Some(AccessLog {
             control,
             senders,
+            nudge,
             thread: Some(thread),
             exited,
         }))
@@ -105,7 +112,13 @@ impl AccessLog {
     /// Worker `id`'s side of the log.
     pub fn worker(&self, id: usize, config: &Config) -> Option<WorkerLog> {
         let tx = self.senders.get(id)?.clone();
-        Some(WorkerLog::new(tx, id, config.mode, &config.access_log))
+        Some(WorkerLog::new(
+            tx,
+            self.nudge.clone(),
+            id,
+            config.mode,
+            &config.access_log,
+        ))
     }
 
     /// Reopens the file (after logrotate renamed it): records written before this
@@ -184,6 +197,11 @@ struct Writer {
     sink: Sink,
     receivers: Vec<Receiver<Record>>,
     commands: Receiver<Control>,
+    /// A worker's buffer is filling: empty it before the tick.
+    nudges: Receiver<()>,
+    /// Keeps `nudges` connected once the workers are gone, so that waiting on it
+    /// never returns at once.
+    _nudge: Sender<()>,
     formatter: Formatter,
     /// Formatted records not yet written.
     batch: Vec<u8>,
@@ -203,16 +221,19 @@ impl Writer {
             } else {
                 (tick * 2).min(IDLE_TICK)
             };
-            match self.commands.recv_timeout(tick) {
-                Ok(Control::Reopen(done)) => {
-                    self.take_all();
-                    let _ = done.send(self.reopen());
-                }
-                Ok(Control::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                    self.take_all();
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
+            crossbeam_channel::select! {
+                recv(self.commands) -> command => match command {
+                    Ok(Control::Reopen(done)) => {
+                        self.take_all();
+                        let _ = done.send(self.reopen());
+                    }
+                    Ok(Control::Stop) | Err(_) => {
+                        self.take_all();
+                        return;
+                    }
+                },
+                recv(self.nudges) -> _ => tick = BUSY_TICK,
+                default(tick) => {}
             }
         }
     }
