@@ -245,6 +245,8 @@ fn a_moved_relayed_pair_names_its_upstream() {
         ("client", &me),
         ("listen", &addr),
         ("upstream", &up),
+        // Connected in the process before: not known here.
+        ("connect_ms", &"-"),
         ("retries", &0),
         ("bytes_in", &234),
         ("bytes_out", &234),

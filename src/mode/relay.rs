@@ -1104,6 +1104,8 @@ impl Pair {
             } else {
                 let (up, _) = relay.upstreams.for_moved(addr);
                 pair.lease = Some(Lease::new(up));
+                // The access log names the upstream a moved pair relays to.
+                pair.last_upstream = Some(addr);
                 if connecting {
                     pair.connecting_since = Some(Instant::now());
                 }
