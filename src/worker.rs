@@ -493,7 +493,7 @@ impl Worker {
                 peer: socket::peer_addr(conn.fd.as_fd()).ok(),
                 listen: socket::local_addr(conn.fd.as_fd()).ok(),
             };
-            log.opened(token.slot(), origin);
+            log.opened(token.slot(), origin, self.now_ms);
         }
         if let Err(e) = self.epoll.add(conn.fd.as_fd(), token.0, SOCKET_INTEREST) {
             // As for a new connection (ENOMEM, ENOSPC); closed by the close rule.
@@ -539,7 +539,7 @@ impl Worker {
             self.counters.active += 1;
         }
         if let Some(log) = &mut self.log {
-            log.opened(token.slot(), origin);
+            log.opened(token.slot(), origin, self.now_ms);
         }
         self.serve(token, Wake::Open);
         if self.drain_deadline.is_some() {
@@ -722,7 +722,7 @@ impl Worker {
             let close = Close {
                 reason,
                 aborted: client || upstream,
-                duration_ms: lived_ms,
+                now_ms: self.now_ms,
                 proxied: conn.permit.as_ref().and_then(|p| p.proxied_client()),
                 relay: conn.state.relay_facts(),
             };

@@ -136,6 +136,9 @@ pub struct Record {
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
     origin: Origin,
+    /// Worker clock (ms) when it came to this worker: its accept, or its arrival from
+    /// the process a reload replaced (whose time is that process's to log).
+    since_ms: u64,
     received: u64,
     sent: u64,
     up_sent: u64,
@@ -172,7 +175,8 @@ impl Snapshot {
 pub struct Close {
     pub reason: CloseReason,
     pub aborted: bool,
-    pub duration_ms: u64,
+    /// Worker clock (ms) now.
+    pub now_ms: u64,
     /// The client a PROXY header named.
     pub proxied: Option<SocketAddr>,
     pub relay: Option<RelayFacts>,
@@ -228,14 +232,15 @@ impl WorkerLog {
         }
     }
 
-    /// A connection took slab slot `slot`.
-    pub fn opened(&mut self, slot: usize, origin: Origin) {
+    /// A connection took slab slot `slot` at `now_ms` (worker clock).
+    pub fn opened(&mut self, slot: usize, origin: Origin, now_ms: u64) {
         if slot >= self.tallies.len() {
             // The table grows with the slab (a high-water mark), never per connection.
             self.tallies.resize(slot + 1, Tally::default());
         }
         self.tallies[slot] = Tally {
             origin,
+            since_ms: now_ms,
             ..Tally::default()
         };
     }
@@ -298,7 +303,7 @@ impl WorkerLog {
             client: close.proxied.or(t.origin.peer),
             peer: t.origin.peer,
             listen: t.origin.listen,
-            duration_ms: close.duration_ms,
+            duration_ms: close.now_ms.saturating_sub(t.since_ms),
             reason: close.reason,
             aborted: close.aborted,
             ended,
