@@ -195,7 +195,7 @@ impl Server {
             let log = server
                 .access_log
                 .as_ref()
-                .and_then(|l| l.worker(id, &config));
+                .and_then(|l| l.worker(id, &config, &server.local_addrs));
             let (worker, handle) = Worker::new(id, &config, metrics.worker(id), &shared, log)?;
             let lifecycle = Arc::clone(&shared.lifecycle);
             server.workers.push(handle);

@@ -491,7 +491,9 @@ impl Worker {
             // other process's to count.
             let origin = Origin {
                 peer: socket::peer_addr(conn.fd.as_fd()).ok(),
-                listen: socket::local_addr(conn.fd.as_fd()).ok(),
+                listen: socket::local_addr(conn.fd.as_fd())
+                    .ok()
+                    .map(|local| log.listener(local)),
             };
             log.opened(token.slot(), origin, self.now_ms);
         }

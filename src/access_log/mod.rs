@@ -194,6 +194,9 @@ pub struct WorkerLog {
     mode: Mode,
     /// `--access-log-sample`, in millionths ([`SAMPLE_WHOLE`] is 1).
     sample: u32,
+    /// The server's listening addresses as bound, to name the listener of a
+    /// connection a reload moved here (its socket knows only its local address).
+    listeners: Vec<SocketAddr>,
     /// Sampling credit, in millionths: each cleanly ended connection adds `sample`, and
     /// a record is written whenever a whole one has built up, so that exactly
     /// floor(n * sample) of n are logged, spread evenly. Whole numbers, because a float
@@ -219,10 +222,12 @@ impl WorkerLog {
         worker: usize,
         mode: Mode,
         config: &AccessLogConfig,
+        listeners: &[SocketAddr],
     ) -> WorkerLog {
         WorkerLog {
             tx,
             nudge,
+            listeners: listeners.to_vec(),
             tallies: Vec::new(),
             before: Snapshot::default(),
             worker: worker as u16,
@@ -243,6 +248,13 @@ impl WorkerLog {
             since_ms: now_ms,
             ..Tally::default()
         };
+    }
+
+    /// The listener, as bound, that accepted a connection whose local address is
+    /// `local`: the one bound to that address, else a wildcard of the same port and
+    /// family (`0.0.0.0:6380`, `[::]:6380`), else `local` itself.
+    pub fn listener(&self, local: SocketAddr) -> SocketAddr {
+        listener_of(local, &self.listeners)
     }
 
     /// A connection is about to be served: the counters as they are now.
@@ -328,9 +340,46 @@ impl WorkerLog {
     }
 }
 
+fn listener_of(local: SocketAddr, listeners: &[SocketAddr]) -> SocketAddr {
+    if listeners.contains(&local) {
+        return local;
+    }
+    listeners
+        .iter()
+        .copied()
+        .find(|l| {
+            l.port() == local.port() && l.ip().is_unspecified() && l.is_ipv4() == local.is_ipv4()
+        })
+        .unwrap_or(local)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_address_names_its_listener_as_bound() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let listeners = [
+            a("127.0.0.1:80"),
+            a("0.0.0.0:81"),
+            a("[::]:81"),
+            a("[::]:82"),
+        ];
+        assert_eq!(
+            listener_of(a("127.0.0.1:80"), &listeners),
+            a("127.0.0.1:80")
+        );
+        assert_eq!(listener_of(a("10.0.0.2:81"), &listeners), a("0.0.0.0:81"));
+        assert_eq!(listener_of(a("[::1]:81"), &listeners), a("[::]:81"));
+        // Dual stack: an IPv4 client of [::] has a mapped local address.
+        assert_eq!(
+            listener_of(a("[::ffff:10.0.0.2]:82"), &listeners),
+            a("[::]:82")
+        );
+        // Not ours (a listener a reload gave up): the address itself.
+        assert_eq!(listener_of(a("10.0.0.2:83"), &listeners), a("10.0.0.2:83"));
+    }
 
     #[test]
     fn a_tally_stays_within_what_the_readme_says() {

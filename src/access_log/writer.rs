@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -109,8 +110,14 @@ impl AccessLog {
         }))
     }
 
-    /// Worker `id`'s side of the log.
-    pub fn worker(&self, id: usize, config: &Config) -> Option<WorkerLog> {
+    /// Worker `id`'s side of the log; `listeners`: the server's listening addresses
+    /// as bound.
+    pub fn worker(
+        &self,
+        id: usize,
+        config: &Config,
+        listeners: &[SocketAddr],
+    ) -> Option<WorkerLog> {
         let tx = self.senders.get(id)?.clone();
         Some(WorkerLog::new(
             tx,
@@ -118,6 +125,7 @@ impl AccessLog {
             id,
             config.mode,
             &config.access_log,
+            listeners,
         ))
     }
 
