@@ -296,11 +296,17 @@ impl WorkerLog {
             self.credit -= SAMPLE_WHOLE;
         }
         let ended = match close.relay {
-            Some(r) => r.ended.unwrap_or(match close.reason {
+            Some(r) => match close.reason {
+                // The pair's own account: the side that failed, or that finished first.
+                CloseReason::Reset | CloseReason::Error | CloseReason::Eof => {
+                    r.ended.unwrap_or(Ended::Client)
+                }
+                // No upstream could be connected, whatever the client had sent.
                 CloseReason::UpstreamError => Ended::Upstream,
-                CloseReason::Reset | CloseReason::Error | CloseReason::Eof => Ended::Client,
+                // A timeout, the drain or the queue: edgepoll's decision, even when a
+                // side had already sent its FIN (a half-close is no end).
                 _ => Ended::Edgepoll,
-            }),
+            },
             None => match close.reason {
                 CloseReason::Eof | CloseReason::Reset | CloseReason::Error => Ended::Client,
                 // A timeout, the drain or a refused request: edgepoll's decision,
