@@ -329,7 +329,13 @@ impl WorkerLog {
             sent: t.sent,
             up_sent: t.up_sent,
             up_received: t.up_received,
-            relay: close.relay,
+            relay: close.relay.map(|mut r| {
+                if close.reason == CloseReason::QueueFull {
+                    // Turned away at the queue: that is where it stood.
+                    r.stage = Stage::Queue;
+                }
+                r
+            }),
             http: (self.mode == Mode::Http).then_some(t.http),
         };
         match self.tx.try_send(record) {
