@@ -131,8 +131,8 @@ impl AccessLog {
 
     /// Reopens the file (after logrotate renamed it): records written before this
     /// returns went to the old file, later ones go to the new. Waits up to a second
-    /// for the writer (it may be blocked on the disk); false if the reopen failed or
-    /// did not happen in that time.
+    /// for the writer (it may be blocked on the disk); false if the reopen failed, did
+    /// not happen in that time, or there is no file (stderr).
     pub fn reopen(&self) -> bool {
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self.control.send(Control::Reopen(tx)).is_err() {
@@ -290,10 +290,11 @@ impl Writer {
         self.in_batch = 0;
     }
 
-    /// Opens the file's path anew. On failure the old file stays in use.
+    /// Opens the file's path anew; false if it failed (the old file stays in use)
+    /// or there is no file (stderr is not reopened).
     fn reopen(&mut self) -> bool {
         let Sink::File { path, file } = &mut self.sink else {
-            return true; // stderr is not reopened
+            return false;
         };
         match open(path) {
             Ok(new) => {
