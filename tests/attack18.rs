@@ -1019,3 +1019,42 @@ fn with_log_format_json_a_workers_warning_is_a_json_line() {
     rec.expect(&[("reason", &"shutdown"), ("reset", &true)]);
     drop(stuck);
 }
+
+/// `--status 400`: the configured response and the error response for a bad request
+/// share a code. The record must say it once (a key twice is not logfmt, and a JSON
+/// object with a key twice loses one count in most parsers), with both counted.
+#[test]
+fn a_configured_status_equal_to_an_error_status_is_counted_under_one_key() {
+    let dir = LogDir::new("status-twice");
+    for format in [LogFormat::Text, LogFormat::Json] {
+        let path = dir.path(format.as_str());
+        let server = http_server(1, |c| {
+            log_to(c, &path, format);
+            c.http.status = 400;
+        });
+        let mut s = connect(server.local_addr());
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGARBAGE\r\n\r\n")
+            .unwrap();
+        let (statuses, _, _) = read_responses(&mut s, 2);
+        assert_eq!(statuses, vec![400, 400]);
+        assert_eq!(read_until_end(&mut s).1, Ending::Fin);
+        drop(s);
+        let recs = logged(&server, &path, 1, 1);
+        recs[0].expect(&[("requests", &2), ("status_400", &2)]);
+        let keys: Vec<&str> = recs[0]
+            .fields
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with("status_"))
+            .collect();
+        assert_eq!(keys, ["status_400"], "{}", recs[0].line);
+        if format == LogFormat::Json {
+            assert_eq!(
+                recs[0].line.matches("\"400\"").count(),
+                1,
+                "{}",
+                recs[0].line
+            );
+        }
+    }
+}
