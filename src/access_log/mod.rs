@@ -18,8 +18,8 @@ use std::time::SystemTime;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::config::{AccessLogConfig, Mode};
-use crate::metrics::{CloseReason, Counters};
+use crate::config::{Config, Mode};
+use crate::metrics::{http_statuses, CloseReason, Counters};
 
 pub use writer::AccessLog;
 
@@ -192,6 +192,10 @@ pub struct WorkerLog {
     before: Snapshot,
     worker: u16,
     mode: Mode,
+    /// Http: the index of the error status equal to the configured one
+    /// (`--status 400`), whose count goes under the configured one's, so that a
+    /// record names each status once.
+    same_status: Option<usize>,
     /// `--access-log-sample`, in millionths ([`SAMPLE_WHOLE`] is 1).
     sample: u32,
     /// The server's listening addresses as bound, to name the listener of a
@@ -220,10 +224,10 @@ impl WorkerLog {
         tx: Sender<Record>,
         nudge: Sender<()>,
         worker: usize,
-        mode: Mode,
-        config: &AccessLogConfig,
+        config: &Config,
         listeners: &[SocketAddr],
     ) -> WorkerLog {
+        let mode = config.mode;
         WorkerLog {
             tx,
             nudge,
@@ -232,7 +236,11 @@ impl WorkerLog {
             before: Snapshot::default(),
             worker: worker as u16,
             mode,
-            sample: millionths(config.sample),
+            same_status: {
+                let statuses = http_statuses(config.http.status);
+                (1..statuses.len()).find(|&i| statuses[i] == statuses[0])
+            },
+            sample: millionths(config.access_log.sample),
             credit: 0,
         }
     }
@@ -336,7 +344,13 @@ impl WorkerLog {
                 }
                 r
             }),
-            http: (self.mode == Mode::Http).then_some(t.http),
+            http: (self.mode == Mode::Http).then(|| {
+                let mut http = t.http;
+                if let Some(i) = self.same_status {
+                    http[0] = http[0].saturating_add(std::mem::take(&mut http[i]));
+                }
+                http
+            }),
         };
         match self.tx.try_send(record) {
             Ok(()) => {

@@ -123,8 +123,7 @@ impl AccessLog {
             tx,
             self.nudge.clone(),
             id,
-            config.mode,
-            &config.access_log,
+            config,
             listeners,
         ))
     }
