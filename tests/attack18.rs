@@ -1058,3 +1058,45 @@ fn a_configured_status_equal_to_an_error_status_is_counted_under_one_key() {
         }
     }
 }
+
+/// A reload that fails gives its connections back to the process they never left
+/// (`Server::resume`): a record must count all of their bytes, as the metrics did,
+/// not only those after the failed attempt.
+#[test]
+fn a_connection_a_failed_reload_gave_back_keeps_its_whole_count() {
+    let dir = LogDir::new("resumed");
+    let path = dir.path("access.log");
+    let server = echo_server(2, |c| log_to(c, &path, LogFormat::Text));
+    let addr = server.local_addr();
+    let mut clients: Vec<TcpStream> = (0..2).map(|_| connect(addr)).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        echo_roundtrip(c, &pattern(i as u64, 0, 1000));
+    }
+    let handover = server.hand_over(vec![false]);
+    let (mut done, mut taken) = (0, Vec::new());
+    while done < handover.workers {
+        match handover.rx.recv_timeout(PATIENCE).expect("export") {
+            Some(conn) => taken.push(conn),
+            None => done += 1,
+        }
+    }
+    assert_eq!(taken.len(), 2);
+    // The successor died: everything comes back.
+    server.resume(taken);
+    let mut ids = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        ids.push(c.local_addr().unwrap());
+        echo_roundtrip(&mut c, &pattern(10 + i as u64, 0, 234));
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_until_end(&mut c), (Vec::new(), Ending::Fin));
+    }
+    let recs = logged(&server, &path, 2, 2);
+    for me in ids {
+        record_of(&recs, me).expect(&[
+            ("listen", &addr),
+            ("bytes_in", &1234),
+            ("bytes_out", &1234),
+            ("reason", &"eof"),
+        ]);
+    }
+}
