@@ -433,7 +433,10 @@ impl Worker {
             if let Some(up) = conn.state.upstream_fd() {
                 let _ = self.epoll.delete(up);
             }
-            let moved = self.handler.export(conn, self.now_ms);
+            let mut moved = self.handler.export(conn, self.now_ms);
+            if let Some(log) = &self.log {
+                moved.log = log.carry(token.slot(), self.now_ms);
+            }
             if tx.send(Some(moved)).is_err() {
                 // The hand-over was abandoned: the connection is lost with this process.
                 tracing::error!(worker = self.id, "hand-over channel closed");
@@ -444,7 +447,8 @@ impl Worker {
     }
 
     /// Takes in a connection from the process a reload replaced.
-    fn adopt(&mut self, moved: Moved) {
+    fn adopt(&mut self, mut moved: Moved) {
+        let carried = moved.log.take();
         // The process it comes from set its own options (a reload may change them);
         // this one's apply from now on. A reset peer makes this fail, as reading will.
         if let Some(fd) = moved.fds.first() {
@@ -495,7 +499,11 @@ impl Worker {
                     .ok()
                     .map(|local| log.listener(local)),
             };
-            log.opened(token.slot(), origin, self.now_ms);
+            match carried {
+                // A failed reload gave it back: its record goes on counting.
+                Some(carried) => log.resumed(token.slot(), carried, self.now_ms),
+                None => log.opened(token.slot(), origin, self.now_ms),
+            }
         }
         if let Err(e) = self.epoll.add(conn.fd.as_fd(), token.0, SOCKET_INTEREST) {
             // As for a new connection (ENOMEM, ENOSPC); closed by the close rule.

@@ -146,6 +146,15 @@ struct Tally {
     http: [u32; 6],
 }
 
+/// What a connection's tally had counted when a reload took it out of its worker,
+/// given back with it if the reload fails, so that its record still counts from its
+/// accept: its tally, and its age then.
+#[derive(Debug, Clone, Copy)]
+pub struct Carried {
+    tally: Tally,
+    age_ms: u64,
+}
+
 /// The worker's counters as they were before a connection was served: what they grew
 /// by afterwards is that connection's.
 #[derive(Debug, Clone, Copy, Default)]
@@ -255,6 +264,26 @@ impl WorkerLog {
             origin,
             since_ms: now_ms,
             ..Tally::default()
+        };
+    }
+
+    /// What the connection in `slot` has counted so far, for it to take along when a
+    /// reload takes it out (`now_ms`: worker clock).
+    pub fn carry(&self, slot: usize, now_ms: u64) -> Option<Carried> {
+        let tally = *self.tallies.get(slot)?;
+        Some(Carried {
+            tally,
+            age_ms: now_ms.saturating_sub(tally.since_ms),
+        })
+    }
+
+    /// A connection a failed reload gave back took slab slot `slot`: its tally goes
+    /// on from where it was.
+    pub fn resumed(&mut self, slot: usize, carried: Carried, now_ms: u64) {
+        self.opened(slot, carried.tally.origin, now_ms);
+        self.tallies[slot] = Tally {
+            since_ms: now_ms.saturating_sub(carried.age_ms),
+            ..carried.tally
         };
     }
 
