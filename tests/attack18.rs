@@ -1100,3 +1100,26 @@ fn a_connection_a_failed_reload_gave_back_keeps_its_whole_count() {
         ]);
     }
 }
+
+/// A worker whose event loop fails closes its connections (reason `error`): its
+/// clients did nothing, so the records must not say they ended them.
+#[test]
+fn connections_closed_by_a_failed_worker_were_ended_by_edgepoll() {
+    let dir = LogDir::new("worker-failed");
+    let path = dir.path("access.log");
+    let server = echo_server(1, |c| log_to(c, &path, LogFormat::Text));
+    let mut s = connect(server.local_addr());
+    let me = s.local_addr().unwrap();
+    echo_roundtrip(&mut s, b"fine so far");
+    server.inject_worker_failure(0);
+    assert_eq!(read_until_end(&mut s), (Vec::new(), Ending::Fin));
+    wait_for("the failure", || server.failure().is_some());
+    let recs = logged(&server, &path, 1, 1);
+    recs[0].expect(&[
+        ("client", &me),
+        ("bytes_in", &11),
+        ("reason", &"error"),
+        ("reset", &false),
+        ("ended_by", &"edgepoll"),
+    ]);
+}
