@@ -205,6 +205,9 @@ pub(crate) struct Worker {
     clients: PeerTimeouts,
     /// `--access-log`: each connection's tally, and the channel its record goes to.
     log: Option<WorkerLog>,
+    /// The event loop failed (or the worker is unwinding): what it closes now, it
+    /// closes for a failure of its own, not of a peer (`ended_by=edgepoll`).
+    failed: bool,
 }
 
 impl Worker {
@@ -279,6 +282,7 @@ impl Worker {
             drain_deadline: None,
             clients: PeerTimeouts::clients(config),
             log,
+            failed: false,
         };
         Ok((worker, WorkerHandle { tx, waker }))
     }
@@ -288,6 +292,7 @@ impl Worker {
     /// and the error is returned, for the server to stop the process.
     pub(crate) fn run(mut self) -> io::Result<()> {
         let result = self.event_loop();
+        self.failed = result.is_err();
         let reason = match result {
             Ok(()) => CloseReason::Shutdown,
             Err(_) => CloseReason::Error,
@@ -735,6 +740,7 @@ impl Worker {
                 now_ms: self.now_ms,
                 proxied: conn.permit.as_ref().and_then(|p| p.proxied_client()),
                 relay: conn.state.relay_facts(),
+                failed_here: self.failed,
             };
             if !log.closed(token.slot(), close) {
                 self.counters.log_dropped += 1;
@@ -793,6 +799,7 @@ impl Drop for Worker {
     /// A worker that unwinds (a bug) still closes its connections by the close rule,
     /// so no peer reads a cut stream as complete.
     fn drop(&mut self) {
+        self.failed = true;
         for token in self.slab.tokens() {
             self.close(token, CloseReason::Error);
         }

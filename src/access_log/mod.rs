@@ -189,6 +189,8 @@ pub struct Close {
     /// The client a PROXY header named.
     pub proxied: Option<SocketAddr>,
     pub relay: Option<RelayFacts>,
+    /// edgepoll closed it because it failed itself (a worker's event loop).
+    pub failed_here: bool,
 }
 
 /// One worker's side of the access log.
@@ -333,6 +335,7 @@ impl WorkerLog {
             self.credit -= SAMPLE_WHOLE;
         }
         let ended = match close.relay {
+            _ if close.failed_here => Ended::Edgepoll,
             Some(r) => match close.reason {
                 // The pair's own account: the side that failed, or that finished first.
                 CloseReason::Reset | CloseReason::Error | CloseReason::Eof => {
