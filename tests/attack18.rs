@@ -1123,3 +1123,38 @@ fn connections_closed_by_a_failed_worker_were_ended_by_edgepoll() {
         ("ended_by", &"edgepoll"),
     ]);
 }
+
+/// The log file deleted under a running server (not renamed, as logrotate does): the
+/// writer goes on writing to the file it has open, unseen, and counts those records
+/// written, as the README says; SIGUSR1's reopen creates the path anew and later
+/// records are there. A file put in its place is not written until the reopen.
+#[test]
+fn a_deleted_or_replaced_log_file_is_written_again_after_a_reopen() {
+    let dir = LogDir::new("deleted");
+    let path = dir.path("access.log");
+    let server = echo_server(1, |c| log_to(c, &path, LogFormat::Text));
+    let addr = server.local_addr();
+    let client = |i: u64| send_and_half_close(addr, &pattern(i, 0, 10)).0;
+    client(0);
+    settle(&server, 1, 1);
+    std::fs::remove_file(&path).unwrap();
+    client(1);
+    settle(&server, 2, 2);
+    assert!(
+        !path.exists(),
+        "the writer does not recreate a deleted file by itself"
+    );
+    std::fs::write(&path, "").unwrap();
+    client(2);
+    settle(&server, 3, 3);
+    assert!(
+        read_log(&path).is_empty(),
+        "a file put in its place is not written"
+    );
+    assert!(server.reopen_access_log());
+    let later = client(3);
+    settle(&server, 4, 4);
+    let recs = read_log(&path);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].addr("client"), later);
+}
