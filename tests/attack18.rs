@@ -697,10 +697,14 @@ fn http_requests_under_a_reset_count_what_the_readme_says() {
     assert_eq!(rec.status(200), requests, "{}", rec.line);
     rec.expect(&[("reason", &"reset"), ("reset", &true)]);
     // Made: every response written, and the ones queued behind them.
-    assert!(requests * r >= out, "{}", rec.line);
+    assert!(
+        requests * r >= out,
+        "more written than {requests} responses of {r} bytes: {}",
+        rec.line
+    );
     assert!(
         requests * r - out <= CAP as u64 + r,
-        "more queued than the cap holds: {}",
+        "more queued than the cap holds ({requests} responses of {r} bytes): {}",
         rec.line
     );
 }
