@@ -673,7 +673,7 @@ fn http_requests_under_a_reset_count_what_the_readme_says() {
     let s = connect(addr);
     let me = s.local_addr().unwrap();
     let burst: Vec<u8> = req.iter().copied().cycle().take(req.len() * 2000).collect();
-    (&s).set_nonblocking(true).unwrap();
+    s.set_nonblocking(true).unwrap();
     let mut quiet_since: Option<Instant> = None;
     let mut at = 0;
     while quiet_since.is_none_or(|t| t.elapsed() < STALL) {
