@@ -195,7 +195,7 @@ impl Server {
             let log = server
                 .access_log
                 .as_ref()
-                .and_then(|l| l.worker(id, &config));
+                .and_then(|l| l.worker(id, &config, &server.local_addrs));
             let (worker, handle) = Worker::new(id, &config, metrics.worker(id), &shared, log)?;
             let lifecycle = Arc::clone(&shared.lifecycle);
             server.workers.push(handle);
@@ -491,7 +491,10 @@ impl Server {
     }
 
     /// Gives a connection that a reload moved here to the next worker.
-    pub fn adopt(&self, moved: Moved) {
+    pub fn adopt(&self, mut moved: Moved) {
+        // Its record counts from its arrival here (the process it left counted the
+        // rest), even when that process is this one's test twin.
+        moved.log = None;
         if self.give_to_worker(moved) {
             self.metrics.reload.moved.inc();
         }

@@ -205,6 +205,9 @@ pub(crate) struct Worker {
     clients: PeerTimeouts,
     /// `--access-log`: each connection's tally, and the channel its record goes to.
     log: Option<WorkerLog>,
+    /// The event loop failed (or the worker is unwinding): what it closes now, it
+    /// closes for a failure of its own, not of a peer (`ended_by=edgepoll`).
+    failed: bool,
 }
 
 impl Worker {
@@ -279,6 +282,7 @@ impl Worker {
             drain_deadline: None,
             clients: PeerTimeouts::clients(config),
             log,
+            failed: false,
         };
         Ok((worker, WorkerHandle { tx, waker }))
     }
@@ -288,6 +292,7 @@ impl Worker {
     /// and the error is returned, for the server to stop the process.
     pub(crate) fn run(mut self) -> io::Result<()> {
         let result = self.event_loop();
+        self.failed = result.is_err();
         let reason = match result {
             Ok(()) => CloseReason::Shutdown,
             Err(_) => CloseReason::Error,
@@ -433,7 +438,10 @@ impl Worker {
             if let Some(up) = conn.state.upstream_fd() {
                 let _ = self.epoll.delete(up);
             }
-            let moved = self.handler.export(conn, self.now_ms);
+            let mut moved = self.handler.export(conn, self.now_ms);
+            if let Some(log) = &self.log {
+                moved.log = log.carry(token.slot(), self.now_ms);
+            }
             if tx.send(Some(moved)).is_err() {
                 // The hand-over was abandoned: the connection is lost with this process.
                 tracing::error!(worker = self.id, "hand-over channel closed");
@@ -444,7 +452,8 @@ impl Worker {
     }
 
     /// Takes in a connection from the process a reload replaced.
-    fn adopt(&mut self, moved: Moved) {
+    fn adopt(&mut self, mut moved: Moved) {
+        let carried = moved.log.take();
         // The process it comes from set its own options (a reload may change them);
         // this one's apply from now on. A reset peer makes this fail, as reading will.
         if let Some(fd) = moved.fds.first() {
@@ -491,9 +500,15 @@ impl Worker {
             // other process's to count.
             let origin = Origin {
                 peer: socket::peer_addr(conn.fd.as_fd()).ok(),
-                listen: socket::local_addr(conn.fd.as_fd()).ok(),
+                listen: socket::local_addr(conn.fd.as_fd())
+                    .ok()
+                    .map(|local| log.listener(local)),
             };
-            log.opened(token.slot(), origin);
+            match carried {
+                // A failed reload gave it back: its record goes on counting.
+                Some(carried) => log.resumed(token.slot(), carried, self.now_ms),
+                None => log.opened(token.slot(), origin, self.now_ms),
+            }
         }
         if let Err(e) = self.epoll.add(conn.fd.as_fd(), token.0, SOCKET_INTEREST) {
             // As for a new connection (ENOMEM, ENOSPC); closed by the close rule.
@@ -539,7 +554,7 @@ impl Worker {
             self.counters.active += 1;
         }
         if let Some(log) = &mut self.log {
-            log.opened(token.slot(), origin);
+            log.opened(token.slot(), origin, self.now_ms);
         }
         self.serve(token, Wake::Open);
         if self.drain_deadline.is_some() {
@@ -722,9 +737,10 @@ impl Worker {
             let close = Close {
                 reason,
                 aborted: client || upstream,
-                duration_ms: lived_ms,
+                now_ms: self.now_ms,
                 proxied: conn.permit.as_ref().and_then(|p| p.proxied_client()),
                 relay: conn.state.relay_facts(),
+                failed_here: self.failed,
             };
             if !log.closed(token.slot(), close) {
                 self.counters.log_dropped += 1;
@@ -783,6 +799,7 @@ impl Drop for Worker {
     /// A worker that unwinds (a bug) still closes its connections by the close rule,
     /// so no peer reads a cut stream as complete.
     fn drop(&mut self) {
+        self.failed = true;
         for token in self.slab.tokens() {
             self.close(token, CloseReason::Error);
         }

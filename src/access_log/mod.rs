@@ -18,8 +18,8 @@ use std::time::SystemTime;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::config::{AccessLogConfig, Mode};
-use crate::metrics::{CloseReason, Counters};
+use crate::config::{Config, Mode};
+use crate::metrics::{http_statuses, CloseReason, Counters};
 
 pub use writer::AccessLog;
 
@@ -28,6 +28,12 @@ pub use writer::AccessLog;
 /// turns, so only a writer that is stalled drops. About 1 MiB per worker while the
 /// log is on.
 pub const RECORDS_PER_WORKER: usize = 4096;
+
+/// A worker whose buffer fills to this wakes the writer rather than wait for its
+/// tick: a burst of closes (a stop that closes thousands of connections at once, a
+/// load test's end) comes faster than an idle writer's 100 ms tick, and would
+/// otherwise overflow a buffer that a healthy writer empties in a millisecond.
+const NUDGE_AT: usize = RECORDS_PER_WORKER / 4;
 
 /// Where a connection came from: its socket's peer and the listener that accepted
 /// it. None where it is not known (a connection a reload moved here whose peer had
@@ -130,11 +136,23 @@ pub struct Record {
 #[derive(Debug, Clone, Copy, Default)]
 struct Tally {
     origin: Origin,
+    /// Worker clock (ms) when it came to this worker: its accept, or its arrival from
+    /// the process a reload replaced (whose time is that process's to log).
+    since_ms: u64,
     received: u64,
     sent: u64,
     up_sent: u64,
     up_received: u64,
     http: [u32; 6],
+}
+
+/// What a connection's tally had counted when a reload took it out of its worker,
+/// given back with it if the reload fails, so that its record still counts from its
+/// accept: its tally, and its age then.
+#[derive(Debug, Clone, Copy)]
+pub struct Carried {
+    tally: Tally,
+    age_ms: u64,
 }
 
 /// The worker's counters as they were before a connection was served: what they grew
@@ -166,22 +184,34 @@ impl Snapshot {
 pub struct Close {
     pub reason: CloseReason,
     pub aborted: bool,
-    pub duration_ms: u64,
+    /// Worker clock (ms) now.
+    pub now_ms: u64,
     /// The client a PROXY header named.
     pub proxied: Option<SocketAddr>,
     pub relay: Option<RelayFacts>,
+    /// edgepoll closed it because it failed itself (a worker's event loop).
+    pub failed_here: bool,
 }
 
 /// One worker's side of the access log.
 pub struct WorkerLog {
     tx: Sender<Record>,
+    /// Wakes the writer when `tx` holds [`NUDGE_AT`] records.
+    nudge: Sender<()>,
     tallies: Vec<Tally>,
     /// The counters before the connection being served was served.
     before: Snapshot,
     worker: u16,
     mode: Mode,
+    /// Http: the index of the error status equal to the configured one
+    /// (`--status 400`), whose count goes under the configured one's, so that a
+    /// record names each status once.
+    same_status: Option<usize>,
     /// `--access-log-sample`, in millionths ([`SAMPLE_WHOLE`] is 1).
     sample: u32,
+    /// The server's listening addresses as bound, to name the listener of a
+    /// connection a reload moved here (its socket knows only its local address).
+    listeners: Vec<SocketAddr>,
     /// Sampling credit, in millionths: each cleanly ended connection adds `sample`, and
     /// a record is written whenever a whole one has built up, so that exactly
     /// floor(n * sample) of n are logged, spread evenly. Whole numbers, because a float
@@ -201,28 +231,69 @@ fn millionths(ratio: f64) -> u32 {
 }
 
 impl WorkerLog {
-    fn new(tx: Sender<Record>, worker: usize, mode: Mode, config: &AccessLogConfig) -> WorkerLog {
+    fn new(
+        tx: Sender<Record>,
+        nudge: Sender<()>,
+        worker: usize,
+        config: &Config,
+        listeners: &[SocketAddr],
+    ) -> WorkerLog {
+        let mode = config.mode;
         WorkerLog {
             tx,
+            nudge,
+            listeners: listeners.to_vec(),
             tallies: Vec::new(),
             before: Snapshot::default(),
             worker: worker as u16,
             mode,
-            sample: millionths(config.sample),
+            same_status: {
+                let statuses = http_statuses(config.http.status);
+                (1..statuses.len()).find(|&i| statuses[i] == statuses[0])
+            },
+            sample: millionths(config.access_log.sample),
             credit: 0,
         }
     }
 
-    /// A connection took slab slot `slot`.
-    pub fn opened(&mut self, slot: usize, origin: Origin) {
+    /// A connection took slab slot `slot` at `now_ms` (worker clock).
+    pub fn opened(&mut self, slot: usize, origin: Origin, now_ms: u64) {
         if slot >= self.tallies.len() {
             // The table grows with the slab (a high-water mark), never per connection.
             self.tallies.resize(slot + 1, Tally::default());
         }
         self.tallies[slot] = Tally {
             origin,
+            since_ms: now_ms,
             ..Tally::default()
         };
+    }
+
+    /// What the connection in `slot` has counted so far, for it to take along when a
+    /// reload takes it out (`now_ms`: worker clock).
+    pub fn carry(&self, slot: usize, now_ms: u64) -> Option<Carried> {
+        let tally = *self.tallies.get(slot)?;
+        Some(Carried {
+            tally,
+            age_ms: now_ms.saturating_sub(tally.since_ms),
+        })
+    }
+
+    /// A connection a failed reload gave back took slab slot `slot`: its tally goes
+    /// on from where it was.
+    pub fn resumed(&mut self, slot: usize, carried: Carried, now_ms: u64) {
+        self.opened(slot, carried.tally.origin, now_ms);
+        self.tallies[slot] = Tally {
+            since_ms: now_ms.saturating_sub(carried.age_ms),
+            ..carried.tally
+        };
+    }
+
+    /// The listener, as bound, that accepted a connection whose local address is
+    /// `local`: the one bound to that address, else a wildcard of the same port and
+    /// family (`0.0.0.0:6380`, `[::]:6380`), else `local` itself.
+    pub fn listener(&self, local: SocketAddr) -> SocketAddr {
+        listener_of(local, &self.listeners)
     }
 
     /// A connection is about to be served: the counters as they are now.
@@ -264,11 +335,18 @@ impl WorkerLog {
             self.credit -= SAMPLE_WHOLE;
         }
         let ended = match close.relay {
-            Some(r) => r.ended.unwrap_or(match close.reason {
+            _ if close.failed_here => Ended::Edgepoll,
+            Some(r) => match close.reason {
+                // The pair's own account: the side that failed, or that finished first.
+                CloseReason::Reset | CloseReason::Error | CloseReason::Eof => {
+                    r.ended.unwrap_or(Ended::Client)
+                }
+                // No upstream could be connected, whatever the client had sent.
                 CloseReason::UpstreamError => Ended::Upstream,
-                CloseReason::Reset | CloseReason::Error | CloseReason::Eof => Ended::Client,
+                // A timeout, the drain or the queue: edgepoll's decision, even when a
+                // side had already sent its FIN (a half-close is no end).
                 _ => Ended::Edgepoll,
-            }),
+            },
             None => match close.reason {
                 CloseReason::Eof | CloseReason::Reset | CloseReason::Error => Ended::Client,
                 // A timeout, the drain or a refused request: edgepoll's decision,
@@ -283,7 +361,7 @@ impl WorkerLog {
             client: close.proxied.or(t.origin.peer),
             peer: t.origin.peer,
             listen: t.origin.listen,
-            duration_ms: close.duration_ms,
+            duration_ms: close.now_ms.saturating_sub(t.since_ms),
             reason: close.reason,
             aborted: close.aborted,
             ended,
@@ -291,19 +369,75 @@ impl WorkerLog {
             sent: t.sent,
             up_sent: t.up_sent,
             up_received: t.up_received,
-            relay: close.relay,
-            http: (self.mode == Mode::Http).then_some(t.http),
+            relay: close.relay.map(|mut r| {
+                if close.reason == CloseReason::QueueFull {
+                    // Turned away at the queue: that is where it stood.
+                    r.stage = Stage::Queue;
+                }
+                r
+            }),
+            http: (self.mode == Mode::Http).then(|| {
+                let mut http = t.http;
+                if let Some(i) = self.same_status {
+                    http[0] = http[0].saturating_add(std::mem::take(&mut http[i]));
+                }
+                http
+            }),
         };
         match self.tx.try_send(record) {
-            Ok(()) => true,
+            Ok(()) => {
+                // Only this worker adds to its buffer, so a burst passes this length
+                // exactly once on its way up; a nudge already waiting is enough.
+                if self.tx.len() == NUDGE_AT {
+                    let _ = self.nudge.try_send(());
+                }
+                true
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
         }
     }
 }
 
+fn listener_of(local: SocketAddr, listeners: &[SocketAddr]) -> SocketAddr {
+    if listeners.contains(&local) {
+        return local;
+    }
+    listeners
+        .iter()
+        .copied()
+        .find(|l| {
+            l.port() == local.port() && l.ip().is_unspecified() && l.is_ipv4() == local.is_ipv4()
+        })
+        .unwrap_or(local)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_address_names_its_listener_as_bound() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let listeners = [
+            a("127.0.0.1:80"),
+            a("0.0.0.0:81"),
+            a("[::]:81"),
+            a("[::]:82"),
+        ];
+        assert_eq!(
+            listener_of(a("127.0.0.1:80"), &listeners),
+            a("127.0.0.1:80")
+        );
+        assert_eq!(listener_of(a("10.0.0.2:81"), &listeners), a("0.0.0.0:81"));
+        assert_eq!(listener_of(a("[::1]:81"), &listeners), a("[::]:81"));
+        // Dual stack: an IPv4 client of [::] has a mapped local address.
+        assert_eq!(
+            listener_of(a("[::ffff:10.0.0.2]:82"), &listeners),
+            a("[::]:82")
+        );
+        // Not ours (a listener a reload gave up): the address itself.
+        assert_eq!(listener_of(a("10.0.0.2:83"), &listeners), a("10.0.0.2:83"));
+    }
 
     #[test]
     fn a_tally_stays_within_what_the_readme_says() {

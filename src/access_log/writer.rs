@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct AccessLog {
     control: Sender<Control>,
     /// Worker i's sending end, taken by [`AccessLog::worker`].
     senders: Vec<Sender<Record>>,
+    /// Where a worker whose buffer fills up wakes the writer.
+    nudge: Sender<()>,
     thread: Option<JoinHandle<()>>,
     /// Disconnected when the thread has returned.
     exited: Receiver<()>,
@@ -63,11 +66,15 @@ impl AccessLog {
             .map(|_| crossbeam_channel::bounded(RECORDS_PER_WORKER))
             .unzip();
         let (control, commands) = crossbeam_channel::unbounded();
+        // One nudge waiting is as good as many.
+        let (nudge, nudges) = crossbeam_channel::bounded(1);
         let (exiting, exited) = crossbeam_channel::bounded::<()>(0);
         let mut writer = Writer {
             sink,
             receivers,
             commands,
+            nudges,
+            _nudge: nudge.clone(),
             formatter: Formatter::new(config.access_log.format, config.http.status),
             batch: Vec::with_capacity(BATCH_BYTES + 4096),
             in_batch: 0,
@@ -97,21 +104,34 @@ impl AccessLog {
         Ok(Some(AccessLog {
             control,
             senders,
+            nudge,
             thread: Some(thread),
             exited,
         }))
     }
 
-    /// Worker `id`'s side of the log.
-    pub fn worker(&self, id: usize, config: &Config) -> Option<WorkerLog> {
+    /// Worker `id`'s side of the log; `listeners`: the server's listening addresses
+    /// as bound.
+    pub fn worker(
+        &self,
+        id: usize,
+        config: &Config,
+        listeners: &[SocketAddr],
+    ) -> Option<WorkerLog> {
         let tx = self.senders.get(id)?.clone();
-        Some(WorkerLog::new(tx, id, config.mode, &config.access_log))
+        Some(WorkerLog::new(
+            tx,
+            self.nudge.clone(),
+            id,
+            config,
+            listeners,
+        ))
     }
 
     /// Reopens the file (after logrotate renamed it): records written before this
     /// returns went to the old file, later ones go to the new. Waits up to a second
-    /// for the writer (it may be blocked on the disk); false if the reopen failed or
-    /// did not happen in that time.
+    /// for the writer (it may be blocked on the disk); false if the reopen failed, did
+    /// not happen in that time, or there is no file (stderr).
     pub fn reopen(&self) -> bool {
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self.control.send(Control::Reopen(tx)).is_err() {
@@ -184,6 +204,11 @@ struct Writer {
     sink: Sink,
     receivers: Vec<Receiver<Record>>,
     commands: Receiver<Control>,
+    /// A worker's buffer is filling: empty it before the tick.
+    nudges: Receiver<()>,
+    /// Keeps `nudges` connected once the workers are gone, so that waiting on it
+    /// never returns at once.
+    _nudge: Sender<()>,
     formatter: Formatter,
     /// Formatted records not yet written.
     batch: Vec<u8>,
@@ -203,16 +228,19 @@ impl Writer {
             } else {
                 (tick * 2).min(IDLE_TICK)
             };
-            match self.commands.recv_timeout(tick) {
-                Ok(Control::Reopen(done)) => {
-                    self.take_all();
-                    let _ = done.send(self.reopen());
-                }
-                Ok(Control::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                    self.take_all();
-                    return;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
+            crossbeam_channel::select! {
+                recv(self.commands) -> command => match command {
+                    Ok(Control::Reopen(done)) => {
+                        self.take_all();
+                        let _ = done.send(self.reopen());
+                    }
+                    Ok(Control::Stop) | Err(_) => {
+                        self.take_all();
+                        return;
+                    }
+                },
+                recv(self.nudges) -> _ => tick = BUSY_TICK,
+                default(tick) => {}
             }
         }
     }
@@ -261,10 +289,11 @@ impl Writer {
         self.in_batch = 0;
     }
 
-    /// Opens the file's path anew. On failure the old file stays in use.
+    /// Opens the file's path anew; false if it failed (the old file stays in use)
+    /// or there is no file (stderr is not reopened).
     fn reopen(&mut self) -> bool {
         let Sink::File { path, file } = &mut self.sink else {
-            return true; // stderr is not reopened
+            return false;
         };
         match open(path) {
             Ok(new) => {

@@ -557,6 +557,7 @@ fn main() -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    let json = format.unwrap_or_default() == LogFormat::Json;
     match format.unwrap_or_default() {
         // One object per line: time, level, fields (message included), target and the
         // thread's name, which says which worker wrote it.
@@ -567,12 +568,24 @@ fn main() -> ExitCode {
             .init(),
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    let check = matches!(cli.command, Some(Command::Check));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("edgepoll: {e:#}");
+            fatal(json && !check, &format!("{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The one line saying why edgepoll stops. With `--log-format json` it is a JSON line
+/// like every other (a pipeline that reads JSON must not lose the line that says why
+/// the service is down); `check` answers a person, in text.
+fn fatal(json: bool, message: &str) {
+    if json {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("edgepoll: {message}");
     }
 }
 
@@ -606,7 +619,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("edgepoll: {e}");
+            let json = cli
+                .log_format
+                .or_else(|| cli.config.as_deref().and_then(config::file::log_format_in))
+                == Some(LogFormat::Json);
+            fatal(
+                json && !matches!(cli.command, Some(Command::Check)),
+                &e.to_string(),
+            );
             if let Some(pred) = &predecessor {
                 pred.fail(&e.to_string());
             }

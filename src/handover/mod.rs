@@ -559,6 +559,7 @@ impl Predecessor {
                     server.adopt(Moved {
                         fds: frame.fds,
                         state: frame.body,
+                        log: None,
                     });
                     moved += 1;
                 }

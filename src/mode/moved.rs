@@ -17,6 +17,11 @@ pub struct Moved {
     /// The client socket first, then the mode's own (a relay's upstream and pipes).
     pub fds: Vec<OwnedFd>,
     pub state: Vec<u8>,
+    /// What the access log had counted of it, for a failed reload that gives it back
+    /// to this process (`Server::resume`). Never sent: the next process counts the
+    /// connection from its arrival, and [`Server::adopt`](crate::Server::adopt)
+    /// drops it.
+    pub log: Option<crate::access_log::Carried>,
 }
 
 /// Mode tags of the encoding.
@@ -86,7 +91,11 @@ impl Handler {
         let Conn { fd, permit, .. } = conn;
         drop(permit);
         fds.insert(0, fd);
-        Moved { fds, state: w.buf }
+        Moved {
+            fds,
+            state: w.buf,
+            log: None,
+        }
     }
 
     /// Rebuilds a connection written by [`Handler::export`] (by this version of

@@ -287,9 +287,12 @@ impl Pair {
     }
 }
 
-/// Records the first failure of a pair (its `failed` and both halves).
+/// Records the first failure of a pair (its `failed`, both halves, and for the access
+/// log the side that ended it: the one that failed, even if the other had finished
+/// sending before, since a FIN is no abort).
 fn fail(
     failed: &mut Option<(Side, CloseReason)>,
+    ended: &mut Option<Ended>,
     halves: [&mut Half; 2],
     side: Side,
     err: &io::Error,
@@ -297,6 +300,10 @@ fn fail(
     if failed.is_none() {
         tracing::debug!("relayed pair: {side:?} side failed: {err}");
         *failed = Some((side, CloseReason::of_error(err)));
+        *ended = Some(match side {
+            Side::Client => Ended::Client,
+            Side::Upstream => Ended::Upstream,
+        });
         for h in halves {
             h.flags |= half::NO_FIN;
         }
@@ -534,6 +541,7 @@ pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay, edge: Option
         let Pair {
             upstream,
             failed,
+            ended,
             c2u,
             u2c,
             ..
@@ -553,7 +561,7 @@ pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, relay: &mut Relay, edge: Option
             // A reset on a socket no longer read: its error will surface through no
             // read, so take it now and let the other side learn of it.
             if let Some(Ok(Some(e))) = fd.map(socket::take_error) {
-                fail(failed, [c2u, u2c], side, &e);
+                fail(failed, ended, [c2u, u2c], side, &e);
             }
         }
         // Otherwise the error surfaces through the next read of that socket, after
@@ -647,13 +655,7 @@ fn pump_pair(conn: &mut Conn, ctx: &mut Ctx<'_>) -> Step {
             break;
         };
         let first = failed.is_none();
-        fail(failed, [&mut *c2u, &mut *u2c], side, &err);
-        if ended.is_none() {
-            *ended = Some(match side {
-                Side::Client => Ended::Client,
-                Side::Upstream => Ended::Upstream,
-            });
-        }
+        fail(failed, ended, [&mut *c2u, &mut *u2c], side, &err);
         let from_failed = from(c2u, u2c, side);
         if read_failed {
             // The read that returned the error ends that direction.
@@ -1104,6 +1106,8 @@ impl Pair {
             } else {
                 let (up, _) = relay.upstreams.for_moved(addr);
                 pair.lease = Some(Lease::new(up));
+                // The access log names the upstream a moved pair relays to.
+                pair.last_upstream = Some(addr);
                 if connecting {
                     pair.connecting_since = Some(Instant::now());
                 }

@@ -2,6 +2,8 @@
 //! polling for published counters, and a minimal scrape client.
 #![allow(dead_code)]
 
+pub mod records;
+
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
