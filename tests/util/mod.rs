@@ -110,6 +110,23 @@ pub fn read_to_end(stream: &mut TcpStream) -> (Vec<u8>, bool) {
     }
 }
 
+/// `GET path` over a fresh connection, or None if the connection failed before a
+/// whole response came (refused, reset, closed early): for a scraper that, like
+/// Prometheus, counts a failed scrape and tries again.
+pub fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
+    let (raw, clean) = read_to_end(&mut s);
+    if !clean {
+        return None;
+    }
+    let text = String::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
 /// `GET path` over a fresh connection; returns (status, head, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let mut s = connect(addr);
