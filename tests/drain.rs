@@ -30,9 +30,15 @@ fn drain_flushes_what_is_owed_then_closes_and_refuses_new_connections() {
 
     server.begin_drain();
     assert!(server.is_draining());
+    // A probe that connects before the listener closes is accepted and served (the
+    // backlog is drained, not reset), and closed (CI, under load, saw 9 of them).
+    let mut probes = 0u64;
     wait_for("the listener to close", || match TcpStream::connect(addr) {
         Err(e) => e.kind() == ErrorKind::ConnectionRefused,
-        Ok(_) => false,
+        Ok(_) => {
+            probes += 1;
+            false
+        }
     });
 
     // The idle client is told at once: EOF.
@@ -57,7 +63,12 @@ fn drain_flushes_what_is_owed_then_closes_and_refuses_new_connections() {
         .iter()
         .map(|s| s.closed_for(CloseReason::Shutdown))
         .sum();
-    assert_eq!(shutdown, 2);
+    // The two clients close as `shutdown`, and so may each probe (or it closes as
+    // `eof` when its own FIN came first, or is closed with the listener).
+    assert!(
+        (2..=2 + probes).contains(&shutdown),
+        "{shutdown} closed as shutdown: the two clients and at most {probes} probes"
+    );
     assert_eq!(stats.iter().map(|s| s.active).sum::<i64>(), 0);
 }
 
