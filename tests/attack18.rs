@@ -1162,3 +1162,54 @@ fn a_deleted_or_replaced_log_file_is_written_again_after_a_reopen() {
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].addr("client"), later);
 }
+
+/// `--access-log stderr` to a pipe nobody reads (a stalled log collector): the
+/// records fill the pipe and the writer blocks on it. A worker that then has a line
+/// of its own to log (an upstream that refuses, once per `--fail-timeout`) must not
+/// block on stderr behind the records: "A worker never blocks on a log". Every client
+/// must be served, byte-exact.
+#[test]
+fn a_worker_with_a_warning_does_not_block_behind_a_stalled_stderr_log() {
+    let upstream = echo_server(1, |_| {});
+    let mut child = edgepoll()
+        .args(["relay", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .args(["--metrics-listen", "off", "--access-log", "stderr"])
+        .args(["--fail-timeout", "10ms"])
+        .arg("--upstream")
+        .arg(upstream.local_addr().to_string())
+        .arg("--upstream")
+        .arg(dead_address().to_string())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read up to the start-up line, then never again.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no start-up line");
+        if let Some(after) = line.split(" listening on ").nth(1) {
+            break after
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<SocketAddr>()
+                .unwrap();
+        }
+    };
+    let child = Running(child);
+    // A few thousand records fill any pipe; refused connects keep warning meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut served = 0u64;
+    while Instant::now() < deadline || served < 3000 {
+        let mut s = connect(addr);
+        echo_roundtrip(&mut s, &pattern(served, 0, 100));
+        served += 1;
+        if served % 500 == 0 {
+            // Past the refusing upstream's skip: it is tried, and warned about, again.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(child);
+    drop(stderr);
+}
