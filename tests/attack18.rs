@@ -4,21 +4,25 @@
 //!
 //! - a burst of closes larger than a worker's buffer (4,096 records) from a writer
 //!   that is healthy, only idle: no record may be lost;
-//! - a reload's move: the moved relayed pair names its upstream, and a moved
-//!   connection's duration counts from its arrival;
+//! - a reload's move: the moved relayed pair names its upstream, a moved
+//!   connection's duration counts from its arrival and its listener is named as
+//!   bound; a failed reload's connections keep their whole count;
+//! - a worker whose loop fails: its clients did not end their connections;
 //! - `ended_by` against what happened: a client that half-closed and then waited for
 //!   an upstream that could not be connected, for a queue slot, for an idle timeout,
 //!   for the drain, or for an upstream that reset;
 //! - relay pairs failing in every stage (queue, connect, data), queue_full, retries;
-//! - http's `requests` under a reset with responses still queued;
+//! - http's `requests` under a reset with responses still queued, and `--status`
+//!   equal to an error status (one key, both counted);
 //! - sampling on two workers, with resets and drain resets always logged;
 //! - many reopens while records flow, a reopen without a file, SIGUSR1 without a
-//!   file;
+//!   file, a log file deleted or replaced under the server;
 //! - byte counts through backpressure and splice;
 //! - PROXY header clients over `--max-connections-per-ip` (not logged), IPv6 and
 //!   wildcard listeners;
 //! - `--log-format json`: every line JSON, a start-up failure and a worker's
-//!   warning included.
+//!   warning included; `--access-log stderr` to a pipe nobody reads must not stop a
+//!   worker that has a warning to log.
 
 mod util;
 
