@@ -1217,3 +1217,45 @@ fn a_worker_with_a_warning_does_not_block_behind_a_stalled_stderr_log() {
     drop(child);
     drop(stderr);
 }
+
+/// README (HTTP semantics): "a client that pipelines without reading holds at most
+/// that [`--max-pending-bytes`] plus one response". The access log's count of
+/// responses made against bytes written showed more held than that; here the peak
+/// of the outbound buffer itself, for a client that writes requests until every
+/// buffer is full and never reads.
+#[test]
+fn an_http_client_that_pipelines_without_reading_holds_at_most_the_cap_plus_one_response() {
+    const CAP: usize = 16 * 1024;
+    let server = http_server(1, |c| c.max_pending_bytes = CAP);
+    let addr = server.local_addr();
+    let req = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut one = connect(addr);
+    one.write_all(req).unwrap();
+    one.shutdown(Shutdown::Write).unwrap();
+    let r = read_until_end(&mut one).0.len();
+    let burst: Vec<u8> = req.iter().copied().cycle().take(req.len() * 2000).collect();
+    for _ in 0..3 {
+        let s = connect(addr);
+        s.set_nonblocking(true).unwrap();
+        let mut quiet_since: Option<Instant> = None;
+        let mut at = 0;
+        while quiet_since.is_none_or(|t| t.elapsed() < STALL) {
+            match (&s).write(&burst[at..]) {
+                Ok(n) => {
+                    at = (at + n) % req.len();
+                    quiet_since = None;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    quiet_since.get_or_insert_with(Instant::now);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        let peak = settled(|| server.stats()[0].peak_pending_bytes as u64) as usize;
+        assert!(
+            peak <= CAP + r,
+            "peak outbound {peak}, cap {CAP}, response {r}"
+        );
+    }
+}
