@@ -37,6 +37,8 @@
 //! - [`access_log`]: `--access-log`: the record a worker fills when a connection
 //!   closes, the channel it offers it to (dropped, never waited for, when full), and
 //!   the one thread that formats records (logfmt or JSON) and writes them.
+//! - [`logs`]: edgepoll's own log lines, written to stderr by a thread of their own
+//!   so that no worker waits on a stderr nobody reads.
 //! - [`handover`]: reload: the messages that hand listeners, established connections
 //!   and counters to the process that replaces this one, and their byte encoding.
 //! - [`server`]: starts the acceptor, the workers and the metrics endpoint; the handle
@@ -93,6 +95,7 @@ pub mod http1;
 pub mod keepalive;
 pub mod limits;
 pub mod load;
+pub mod logs;
 pub mod metrics;
 pub mod mode;
 pub mod server;

@@ -4,21 +4,25 @@
 //!
 //! - a burst of closes larger than a worker's buffer (4,096 records) from a writer
 //!   that is healthy, only idle: no record may be lost;
-//! - a reload's move: the moved relayed pair names its upstream, and a moved
-//!   connection's duration counts from its arrival;
+//! - a reload's move: the moved relayed pair names its upstream, a moved
+//!   connection's duration counts from its arrival and its listener is named as
+//!   bound; a failed reload's connections keep their whole count;
+//! - a worker whose loop fails: its clients did not end their connections;
 //! - `ended_by` against what happened: a client that half-closed and then waited for
 //!   an upstream that could not be connected, for a queue slot, for an idle timeout,
 //!   for the drain, or for an upstream that reset;
 //! - relay pairs failing in every stage (queue, connect, data), queue_full, retries;
-//! - http's `requests` under a reset with responses still queued;
+//! - http's `requests` under a reset with responses still queued, and `--status`
+//!   equal to an error status (one key, both counted);
 //! - sampling on two workers, with resets and drain resets always logged;
 //! - many reopens while records flow, a reopen without a file, SIGUSR1 without a
-//!   file;
+//!   file, a log file deleted or replaced under the server;
 //! - byte counts through backpressure and splice;
 //! - PROXY header clients over `--max-connections-per-ip` (not logged), IPv6 and
 //!   wildcard listeners;
 //! - `--log-format json`: every line JSON, a start-up failure and a worker's
-//!   warning included.
+//!   warning included; `--access-log stderr` to a pipe nobody reads must not stop a
+//!   worker that has a warning to log.
 
 mod util;
 
@@ -1161,4 +1165,97 @@ fn a_deleted_or_replaced_log_file_is_written_again_after_a_reopen() {
     let recs = read_log(&path);
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].addr("client"), later);
+}
+
+/// `--access-log stderr` to a pipe nobody reads (a stalled log collector): the
+/// records fill the pipe and the writer blocks on it. A worker that then has a line
+/// of its own to log (an upstream that refuses, once per `--fail-timeout`) must not
+/// block on stderr behind the records: "A worker never blocks on a log". Every client
+/// must be served, byte-exact.
+#[test]
+fn a_worker_with_a_warning_does_not_block_behind_a_stalled_stderr_log() {
+    let upstream = echo_server(1, |_| {});
+    let mut child = edgepoll()
+        .args(["relay", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .args(["--metrics-listen", "off", "--access-log", "stderr"])
+        .args(["--fail-timeout", "10ms"])
+        .arg("--upstream")
+        .arg(upstream.local_addr().to_string())
+        .arg("--upstream")
+        .arg(dead_address().to_string())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read up to the start-up line, then never again.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "no start-up line");
+        if let Some(after) = line.split(" listening on ").nth(1) {
+            break after
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<SocketAddr>()
+                .unwrap();
+        }
+    };
+    let child = Running(child);
+    // A few thousand records fill any pipe; refused connects keep warning meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut served = 0u64;
+    while Instant::now() < deadline || served < 3000 {
+        let mut s = connect(addr);
+        echo_roundtrip(&mut s, &pattern(served, 0, 100));
+        served += 1;
+        if served % 500 == 0 {
+            // Past the refusing upstream's skip: it is tried, and warned about, again.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(child);
+    drop(stderr);
+}
+
+/// README (HTTP semantics): "a client that pipelines without reading holds at most
+/// that [`--max-pending-bytes`] plus one response". The access log's count of
+/// responses made against bytes written showed more held than that; here the peak
+/// of the outbound buffer itself, for a client that writes requests until every
+/// buffer is full and never reads.
+#[test]
+fn an_http_client_that_pipelines_without_reading_holds_at_most_the_cap_plus_one_response() {
+    const CAP: usize = 16 * 1024;
+    let server = http_server(1, |c| c.max_pending_bytes = CAP);
+    let addr = server.local_addr();
+    let req = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut one = connect(addr);
+    one.write_all(req).unwrap();
+    one.shutdown(Shutdown::Write).unwrap();
+    let r = read_until_end(&mut one).0.len();
+    let burst: Vec<u8> = req.iter().copied().cycle().take(req.len() * 2000).collect();
+    for _ in 0..3 {
+        let s = connect(addr);
+        s.set_nonblocking(true).unwrap();
+        let mut quiet_since: Option<Instant> = None;
+        let mut at = 0;
+        while quiet_since.is_none_or(|t| t.elapsed() < STALL) {
+            match (&s).write(&burst[at..]) {
+                Ok(n) => {
+                    at = (at + n) % req.len();
+                    quiet_since = None;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    quiet_since.get_or_insert_with(Instant::now);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        let peak = settled(|| server.stats()[0].peak_pending_bytes as u64) as usize;
+        assert!(
+            peak <= CAP + r,
+            "peak outbound {peak}, cap {CAP}, response {r}"
+        );
+    }
 }

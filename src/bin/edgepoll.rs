@@ -554,9 +554,28 @@ fn main() -> ExitCode {
     let format = cli
         .log_format
         .or_else(|| cli.config.as_deref().and_then(config::file::log_format_in));
+    // Block SIGINT/SIGTERM/SIGHUP/SIGUSR1 first: before any thread starts (the stderr
+    // thread below is the first), so all inherit the mask, and before the slow part
+    // of a start, so that a signal sent to a process a reload has just started waits
+    // for it instead of killing it.
+    let signals = match ShutdownSignals::block() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgepoll: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Through a thread of its own: a worker never waits on a stderr nobody reads.
+    let stderr = match edgepoll::logs::Stderr::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgepoll: spawning the stderr log thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(stderr);
     let json = format.unwrap_or_default() == LogFormat::Json;
     match format.unwrap_or_default() {
         // One object per line: time, level, fields (message included), target and the
@@ -569,13 +588,15 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
     let check = matches!(cli.command, Some(Command::Check));
-    match run(cli) {
+    let code = match run(cli, signals) {
         Ok(code) => code,
         Err(e) => {
             fatal(json && !check, &format!("{e:#}"));
             ExitCode::FAILURE
         }
-    }
+    };
+    edgepoll::logs::flush();
+    code
 }
 
 /// The one line saying why edgepoll stops. With `--log-format json` it is a JSON line
@@ -585,6 +606,8 @@ fn fatal(json: bool, message: &str) {
     if json {
         tracing::error!("{message}");
     } else {
+        // After the lines logged before it.
+        edgepoll::logs::flush();
         eprintln!("edgepoll: {message}");
     }
 }
@@ -595,17 +618,16 @@ const FAULT_WORKER_ENV: &str = "EDGEPOLL_TEST_FAIL_WORKER";
 /// Exit status for a bad flag value, as clap uses for a bad flag.
 const USAGE_ERROR: u8 = 2;
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // Block SIGINT/SIGTERM/SIGHUP first: before any thread starts, so all inherit the
-    // mask, and before the slow part of a start, so that a signal sent to a process a
-    // reload has just started waits for it instead of killing it.
-    let signals = ShutdownSignals::block()?;
+fn run(cli: Cli, signals: ShutdownSignals) -> anyhow::Result<ExitCode> {
     // The binary a reload starts: the path as it is on disk now (an upgraded package
     // replaces the file), and the same arguments (a --config file is read anew).
     let exe = exe_path()?;
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     if matches!(cli.command, Some(Command::Check)) && cli.config.is_none() {
-        eprintln!("edgepoll: check needs the file to check: edgepoll check --config FILE");
+        fatal(
+            false,
+            "check needs the file to check: edgepoll check --config FILE",
+        );
         return Ok(ExitCode::from(USAGE_ERROR));
     }
     // Started by a reload: the running process hands over its listeners and, once
@@ -635,9 +657,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     if let (Some(Command::Check), Some(path)) = (&cli.command, &cli.config) {
         if let Err(why) = access_log_writable(&config) {
-            eprintln!(
-                "edgepoll: {}: access-log (--access-log): {why}",
-                path.display()
+            fatal(
+                false,
+                &format!("{}: access-log (--access-log): {why}", path.display()),
             );
             return Ok(ExitCode::from(USAGE_ERROR));
         }

@@ -570,7 +570,7 @@ pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, readable: bool, r: &Responder) 
     }
     let mut budget = READ_BUDGET;
     loop {
-        let room = read_room(conn, ctx);
+        let mut room = read_room(conn, ctx);
         if room == 0 {
             // Rule 3: a client that pipelines without reading stops being read, and
             // what it already sent stays unanswered until it reads.
@@ -584,6 +584,12 @@ pub fn serve(conn: &mut Conn, ctx: &mut Ctx<'_>, readable: bool, r: &Responder) 
             if feed.stalled {
                 conn.set(flags::READ_PENDING);
                 continue;
+            }
+            // The held requests' answers took some of the room: what is left bounds
+            // the answers to what is read now (the cap held twice over before).
+            room = read_room(conn, ctx);
+            if room == 0 {
+                return pause(conn, ctx);
             }
         }
         let want = ctx.buf.len().min(budget);
