@@ -17,8 +17,8 @@ use edgepoll::load::{self, LoadConfig, LoadError, Target};
         edgeload -c 50 -d 10s --latency tcp://127.0.0.1:7000\n  \
         edgeload -c 100 -t 2 --depth 16 http://127.0.0.1:8080/\n  \
         edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n\n\
-        Exit status: 0 on success, 1 if any echoed byte differed from what was sent,\n\
-        2 for bad arguments or an unreachable target."
+        Exit status: 0 on success, 1 if any echoed byte differed from what was sent\n\
+        (or more came back than was sent), 2 for bad arguments or an unreachable target."
 )]
 struct Cli {
     /// Connections to keep open, spread over the threads
@@ -77,6 +77,11 @@ struct Cli {
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<std::path::PathBuf>,
 
+    /// The run's nonce, in hex, as the JSON's "nonce" printed it: replays a run's exact
+    /// echo byte streams [default: random, so no two runs send the same bytes]
+    #[arg(long, value_name = "HEX", value_parser = parse_nonce)]
+    seed: Option<u64>,
+
     /// tcp://HOST:PORT (echo) or http://HOST:PORT/PATH
     url: String,
 }
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
     config.depth = cli.depth;
     config.timeout = cli.timeout;
     config.reconnect = cli.reconnect;
+    config.nonce = cli.seed;
     if let Err(e) = config.validate() {
         return usage_error(&e);
     }
@@ -149,14 +155,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if report.stats.errors.mismatch > 0 {
+    let e = &report.stats.errors;
+    if e.mismatch > 0 || (e.extra > 0 && report.protocol == "echo") {
         eprintln!(
-            "edgeload: {} echo requests came back different from what was sent",
-            report.stats.errors.mismatch
+            "edgeload: {} echo requests came back different from what was sent, and {} \
+             connections received bytes beyond what was sent",
+            e.mismatch, e.extra
         );
         return ExitCode::from(MISMATCH);
     }
     ExitCode::SUCCESS
+}
+
+fn parse_nonce(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("invalid --seed '{s}': expected up to 16 hex digits"))
 }
 
 fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {

@@ -122,6 +122,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Close each connection after its response and open a new one (connection churn).
     pub reconnect: bool,
+    /// The run's nonce, mixed into every echo connection's seed; None: a random one.
+    pub nonce: Option<u64>,
 }
 
 impl LoadConfig {
@@ -139,6 +141,7 @@ impl LoadConfig {
             depth: 1,
             timeout: Duration::from_secs(2),
             reconnect: false,
+            nonce: None,
         }
     }
 
@@ -216,6 +219,7 @@ pub fn run(
         .map_err(|source| LoadError::Unreachable { addr, source })?;
 
     let progress = Arc::new(Progress::default());
+    let nonce = config.nonce.unwrap_or_else(pattern::run_nonce);
     let config = Arc::new(config.clone());
     let start = Instant::now();
     let end = start + config.duration;
@@ -234,7 +238,7 @@ pub fn run(
             std::thread::Builder::new()
                 .name(format!("edgeload-{id}"))
                 .spawn(move || {
-                    engine::run_thread(id, conns, rate, &config, start, end, &progress)
+                    engine::run_thread(id, conns, rate, nonce, &config, start, end, &progress)
                 })?,
         );
     }
@@ -261,7 +265,7 @@ pub fn run(
     let elapsed = start
         .elapsed()
         .min(config.duration + Duration::from_millis(100));
-    Ok(Report::merge(&config, elapsed, stats))
+    Ok(Report::merge(&config, elapsed, nonce, stats))
 }
 
 #[cfg(test)]
