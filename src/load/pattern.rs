@@ -60,14 +60,13 @@ fn key_at(seed: u64, offset: u64) -> u64 {
 /// XORs `buf` (stream bytes from position `offset`) with the key.
 fn xor_key(buf: &mut [u8], seed: u64, offset: u64) {
     let k = key_at(seed, offset).to_le_bytes();
-    let mut chunks = buf.chunks_exact_mut(8);
-    let k64 = u64::from_le_bytes(k);
-    for c in &mut chunks {
-        // The chunk is exactly eight bytes (chunks_exact).
-        let v = u64::from_le_bytes(c.try_into().unwrap()) ^ k64;
-        c.copy_from_slice(&v.to_le_bytes());
+    let whole = buf.len() / 8 * 8;
+    for c in buf[..whole].chunks_exact_mut(8) {
+        for (b, k) in c.iter_mut().zip(k) {
+            *b ^= k;
+        }
     }
-    for (b, k) in chunks.into_remainder().iter_mut().zip(k) {
+    for (b, k) in buf[whole..].iter_mut().zip(k) {
         *b ^= k;
     }
 }
@@ -77,21 +76,29 @@ fn xor_key(buf: &mut [u8], seed: u64, offset: u64) {
 fn first_keyed_diff(got: &[u8], run: &[u8], seed: u64, offset: u64) -> Option<usize> {
     let k = key_at(seed, offset).to_le_bytes();
     let k64 = u64::from_le_bytes(k);
-    let whole = got.len() / 8 * 8;
-    for (n, (g, r)) in got[..whole]
-        .chunks_exact(8)
-        .zip(run[..whole].chunks_exact(8))
+    let word = |b: &[u8], j: usize| {
+        // `j + 8 <= b.len()`: the callers index within 64-byte blocks.
+        u64::from_le_bytes(b[j..j + 8].try_into().unwrap())
+    };
+    // Whole 64-byte blocks with no branch inside (so the compiler can use vector
+    // registers), then the block that differs, or the tail, byte by byte.
+    let blocks = got.len() / 64 * 64;
+    let mut from = blocks;
+    for (b, (g, r)) in got[..blocks]
+        .chunks_exact(64)
+        .zip(run[..blocks].chunks_exact(64))
         .enumerate()
     {
-        // Both chunks are exactly eight bytes (chunks_exact).
-        let g = u64::from_le_bytes(g.try_into().unwrap());
-        let r = u64::from_le_bytes(r.try_into().unwrap());
-        let d = g ^ r ^ k64;
-        if d != 0 {
-            return Some(n * 8 + (d.trailing_zeros() / 8) as usize);
+        let mut acc = 0;
+        for j in (0..64).step_by(8) {
+            acc |= word(g, j) ^ word(r, j) ^ k64;
+        }
+        if acc != 0 {
+            from = b * 64;
+            break;
         }
     }
-    (whole..got.len()).find(|&j| got[j] != run[j] ^ k[j - whole])
+    (from..got.len()).find(|&j| got[j] != run[j] ^ k[j % 8])
 }
 
 /// The shared random table.
