@@ -39,7 +39,7 @@ struct Cli {
     )]
     threads: usize,
 
-    /// Test duration (10s, 2m, 500ms)
+    /// Test duration (10s, 2m, 500ms, 500us)
     #[arg(short = 'd', long = "duration", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
 
@@ -56,7 +56,8 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1)]
     depth: usize,
 
-    /// A request unanswered this long counts as a timeout and its connection is replaced
+    /// A request unanswered this long (2s, 500ms, 500us) counts as a timeout and its
+    /// connection is replaced
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     timeout: Duration,
 
@@ -64,6 +65,27 @@ struct Cli {
     /// connection churn (connect, one request, close)
     #[arg(long)]
     reconnect: bool,
+
+    /// HTTP method (http:// only), e.g. POST, HEAD
+    #[arg(short = 'm', long = "method", value_name = "METHOD")]
+    method: Option<String>,
+
+    /// A request header 'Name: value' (http:// only; repeatable); replaces edgeload's
+    /// Host or User-Agent of the same name
+    #[arg(short = 'H', long = "header", value_name = "'NAME: VALUE'")]
+    header: Vec<String>,
+
+    /// Request body (http:// only), sent with Content-Length
+    #[arg(long, value_name = "TEXT", conflicts_with = "body_file")]
+    body: Option<String>,
+
+    /// Request body read from FILE (http:// only), sent with Content-Length
+    #[arg(long = "body-file", value_name = "FILE")]
+    body_file: Option<std::path::PathBuf>,
+
+    /// Send HTTP/1.0 requests, with Connection: keep-alive unless -H sets Connection
+    #[arg(long = "http1.0")]
+    http10: bool,
 
     /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99)
     #[arg(long)]
@@ -99,6 +121,17 @@ fn main() -> ExitCode {
     config.depth = cli.depth;
     config.timeout = cli.timeout;
     config.reconnect = cli.reconnect;
+    config.request.method = cli.method.clone();
+    config.request.headers = cli.header.clone();
+    config.request.http10 = cli.http10;
+    config.request.body = match (&cli.body, &cli.body_file) {
+        (Some(text), _) => Some(text.clone().into_bytes()),
+        (None, Some(path)) => match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => return usage_error(&format!("--body-file {}: {e}", path.display())),
+        },
+        (None, None) => None,
+    };
     if let Err(e) = config.validate() {
         return usage_error(&e);
     }

@@ -3,6 +3,7 @@
 //!
 //! - `engine`: one thread's epoll loop over its share of the connections.
 //! - `pattern`: the verified byte stream sent to echo services.
+//! - `request`: the HTTP request sent (`-m`, `-H`, `--body`, `--http1.0`), built once.
 //! - `http`: the incremental response parser.
 //! - `report`: the wrk-like text, the JSON object and the merged statistics.
 //! - `plot`: the latency percentile curve as SVG.
@@ -12,6 +13,7 @@ pub mod http;
 pub mod pattern;
 pub mod plot;
 pub mod report;
+pub mod request;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicU64;
@@ -19,13 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use report::Report;
+pub use request::RequestSpec;
 
 /// What edgeload talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// `tcp://HOST:PORT`: the echo protocol; every byte is verified.
     Echo { addr: SocketAddr },
-    /// `http://HOST:PORT/PATH`: GET with keep-alive.
+    /// `http://HOST:PORT/PATH`: GET (or what [`RequestSpec`] says) with keep-alive.
     Http {
         addr: SocketAddr,
         host: String,
@@ -122,6 +125,8 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Close each connection after its response and open a new one (connection churn).
     pub reconnect: bool,
+    /// HTTP: method, headers, body and version of the request; refused on `tcp://`.
+    pub request: RequestSpec,
 }
 
 impl LoadConfig {
@@ -139,6 +144,7 @@ impl LoadConfig {
             depth: 1,
             timeout: Duration::from_secs(2),
             reconnect: false,
+            request: RequestSpec::default(),
         }
     }
 
@@ -175,7 +181,23 @@ impl LoadConfig {
                 return bad("--rate must be a positive number of requests per second");
             }
         }
+        self.http_request()?;
         Ok(())
+    }
+
+    /// The bytes of one HTTP request (empty for echo), or why the flags that shape it
+    /// are wrong.
+    pub fn http_request(&self) -> Result<Vec<u8>, LoadError> {
+        match &self.target {
+            Target::Http { host, path, .. } => request::build_request(host, path, &self.request),
+            Target::Echo { .. } => match self.request.http_only_flag() {
+                Some(flag) => Err(LoadError::Config(format!(
+                    "{flag} needs an http:// URL; {} is the echo protocol",
+                    self.url
+                ))),
+                None => Ok(Vec::new()),
+            },
+        }
     }
 }
 
