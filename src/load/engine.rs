@@ -155,23 +155,19 @@ struct Engine<'a> {
     stopping: bool,
 }
 
-/// Runs one thread's share of the test until `end`.
+/// Runs one thread's share of the test until `end`. `request` is one HTTP request's
+/// bytes (empty for echo), built once for all threads.
+#[allow(clippy::too_many_arguments)] // one call site, in `load::run`
 pub fn run_thread(
     id: usize,
     conns: usize,
     rate: Option<f64>,
     config: &LoadConfig,
+    request: &[u8],
     start: Instant,
     end: Instant,
     progress: &Progress,
 ) -> io::Result<Stats> {
-    let request = match &config.target {
-        Target::Http { host, path, .. } => {
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgeload\r\n\r\n")
-                .into_bytes()
-        }
-        Target::Echo { .. } => Vec::new(),
-    };
     let mut engine = Engine {
         id,
         config,
@@ -185,7 +181,7 @@ pub fn run_thread(
             })
             .collect(),
         pattern: Pattern::new(),
-        request,
+        request: request.to_vec(),
         buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
         stats: Stats::new(),
         connections_made: 0,
@@ -304,7 +300,8 @@ impl Engine<'_> {
             out: Vec::new(),
             out_pos: 0,
             in_flight: VecDeque::new(),
-            parser: ResponseParser::new(),
+            // A response to HEAD has no body, whatever its Content-Length says.
+            parser: ResponseParser::for_request(self.config.request.is_head()),
             inbuf: Vec::new(),
         });
     }

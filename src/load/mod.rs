@@ -237,6 +237,8 @@ pub fn run(
     TcpStream::connect_timeout(&addr, config.timeout.min(Duration::from_secs(5)))
         .map_err(|source| LoadError::Unreachable { addr, source })?;
 
+    // Built once; every thread sends copies of it.
+    let request: Arc<[u8]> = config.http_request()?.into();
     let progress = Arc::new(Progress::default());
     let config = Arc::new(config.clone());
     let start = Instant::now();
@@ -252,11 +254,12 @@ pub fn run(
             .map(|r| r * conns as f64 / config.connections as f64);
         let config = Arc::clone(&config);
         let progress = Arc::clone(&progress);
+        let request = Arc::clone(&request);
         handles.push(
             std::thread::Builder::new()
                 .name(format!("edgeload-{id}"))
                 .spawn(move || {
-                    engine::run_thread(id, conns, rate, &config, start, end, &progress)
+                    engine::run_thread(id, conns, rate, &config, &request, start, end, &progress)
                 })?,
         );
     }
