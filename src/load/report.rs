@@ -201,6 +201,72 @@ impl Report {
     }
 }
 
+/// Responses by exact status code, 100 to 599. A fixed array, so counting one is an
+/// index and an add on the hot path, and merging threads is adding arrays; boxed, so
+/// that moving `Stats` stays cheap.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusCodes(Box<[u64; 500]>);
+
+impl StatusCodes {
+    pub fn new() -> StatusCodes {
+        StatusCodes(Box::new([0; 500]))
+    }
+
+    /// Counts one response; a code outside 100-599 is not counted here.
+    #[inline]
+    pub fn count(&mut self, status: u16) {
+        if let Some(n) = self.0.get_mut(usize::from(status).wrapping_sub(100)) {
+            *n += 1;
+        }
+    }
+
+    /// Responses with this code.
+    pub fn get(&self, status: u16) -> u64 {
+        self.0
+            .get(usize::from(status).wrapping_sub(100))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn add(&mut self, other: &StatusCodes) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a += b;
+        }
+    }
+
+    /// The codes seen, in order, with their counts.
+    pub fn seen(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        (100u16..)
+            .zip(self.0.iter().copied())
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+impl Default for StatusCodes {
+    fn default() -> Self {
+        StatusCodes::new()
+    }
+}
+
+impl std::fmt::Debug for StatusCodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.seen()).finish()
+    }
+}
+
+/// `9812` as `9,812`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// `50`, `99.9`, `99.99`: no trailing zeros.
 fn format_pct(p: f64) -> String {
     let s = format!("{p:.3}");
@@ -251,5 +317,27 @@ mod tests {
         assert_eq!(human_bytes(87_408_000.0), "83.36MB");
         assert_eq!(format_pct(99.99), "99.99");
         assert_eq!(format_pct(50.0), "50");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(9812), "9,812");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn status_codes_count_100_to_599_only() {
+        let mut c = StatusCodes::new();
+        for s in [200, 200, 404, 100, 599, 99, 600, 0, 999] {
+            c.count(s);
+        }
+        let mut d = StatusCodes::new();
+        d.count(404);
+        c.add(&d);
+        assert_eq!(
+            c.seen().collect::<Vec<_>>(),
+            vec![(100, 1), (200, 2), (404, 2), (599, 1)]
+        );
+        assert_eq!(c.get(404), 2);
+        assert_eq!(c.get(600), 0);
+        assert_eq!(format!("{c:?}"), "{100: 1, 200: 2, 404: 2, 599: 1}");
     }
 }
