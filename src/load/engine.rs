@@ -18,6 +18,7 @@ use hdrhistogram::Histogram;
 
 use super::http::ResponseParser;
 use super::pattern::Pattern;
+use super::report::StatusCodes;
 use super::{LoadConfig, Progress, Target};
 use crate::sys::epoll::{Epoll, Events, SOCKET_INTEREST};
 use crate::sys::socket;
@@ -68,6 +69,8 @@ pub struct Stats {
     pub errors: Errors,
     /// Responses by status class: index 1 for 1xx ... 5 for 5xx, 0 for anything else.
     pub status: [u64; 6],
+    /// Responses by exact status code, 100 to 599 (the rest are `status[0]`).
+    pub codes: StatusCodes,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
 }
@@ -80,6 +83,7 @@ impl Stats {
             bytes_written: 0,
             errors: Errors::default(),
             status: [0; 6],
+            codes: StatusCodes::new(),
             // 1 µs to 1 h at 3 significant digits, as wrk2 does.
             latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
                 .expect("the bounds are constants that hdrhistogram accepts"),
@@ -97,6 +101,7 @@ impl Stats {
         for (a, b) in self.status.iter_mut().zip(other.status) {
             *a += b;
         }
+        self.codes.add(&other.codes);
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
     }
@@ -548,6 +553,7 @@ impl Engine<'_> {
         record(&mut self.stats, from, now);
         let class = (status / 100) as usize;
         self.stats.status[if (1..=5).contains(&class) { class } else { 0 }] += 1;
+        self.stats.codes.count(status);
         if !(200..300).contains(&status) {
             self.stats.errors.non_2xx += 1;
         }
