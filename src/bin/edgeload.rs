@@ -87,7 +87,8 @@ struct Cli {
     #[arg(long = "http1.0")]
     http10: bool,
 
-    /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99)
+    /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99) and, for HTTP, the
+    /// count of each status code
     #[arg(long)]
     latency: bool,
 

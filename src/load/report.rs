@@ -150,6 +150,16 @@ impl Report {
                 "  Status: 1xx {}, 2xx {}, 3xx {}, 4xx {}, 5xx {}, other {}",
                 s[1], s[2], s[3], s[4], s[5], s[0]
             );
+            if percentiles {
+                let mut line = String::from("  Status codes:");
+                for (code, n) in self.stats.codes.seen() {
+                    let _ = write!(line, " {code}: {} ", thousands(n));
+                }
+                if s[0] > 0 {
+                    let _ = write!(line, " other: {} ", thousands(s[0]));
+                }
+                let _ = writeln!(o, "{}", line.trim_end());
+            }
         }
         let _ = writeln!(o, "Requests/sec: {:>10.2}", self.requests_per_sec());
         let _ = writeln!(
@@ -169,6 +179,13 @@ impl Report {
         }
         let e = &self.stats.errors;
         let s = &self.stats.status;
+        let mut codes = serde_json::Map::new();
+        for (code, n) in self.stats.codes.seen() {
+            codes.insert(code.to_string(), json!(n));
+        }
+        if s[0] > 0 {
+            codes.insert("other".into(), json!(s[0]));
+        }
         json!({
             "url": self.url,
             "protocol": self.protocol,
@@ -190,6 +207,7 @@ impl Report {
                 "total": e.total(),
             },
             "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
+            "status_codes": codes,
             "latency_us": {
                 "min": self.stats.latency.min(),
                 "mean": self.stats.latency.mean(),
