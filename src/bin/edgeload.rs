@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgepoll::config::{parse_duration, parse_size};
-use edgepoll::load::{self, LoadConfig, LoadError, Target};
+use edgepoll::load::gates::parse_ratio;
+use edgepoll::load::{self, Gate, LoadConfig, LoadError, Target};
 
 #[derive(Parser)]
 #[command(
@@ -16,9 +17,15 @@ use edgepoll::load::{self, LoadConfig, LoadError, Target};
     after_help = "Examples:\n  \
         edgeload -c 50 -d 10s --latency tcp://127.0.0.1:7000\n  \
         edgeload -c 100 -t 2 --depth 16 http://127.0.0.1:8080/\n  \
-        edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n\n\
-        Exit status: 0 on success, 1 if any echoed byte differed from what was sent,\n\
-        2 for bad arguments or an unreachable target."
+        edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n  \
+        edgeload -m POST -H 'Content-Type: application/json' --body '{\"k\":1}' http://127.0.0.1:8080/api\n  \
+        edgeload -d 10s --max-p99 5ms --max-error-rate 1% --min-rps 1000 http://127.0.0.1:8080/\n\n\
+        Exit status:\n  \
+        0  success, every gate met\n  \
+        1  an echoed byte differed from what was sent (wins over 3 when both happen)\n  \
+        2  bad arguments or an unreachable target\n  \
+        3  a CI gate (--max-p99, --max-p999, --max-error-rate, --min-rps) was missed;\n     \
+        each missed gate is one 'edgeload: gate failed: ...' line on stderr"
 )]
 struct Cli {
     /// Connections to keep open, spread over the threads
@@ -92,6 +99,23 @@ struct Cli {
     #[arg(long)]
     latency: bool,
 
+    /// CI gate: exit 3 if the 99th percentile latency is over DURATION (500us, 5ms)
+    #[arg(long = "max-p99", value_name = "DURATION", value_parser = parse_duration)]
+    max_p99: Option<Duration>,
+
+    /// CI gate: exit 3 if the 99.9th percentile latency is over DURATION
+    #[arg(long = "max-p999", value_name = "DURATION", value_parser = parse_duration)]
+    max_p999: Option<Duration>,
+
+    /// CI gate: exit 3 if errors / attempts is over RATIO (0.01 or 1%); attempts are
+    /// responses plus connect, read, write and timeout errors
+    #[arg(long = "max-error-rate", value_name = "RATIO", value_parser = parse_ratio)]
+    max_error_rate: Option<f64>,
+
+    /// CI gate: exit 3 if fewer than N requests per second completed
+    #[arg(long = "min-rps", value_name = "N")]
+    min_rps: Option<f64>,
+
     /// Print one JSON object instead of the text report
     #[arg(long)]
     json: bool,
@@ -106,6 +130,7 @@ struct Cli {
 
 const USAGE_ERROR: u8 = 2;
 const MISMATCH: u8 = 1;
+const GATE_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -133,6 +158,15 @@ fn main() -> ExitCode {
         },
         (None, None) => None,
     };
+    config.gates = [
+        cli.max_p99.map(Gate::MaxP99),
+        cli.max_p999.map(Gate::MaxP999),
+        cli.max_error_rate.map(Gate::MaxErrorRate),
+        cli.min_rps.map(Gate::MinRps),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if let Err(e) = config.validate() {
         return usage_error(&e);
     }
@@ -183,12 +217,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let mut gate_failed = false;
+    for gate in report.failed_gates() {
+        eprintln!("edgeload: gate failed: {}", gate.message());
+        gate_failed = true;
+    }
     if report.stats.errors.mismatch > 0 {
         eprintln!(
             "edgeload: {} echo requests came back different from what was sent",
             report.stats.errors.mismatch
         );
+        // Wrong bytes outrank a missed gate: the figures of a corrupting server mean
+        // little.
         return ExitCode::from(MISMATCH);
+    }
+    if gate_failed {
+        return ExitCode::from(GATE_FAILED);
     }
     ExitCode::SUCCESS
 }

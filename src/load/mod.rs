@@ -7,8 +7,10 @@
 //! - `http`: the incremental response parser.
 //! - `report`: the wrk-like text, the JSON object and the merged statistics.
 //! - `plot`: the latency percentile curve as SVG.
+//! - `gates`: the CI limits a run must meet (`--max-p99`, `--min-rps`, ...).
 
 pub mod engine;
+pub mod gates;
 pub mod http;
 pub mod pattern;
 pub mod plot;
@@ -20,6 +22,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use gates::Gate;
 pub use report::Report;
 pub use request::RequestSpec;
 
@@ -127,6 +130,8 @@ pub struct LoadConfig {
     pub reconnect: bool,
     /// HTTP: method, headers, body and version of the request; refused on `tcp://`.
     pub request: RequestSpec,
+    /// Limits checked after the run; each result is in the report.
+    pub gates: Vec<Gate>,
 }
 
 impl LoadConfig {
@@ -145,6 +150,7 @@ impl LoadConfig {
             timeout: Duration::from_secs(2),
             reconnect: false,
             request: RequestSpec::default(),
+            gates: Vec::new(),
         }
     }
 
@@ -180,6 +186,9 @@ impl LoadConfig {
             if !(r.is_finite() && r > 0.0) {
                 return bad("--rate must be a positive number of requests per second");
             }
+        }
+        for gate in &self.gates {
+            gate.validate()?;
         }
         self.http_request()?;
         Ok(())

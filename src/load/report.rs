@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::engine::Stats;
+use super::gates::GateResult;
 use super::{LoadConfig, Target};
 
 /// The percentiles printed with `--latency` and always put in the JSON.
@@ -29,6 +30,8 @@ pub struct Report {
     pub duration: Duration,
     /// The sum of every thread's measurements.
     pub stats: Stats,
+    /// The CI gates asked for, checked against the figures above.
+    pub gates: Vec<GateResult>,
 }
 
 impl Report {
@@ -38,7 +41,7 @@ impl Report {
             total.add(s);
             total
         });
-        Report {
+        let mut report = Report {
             url: config.url.clone(),
             protocol: if echo { "echo" } else { "http" },
             threads: config.threads,
@@ -49,7 +52,15 @@ impl Report {
             reconnect: config.reconnect,
             duration,
             stats: total,
-        }
+            gates: Vec::new(),
+        };
+        report.gates = config.gates.iter().map(|g| g.check(&report)).collect();
+        report
+    }
+
+    /// The gates the run missed.
+    pub fn failed_gates(&self) -> impl Iterator<Item = &GateResult> {
+        self.gates.iter().filter(|g| !g.passed)
     }
 
     pub fn requests_per_sec(&self) -> f64 {
@@ -208,6 +219,7 @@ impl Report {
             },
             "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
             "status_codes": codes,
+            "gates": self.gates.iter().map(GateResult::json).collect::<Vec<_>>(),
             "latency_us": {
                 "min": self.stats.latency.min(),
                 "mean": self.stats.latency.mean(),
