@@ -163,7 +163,7 @@ pub fn error_rate(stats: &Stats) -> Option<f64> {
 
 /// Latency at percentile `p` in microseconds; None without a response.
 fn percentile(stats: &Stats, p: f64) -> Option<f64> {
-    (stats.latency.len() > 0).then(|| stats.latency.value_at_percentile(p) as f64)
+    (!stats.latency.is_empty()).then(|| stats.latency.value_at_percentile(p) as f64)
 }
 
 /// Parses `--max-error-rate`: a ratio (`0.01`) or a percentage (`1%`), 0 to 1.
