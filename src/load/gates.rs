@@ -223,6 +223,7 @@ mod tests {
             size: None,
             rate: None,
             reconnect: false,
+            request: None,
             duration: Duration::from_secs_f64(secs),
             stats,
             gates: Vec::new(),

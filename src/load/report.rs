@@ -26,6 +26,8 @@ pub struct Report {
     pub rate: Option<f64>,
     /// A new connection per request.
     pub reconnect: bool,
+    /// HTTP: the method and version sent (`GET`, `HTTP/1.1`); None for echo.
+    pub request: Option<(String, &'static str)>,
     /// Wall time the test ran.
     pub duration: Duration,
     /// The sum of every thread's measurements.
@@ -50,6 +52,14 @@ impl Report {
             size: echo.then_some(config.size),
             rate: config.rate,
             reconnect: config.reconnect,
+            request: (!echo).then(|| {
+                let version = if config.request.http10 {
+                    "HTTP/1.0"
+                } else {
+                    "HTTP/1.1"
+                };
+                (config.request.method().to_string(), version)
+            }),
             duration,
             stats: total,
             gates: Vec::new(),
@@ -101,8 +111,17 @@ impl Report {
         );
         let what = match self.size {
             Some(size) => format!("{size}-byte echo requests, every byte verified"),
-            None if self.reconnect => "HTTP GET".to_string(),
-            None => "HTTP GET, keep-alive".to_string(),
+            None => {
+                let (method, version) = match &self.request {
+                    Some((m, v)) => (m.as_str(), *v),
+                    None => ("GET", "HTTP/1.1"),
+                };
+                if self.reconnect {
+                    format!("{version} {method}")
+                } else {
+                    format!("{version} {method}, keep-alive")
+                }
+            }
         };
         let what = if self.reconnect {
             format!("{what}, a new connection per request")
@@ -206,6 +225,8 @@ impl Report {
             "size": self.size,
             "rate": self.rate,
             "reconnect": self.reconnect,
+            "method": self.request.as_ref().map(|(m, _)| m),
+            "http_version": self.request.as_ref().map(|(_, v)| v),
             "duration_s": self.duration.as_secs_f64(),
             "requests": self.stats.requests,
             "requests_per_sec": self.requests_per_sec(),
