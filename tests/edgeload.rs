@@ -127,7 +127,12 @@ fn echo_against_edgepoll_counts_add_up_with_zero_errors() {
     assert!(r.stats.bytes_read >= r.stats.requests * 100);
     assert!(r.stats.bytes_read - r.stats.requests * 100 <= in_flight_max);
     assert!(r.stats.bytes_written - r.stats.bytes_read <= in_flight_max);
-    assert_eq!(r.stats.latency.len(), r.stats.requests);
+    // Every request sent is answered or, at the end, outstanding (depth 4 on each of
+    // the 8 connections), and each has a latency entry.
+    assert_eq!(r.stats.outstanding, (c.connections * c.depth) as u64);
+    assert_eq!(r.stats.sent, r.stats.requests + r.stats.outstanding);
+    assert_eq!(r.stats.latency.len(), r.stats.sent);
+    assert_eq!(r.stats.sent * 100, r.stats.bytes_written);
     wait_for("the server to count what edgeload wrote", || {
         total(&server, |s| s.received_bytes) == r.stats.bytes_written
     });

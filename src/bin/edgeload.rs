@@ -22,7 +22,8 @@ use edgepoll::load::{self, Gate, LoadConfig, LoadError, Target};
         edgeload -d 10s --max-p99 5ms --max-error-rate 1% --min-rps 1000 http://127.0.0.1:8080/\n\n\
         Exit status:\n  \
         0  success, every gate met\n  \
-        1  an echoed byte differed from what was sent (wins over 3 when both happen)\n  \
+        1  an echoed byte differed from what was sent, or more came back than was\n     \
+        sent (wins over 3 when both happen)\n  \
         2  bad arguments or an unreachable target\n  \
         3  a CI gate (--max-p99, --max-p999, --max-error-rate, --min-rps) was missed;\n     \
         each missed gate is one 'edgeload: gate failed: ...' line on stderr"
@@ -124,6 +125,11 @@ struct Cli {
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<std::path::PathBuf>,
 
+    /// The run's nonce, in hex, as the JSON's "nonce" printed it: replays a run's exact
+    /// echo byte streams [default: random, so no two runs send the same bytes]
+    #[arg(long, value_name = "HEX", value_parser = parse_nonce)]
+    seed: Option<u64>,
+
     /// tcp://HOST:PORT (echo) or http://HOST:PORT/PATH
     url: String,
 }
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
     config.depth = cli.depth;
     config.timeout = cli.timeout;
     config.reconnect = cli.reconnect;
+    config.nonce = cli.seed;
     config.request.method = cli.method.clone();
     config.request.headers = cli.header.clone();
     config.request.http10 = cli.http10;
@@ -222,10 +229,12 @@ fn main() -> ExitCode {
         eprintln!("edgeload: gate failed: {}", gate.message());
         gate_failed = true;
     }
-    if report.stats.errors.mismatch > 0 {
+    let e = &report.stats.errors;
+    if e.mismatch > 0 || (e.extra > 0 && report.protocol == "echo") {
         eprintln!(
-            "edgeload: {} echo requests came back different from what was sent",
-            report.stats.errors.mismatch
+            "edgeload: {} echo requests came back different from what was sent, and {} \
+             connections received bytes beyond what was sent",
+            e.mismatch, e.extra
         );
         // Wrong bytes outrank a missed gate: the figures of a corrupting server mean
         // little.
@@ -235,6 +244,11 @@ fn main() -> ExitCode {
         return ExitCode::from(GATE_FAILED);
     }
     ExitCode::SUCCESS
+}
+
+fn parse_nonce(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("invalid --seed '{s}': expected up to 16 hex digits"))
 }
 
 fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {

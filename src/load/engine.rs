@@ -6,7 +6,12 @@
 //! fixed schedule, round-robin over its connections; a connection sends a due request
 //! as soon as it has fewer than `depth` in flight, and the latency of every request is
 //! measured from the moment it was due, so a stall delays and is charged to every
-//! request behind it (no coordinated omission).
+//! request behind it (no coordinated omission); the service time, from the moment it
+//! was sent, is kept beside it.
+//!
+//! Every request ends in exactly one of: answered, timed out (recorded with what it
+//! waited, at least the timeout), failed (its connection ended under it), outstanding at
+//! the end (recorded with the end minus its due time) or, open loop only, never sent.
 
 use std::collections::VecDeque;
 use std::io;
@@ -31,6 +36,8 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(10);
 const READ_BUFFER: usize = 64 * 1024;
 /// Highest latency recorded, in microseconds (one hour); longer ones saturate.
 pub const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// A request sent more than this after its due time was sent late.
+pub const LATE: Duration = Duration::from_millis(1);
 
 /// Errors by kind, as wrk reports them, plus verification mismatches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,15 +46,24 @@ pub struct Errors {
     pub read: u64,
     pub write: u64,
     pub timeout: u64,
-    /// Echo requests whose bytes came back different.
+    /// Echo requests whose bytes came back different, once per request.
     pub mismatch: u64,
+    /// Connections dropped because the server sent more than was asked for: echo bytes
+    /// beyond everything sent, an HTTP response to no request.
+    pub extra: u64,
     /// HTTP responses with a status outside 200-299.
     pub non_2xx: u64,
 }
 
 impl Errors {
     pub fn total(&self) -> u64 {
-        self.connect + self.read + self.write + self.timeout + self.mismatch + self.non_2xx
+        self.connect
+            + self.read
+            + self.write
+            + self.timeout
+            + self.mismatch
+            + self.extra
+            + self.non_2xx
     }
 
     pub fn add(&mut self, o: &Errors) {
@@ -56,14 +72,38 @@ impl Errors {
         self.write += o.write;
         self.timeout += o.timeout;
         self.mismatch += o.mismatch;
+        self.extra += o.extra;
         self.non_2xx += o.non_2xx;
     }
 }
 
 /// What one thread measured, or (in a `Report`) all threads together.
+///
+/// The request accounting adds up: `sent = requests + timed_out + failed + outstanding`
+/// and, open loop, `due = sent + unsent`.
 #[derive(Debug, Clone)]
 pub struct Stats {
+    /// Requests answered (a whole response).
     pub requests: u64,
+    /// Requests written or queued to a connection.
+    pub sent: u64,
+    /// Open loop: requests that fell due in the run.
+    pub due: u64,
+    /// Requests given up at `--timeout`: the one that timed out and any pipelined
+    /// behind it on the same connection.
+    pub timed_out: u64,
+    /// Requests whose connection ended under them (an error, a reset, a close by the
+    /// server, a response that failed verification or parsing).
+    pub failed: u64,
+    /// Requests still unanswered when the run ended.
+    pub outstanding: u64,
+    /// Open loop: requests due and never sent (no connection was free for them).
+    pub unsent: u64,
+    /// Open loop: requests sent more than [`LATE`] after their due time.
+    pub sent_late: u64,
+    /// Open loop: of those, the ones the generator itself noticed late (its thread was
+    /// busy): the generator, not the server, was behind.
+    pub late_by_generator: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub errors: Errors,
@@ -71,22 +111,38 @@ pub struct Stats {
     pub status: [u64; 6],
     /// Responses by exact status code, 100 to 599 (the rest are `status[0]`).
     pub codes: StatusCodes,
-    /// Latency in microseconds.
+    /// Latency in microseconds, from each request's due time (closed loop: from when it
+    /// was sent): answered, timed-out and outstanding requests.
     pub latency: Histogram<u64>,
+    /// Service time in microseconds, from when each request was sent; the same requests.
+    pub service: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 h at 3 significant digits, as wrk2 does.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+        .expect("the bounds are constants that hdrhistogram accepts")
 }
 
 impl Stats {
     pub fn new() -> Stats {
         Stats {
             requests: 0,
+            sent: 0,
+            due: 0,
+            timed_out: 0,
+            failed: 0,
+            outstanding: 0,
+            unsent: 0,
+            sent_late: 0,
+            late_by_generator: 0,
             bytes_read: 0,
             bytes_written: 0,
             errors: Errors::default(),
             status: [0; 6],
             codes: StatusCodes::new(),
-            // 1 µs to 1 h at 3 significant digits, as wrk2 does.
-            latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-                .expect("the bounds are constants that hdrhistogram accepts"),
+            latency: histogram(),
+            service: histogram(),
         }
     }
 }
@@ -95,6 +151,14 @@ impl Stats {
     /// Adds another thread's figures to these.
     pub fn add(&mut self, other: &Stats) {
         self.requests += other.requests;
+        self.sent += other.sent;
+        self.due += other.due;
+        self.timed_out += other.timed_out;
+        self.failed += other.failed;
+        self.outstanding += other.outstanding;
+        self.unsent += other.unsent;
+        self.sent_late += other.sent_late;
+        self.late_by_generator += other.late_by_generator;
         self.bytes_read += other.bytes_read;
         self.bytes_written += other.bytes_written;
         self.errors.add(&other.errors);
@@ -104,6 +168,7 @@ impl Stats {
         self.codes.add(&other.codes);
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.service.add(&other.service);
     }
 }
 
@@ -129,7 +194,7 @@ struct Conn {
     /// Bytes not yet written.
     out: Vec<u8>,
     out_pos: usize,
-    /// Requests in flight: (latency measured from, written at).
+    /// Requests in flight: (due, sent); closed loop, both are when it was sent.
     in_flight: VecDeque<(Instant, Instant)>,
     /// HTTP: parser state and unparsed input.
     parser: ResponseParser,
@@ -140,8 +205,9 @@ struct Conn {
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
-    /// Open loop: requests due and not yet sent.
-    due: VecDeque<Instant>,
+    /// Open loop: requests due and not yet sent: the due time, and whether the
+    /// generator noticed it more than [`LATE`] after it.
+    due: VecDeque<(Instant, bool)>,
     /// Reconnect no earlier than this.
     retry_at: Option<Instant>,
 }
@@ -157,16 +223,19 @@ struct Engine<'a> {
     buf: Box<[u8]>,
     stats: Stats,
     connections_made: u64,
+    /// The run's nonce, mixed into every connection's seed.
+    nonce: u64,
     stopping: bool,
 }
 
 /// Runs one thread's share of the test until `end`. `request` is one HTTP request's
 /// bytes (empty for echo), built once for all threads.
-#[allow(clippy::too_many_arguments)] // one call site, in `load::run`
+#[allow(clippy::too_many_arguments)]
 pub fn run_thread(
     id: usize,
     conns: usize,
     rate: Option<f64>,
+    nonce: u64,
     config: &LoadConfig,
     request: &[u8],
     start: Instant,
@@ -190,6 +259,7 @@ pub fn run_thread(
         buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
         stats: Stats::new(),
         connections_made: 0,
+        nonce,
         stopping: false,
     };
     for i in 0..conns {
@@ -217,8 +287,10 @@ pub fn run_thread(
                     break;
                 }
                 let i = (scheduled % conns as u64) as usize;
-                engine.slots[i].due.push_back(due);
+                let noticed_late = now.duration_since(due) > LATE;
+                engine.slots[i].due.push_back((due, noticed_late));
                 scheduled += 1;
+                engine.stats.due += 1;
                 engine.pump(i, now);
             }
         }
@@ -250,6 +322,15 @@ pub fn run_thread(
         }
     }
     engine.stopping = true;
+    if let Some(interval) = interval {
+        // Requests that fell due after the loop last looked, before the end.
+        while start + interval.mul_f64(scheduled as f64) < end {
+            scheduled += 1;
+            engine.stats.due += 1;
+            engine.stats.unsent += 1;
+        }
+    }
+    engine.finish(end);
     publish_progress(&engine.stats, progress, &mut published);
     Ok(engine.stats)
 }
@@ -292,8 +373,9 @@ impl Engine<'_> {
             return;
         }
         self.connections_made += 1;
-        // Unique per thread and connection, so no two streams are alike.
-        let seed = ((self.id as u64) << 40) ^ (self.connections_made << 1) ^ i as u64;
+        // Distinct for every connection of the run, on every thread, and from run to
+        // run (the nonce), so no two streams are alike.
+        let seed = super::pattern::connection_seed(self.nonce, self.id, self.connections_made);
         self.slots[i].conn = Some(Conn {
             fd,
             connected: false,
@@ -311,11 +393,30 @@ impl Engine<'_> {
         });
     }
 
-    /// Drops the connection in slot `i` and opens another at once.
+    /// Drops the connection in slot `i` and opens another at once. Requests still in
+    /// flight on it failed with it.
     fn replace(&mut self, i: usize, now: Instant) {
-        self.slots[i].conn = None;
+        if let Some(conn) = self.slots[i].conn.take() {
+            self.stats.failed += conn.in_flight.len() as u64;
+        }
         if !self.stopping {
             self.connect(i, now);
+        }
+    }
+
+    /// The end of the run: what is still in flight is outstanding, recorded with the
+    /// time it has waited; what is still due was never sent.
+    fn finish(&mut self, end: Instant) {
+        let open_loop = self.config.rate.is_some();
+        for slot in &mut self.slots {
+            self.stats.unsent += slot.due.len() as u64;
+            slot.due.clear();
+            if let Some(conn) = slot.conn.as_mut() {
+                for (due, sent) in conn.in_flight.drain(..) {
+                    self.stats.outstanding += 1;
+                    record(&mut self.stats, due, sent, end, open_loop);
+                }
+            }
         }
     }
 
@@ -334,6 +435,7 @@ impl Engine<'_> {
                     self.pump(i, now);
                 }
                 _ => {
+                    // Nothing was sent on a connection that never connected.
                     self.stats.errors.connect += 1;
                     self.slots[i].conn = None;
                     self.slots[i].retry_at = Some(now + RECONNECT_BACKOFF);
@@ -366,12 +468,19 @@ impl Engine<'_> {
         while conn.in_flight.len() < depth {
             let measured_from = if open_loop {
                 match slot.due.pop_front() {
-                    Some(due) => due,
+                    Some((due, noticed_late)) => {
+                        if now.duration_since(due) > LATE {
+                            self.stats.sent_late += 1;
+                            self.stats.late_by_generator += u64::from(noticed_late);
+                        }
+                        due
+                    }
                     None => break,
                 }
             } else {
                 now
             };
+            self.stats.sent += 1;
             if echo {
                 self.pattern
                     .extend(conn.seed, conn.sent, size, &mut conn.out);
@@ -464,6 +573,7 @@ impl Engine<'_> {
     /// Verifies `n` echoed bytes in `self.buf`; completes requests at their boundaries.
     /// Returns false if the connection must be replaced.
     fn on_echo(&mut self, i: usize, n: usize, now: Instant) -> bool {
+        let open_loop = self.config.rate.is_some();
         let size = self.config.size as u64;
         let mut at = 0;
         while at < n {
@@ -471,8 +581,10 @@ impl Engine<'_> {
                 return false;
             };
             if conn.verified >= conn.sent {
-                // More bytes than were sent: the stream cannot be trusted any more.
-                self.stats.errors.mismatch += 1;
+                // More bytes than were sent: not a request's answer, so not a mismatch
+                // (the requests before were judged on their own bytes); the stream
+                // cannot be trusted any more.
+                self.stats.errors.extra += 1;
                 return false;
             }
             let request = conn.verified / size;
@@ -491,8 +603,9 @@ impl Engine<'_> {
             conn.verified += take as u64;
             at += take;
             if conn.verified % size == 0 {
-                if let Some((from, _)) = conn.in_flight.pop_front() {
-                    record(&mut self.stats, from, now);
+                if let Some((due, sent)) = conn.in_flight.pop_front() {
+                    self.stats.requests += 1;
+                    record(&mut self.stats, due, sent, now, open_loop);
                 }
                 if self.config.reconnect && conn.in_flight.is_empty() {
                     // Connection churn: this connection has done its one exchange.
@@ -543,14 +656,16 @@ impl Engine<'_> {
 
     /// Counts one HTTP response. Returns false if none was outstanding.
     fn complete_http(&mut self, i: usize, status: u16, now: Instant) -> bool {
+        let open_loop = self.config.rate.is_some();
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return false;
         };
-        let Some((from, _)) = conn.in_flight.pop_front() else {
-            self.stats.errors.read += 1; // a response to nothing
+        let Some((due, sent)) = conn.in_flight.pop_front() else {
+            self.stats.errors.extra += 1; // a response to nothing
             return false;
         };
-        record(&mut self.stats, from, now);
+        self.stats.requests += 1;
+        record(&mut self.stats, due, sent, now, open_loop);
         let class = (status / 100) as usize;
         self.stats.status[if (1..=5).contains(&class) { class } else { 0 }] += 1;
         self.stats.codes.count(status);
@@ -562,6 +677,7 @@ impl Engine<'_> {
 
     /// Times out stalled requests and connects, and retries failed connects.
     fn sweep(&mut self, now: Instant) {
+        let open_loop = self.config.rate.is_some();
         for i in 0..self.slots.len() {
             let slot = &self.slots[i];
             match &slot.conn {
@@ -583,6 +699,14 @@ impl Engine<'_> {
                         .is_some_and(|(_, sent)| now.duration_since(*sent) > self.config.timeout)
                     {
                         self.stats.errors.timeout += 1;
+                        // Given up: recorded with what each waited, at least the timeout
+                        // for the first; the rest were pipelined behind it.
+                        if let Some(conn) = self.slots[i].conn.as_mut() {
+                            for (due, sent) in conn.in_flight.drain(..) {
+                                self.stats.timed_out += 1;
+                                record(&mut self.stats, due, sent, now, open_loop);
+                            }
+                        }
                         self.replace(i, now);
                     }
                 }
@@ -591,11 +715,16 @@ impl Engine<'_> {
     }
 }
 
-fn record(stats: &mut Stats, from: Instant, now: Instant) {
-    stats.requests += 1;
-    let us = now
-        .saturating_duration_since(from)
-        .as_micros()
-        .clamp(1, MAX_LATENCY_US as u128) as u64;
-    stats.latency.saturating_record(us);
+/// Records one request's latency from its due time and, open loop, from its send time
+/// (closed loop they are the same, and the report uses `latency` for both).
+fn record(stats: &mut Stats, due: Instant, sent: Instant, now: Instant, open_loop: bool) {
+    let us = |from: Instant| {
+        now.saturating_duration_since(from)
+            .as_micros()
+            .clamp(1, MAX_LATENCY_US as u128) as u64
+    };
+    stats.latency.saturating_record(us(due));
+    if open_loop {
+        stats.service.saturating_record(us(sent));
+    }
 }

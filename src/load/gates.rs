@@ -4,11 +4,11 @@
 //!
 //! The error rate is `errors.total() / attempts`, where attempts are the responses
 //! that completed (`requests`, which include the non-2xx and mismatched ones) plus the
-//! errors that ended an attempt without a response: connect, read, write and timeout.
-//! So it lies between 0 and 1, and a server that answers 500 to half the requests has
-//! an error rate of 0.5.
+//! errors that ended an attempt without a response: connect, read, write, timeout and
+//! extra (a connection dropped for bytes or a response nobody asked for). A server
+//! that answers 500 to half the requests has an error rate of 0.5.
 //!
-//! A gate with nothing to measure fails: a latency gate when no response completed,
+//! A gate with nothing to measure fails: a latency gate when no latency was recorded,
 //! the error rate when there was no attempt at all. A CI job should not pass on a run
 //! that measured nothing.
 
@@ -130,7 +130,7 @@ impl GateResult {
         let Some(value) = value else {
             let why = match self.gate {
                 Gate::MaxErrorRate(_) => "no request completed or failed",
-                _ => "no response completed",
+                _ => "no latency recorded",
             };
             return format!("{what} not measured ({why}); --{flag} {limit}");
         };
@@ -157,7 +157,7 @@ impl GateResult {
 /// Errors per attempt, as the module doc defines it; None without any attempt.
 pub fn error_rate(stats: &Stats) -> Option<f64> {
     let e = &stats.errors;
-    let attempts = stats.requests + e.connect + e.read + e.write + e.timeout;
+    let attempts = stats.requests + e.connect + e.read + e.write + e.timeout + e.extra;
     (attempts > 0).then(|| e.total() as f64 / attempts as f64)
 }
 
@@ -225,6 +225,7 @@ mod tests {
             reconnect: false,
             request: None,
             duration: Duration::from_secs_f64(secs),
+            nonce: 0,
             stats,
             gates: Vec::new(),
         }

@@ -132,6 +132,8 @@ pub struct LoadConfig {
     pub request: RequestSpec,
     /// Limits checked after the run; each result is in the report.
     pub gates: Vec<Gate>,
+    /// The run's nonce, mixed into every echo connection's seed; None: a random one.
+    pub nonce: Option<u64>,
 }
 
 impl LoadConfig {
@@ -151,6 +153,7 @@ impl LoadConfig {
             reconnect: false,
             request: RequestSpec::default(),
             gates: Vec::new(),
+            nonce: None,
         }
     }
 
@@ -249,6 +252,7 @@ pub fn run(
     // Built once; every thread sends copies of it.
     let request: Arc<[u8]> = config.http_request()?.into();
     let progress = Arc::new(Progress::default());
+    let nonce = config.nonce.unwrap_or_else(pattern::run_nonce);
     let config = Arc::new(config.clone());
     let start = Instant::now();
     let end = start + config.duration;
@@ -268,7 +272,9 @@ pub fn run(
             std::thread::Builder::new()
                 .name(format!("edgeload-{id}"))
                 .spawn(move || {
-                    engine::run_thread(id, conns, rate, &config, &request, start, end, &progress)
+                    engine::run_thread(
+                        id, conns, rate, nonce, &config, &request, start, end, &progress,
+                    )
                 })?,
         );
     }
@@ -295,7 +301,7 @@ pub fn run(
     let elapsed = start
         .elapsed()
         .min(config.duration + Duration::from_millis(100));
-    Ok(Report::merge(&config, elapsed, stats))
+    Ok(Report::merge(&config, elapsed, nonce, stats))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::engine::Stats;
@@ -30,6 +31,8 @@ pub struct Report {
     pub request: Option<(String, &'static str)>,
     /// Wall time the test ran.
     pub duration: Duration,
+    /// The run's nonce, in every echo connection's seed (`--seed` replays it).
+    pub nonce: u64,
     /// The sum of every thread's measurements.
     pub stats: Stats,
     /// The CI gates asked for, checked against the figures above.
@@ -37,7 +40,12 @@ pub struct Report {
 }
 
 impl Report {
-    pub(crate) fn merge(config: &LoadConfig, duration: Duration, stats: Vec<Stats>) -> Report {
+    pub(crate) fn merge(
+        config: &LoadConfig,
+        duration: Duration,
+        nonce: u64,
+        stats: Vec<Stats>,
+    ) -> Report {
         let echo = matches!(config.target, Target::Echo { .. });
         let total = stats.iter().fold(Stats::new(), |mut total, s| {
             total.add(s);
@@ -61,6 +69,7 @@ impl Report {
                 (config.request.method().to_string(), version)
             }),
             duration,
+            nonce,
             stats: total,
             gates: Vec::new(),
         };
@@ -82,21 +91,55 @@ impl Report {
         self.stats.latency.value_at_percentile(p)
     }
 
-    /// Share of samples within one standard deviation of the mean, as wrk prints it.
-    fn within_stdev(&self) -> f64 {
-        let (mean, sd) = (self.stats.latency.mean(), self.stats.latency.stdev());
-        let total = self.stats.latency.len();
-        if total == 0 {
-            return 0.0;
+    /// The service time (from each request's send time): open loop its own histogram,
+    /// closed loop the latency itself.
+    pub fn service(&self) -> &Histogram<u64> {
+        if self.rate.is_some() {
+            &self.stats.service
+        } else {
+            &self.stats.latency
         }
-        let inside: u64 = self
-            .stats
-            .latency
-            .iter_recorded()
-            .filter(|v| (v.value_iterated_to() as f64 - mean).abs() <= sd)
-            .map(|v| v.count_at_value())
-            .sum();
-        100.0 * inside as f64 / total as f64
+    }
+
+    /// Open loop: requests sent late because no connection was free (the server, or
+    /// too few connections, could not keep up), not because edgeload was behind.
+    fn late_waiting(&self) -> u64 {
+        self.stats
+            .sent_late
+            .saturating_sub(self.stats.late_by_generator)
+    }
+
+    /// Lines that say a run did not measure what was asked: open loop, requests the
+    /// generator or the server could not keep on schedule.
+    pub fn warnings(&self) -> Vec<String> {
+        let s = &self.stats;
+        let mut w = Vec::new();
+        let Some(rate) = self.rate else {
+            return w;
+        };
+        let due = s.due.max(1);
+        if s.late_by_generator * 100 > due {
+            w.push(format!(
+                "edgeload itself fell behind: {} of {} requests were due more than 1 ms \
+                 before it could send them; the latencies include that delay (add threads \
+                 with -t, or lower --rate)",
+                s.late_by_generator, s.due
+            ));
+        }
+        let waiting = self.late_waiting();
+        if s.unsent > 0 || waiting * 100 > due {
+            w.push(format!(
+                "the server could not keep up with --rate {rate:.0}: {} requests were \
+                 sent late and {} never sent, waiting for one of {} connections x depth \
+                 {} to be free; achieved {:.0} requests/s",
+                waiting,
+                s.unsent,
+                self.connections,
+                self.depth,
+                self.requests_per_sec()
+            ));
+        }
+        w
     }
 
     /// The wrk-like report.
@@ -140,23 +183,48 @@ impl Report {
             );
         }
         let _ = writeln!(o, "  Latency      Avg       Stdev     Max       +/- Stdev");
-        let _ = writeln!(
-            o,
-            "               {:<9} {:<9} {:<9} {:.2}%",
-            human_us(self.stats.latency.mean()),
-            human_us(self.stats.latency.stdev()),
-            human_us(self.stats.latency.max() as f64),
-            self.within_stdev()
-        );
+        let open = self.rate.is_some();
+        let row = |o: &mut String, label: &str, h: &Histogram<u64>| {
+            let _ = writeln!(
+                o,
+                "  {label:<13}{:<9} {:<9} {:<9} {:.2}%",
+                human_us(h.mean()),
+                human_us(h.stdev()),
+                human_us(h.max() as f64),
+                within_stdev(h)
+            );
+        };
+        if open {
+            row(&mut o, "  from due", &self.stats.latency);
+            row(&mut o, "  from send", &self.stats.service);
+        } else {
+            row(&mut o, "", &self.stats.latency);
+        }
         if percentiles {
-            let _ = writeln!(o, "  Latency Distribution");
+            if open {
+                let _ = writeln!(o, "  Latency Distribution  from due  from send");
+            } else {
+                let _ = writeln!(o, "  Latency Distribution");
+            }
             for p in PERCENTILES {
-                let _ = writeln!(
+                let _ = write!(
                     o,
                     "  {:>8}%  {}",
                     format_pct(p),
-                    human_us(self.percentile_us(p) as f64)
+                    if open {
+                        format!("{:>18}", human_us(self.percentile_us(p) as f64))
+                    } else {
+                        human_us(self.percentile_us(p) as f64)
+                    }
                 );
+                if open {
+                    let _ = write!(
+                        o,
+                        "  {:>9}",
+                        human_us(self.stats.service.value_at_percentile(p) as f64)
+                    );
+                }
+                o.push('\n');
             }
         }
         let _ = writeln!(
@@ -167,11 +235,30 @@ impl Report {
             human_bytes(self.stats.bytes_read as f64),
             human_bytes(self.stats.bytes_written as f64)
         );
+        let st = &self.stats;
+        let due = if open {
+            format!("{} due, {} sent: ", st.due, st.sent)
+        } else {
+            format!("{} sent: ", st.sent)
+        };
+        let _ = write!(
+            o,
+            "  Requests: {due}{} answered, {} timed out, {} failed, {} outstanding at the end",
+            st.requests, st.timed_out, st.failed, st.outstanding
+        );
+        if open {
+            let _ = write!(
+                o,
+                ", {} never sent; {} sent late (over 1 ms after due), {} of them by edgeload",
+                st.unsent, st.sent_late, st.late_by_generator
+            );
+        }
+        o.push('\n');
         let e = &self.stats.errors;
         let _ = writeln!(
             o,
-            "  Errors: connect {}, read {}, write {}, timeout {}, mismatch {}, non-2xx {}",
-            e.connect, e.read, e.write, e.timeout, e.mismatch, e.non_2xx
+            "  Errors: connect {}, read {}, write {}, timeout {}, mismatch {}, extra {}, non-2xx {}",
+            e.connect, e.read, e.write, e.timeout, e.mismatch, e.extra, e.non_2xx
         );
         if self.protocol == "http" {
             let s = &self.stats.status;
@@ -197,16 +284,15 @@ impl Report {
             "Transfer/sec: {:>10}",
             human_bytes(self.stats.bytes_read as f64 / secs.max(1e-9))
         );
+        for w in self.warnings() {
+            let _ = writeln!(o, "Warning: {w}");
+        }
         o
     }
 
     /// Everything as one JSON object.
     pub fn json(&self) -> serde_json::Value {
         let secs = self.duration.as_secs_f64().max(1e-9);
-        let mut pct = serde_json::Map::new();
-        for p in PERCENTILES {
-            pct.insert(format!("p{}", format_pct(p)), json!(self.percentile_us(p)));
-        }
         let e = &self.stats.errors;
         let s = &self.stats.status;
         let mut codes = serde_json::Map::new();
@@ -216,6 +302,8 @@ impl Report {
         if s[0] > 0 {
             codes.insert("other".into(), json!(s[0]));
         }
+        let st = &self.stats;
+        let open = self.rate.is_some();
         json!({
             "url": self.url,
             "protocol": self.protocol,
@@ -228,26 +316,32 @@ impl Report {
             "method": self.request.as_ref().map(|(m, _)| m),
             "http_version": self.request.as_ref().map(|(_, v)| v),
             "duration_s": self.duration.as_secs_f64(),
+            "nonce": format!("{:016x}", self.nonce),
             "requests": self.stats.requests,
             "requests_per_sec": self.requests_per_sec(),
+            "requests_due": open.then_some(st.due),
+            "requests_sent": st.sent,
+            "timed_out": st.timed_out,
+            "failed": st.failed,
+            "outstanding": st.outstanding,
+            "unsent": open.then_some(st.unsent),
+            "sent_late": open.then_some(st.sent_late),
+            "late_by_generator": open.then_some(st.late_by_generator),
+            "warnings": self.warnings(),
             "bytes_read": self.stats.bytes_read,
             "bytes_written": self.stats.bytes_written,
             "bytes_read_per_sec": self.stats.bytes_read as f64 / secs,
             "errors": {
                 "connect": e.connect, "read": e.read, "write": e.write,
-                "timeout": e.timeout, "mismatch": e.mismatch, "non_2xx": e.non_2xx,
+                "timeout": e.timeout, "mismatch": e.mismatch, "extra": e.extra,
+                "non_2xx": e.non_2xx,
                 "total": e.total(),
             },
             "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
             "status_codes": codes,
             "gates": self.gates.iter().map(GateResult::json).collect::<Vec<_>>(),
-            "latency_us": {
-                "min": self.stats.latency.min(),
-                "mean": self.stats.latency.mean(),
-                "stdev": self.stats.latency.stdev(),
-                "max": self.stats.latency.max(),
-                "percentiles": pct,
-            },
+            "latency_us": histogram_json(&self.stats.latency),
+            "service_time_us": histogram_json(self.service()),
         })
     }
 }
@@ -316,6 +410,39 @@ pub fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Share of samples within one standard deviation of the mean, as wrk prints it.
+fn within_stdev(h: &Histogram<u64>) -> f64 {
+    let (mean, sd) = (h.mean(), h.stdev());
+    let total = h.len();
+    if total == 0 {
+        return 0.0;
+    }
+    let inside: u64 = h
+        .iter_recorded()
+        .filter(|v| (v.value_iterated_to() as f64 - mean).abs() <= sd)
+        .map(|v| v.count_at_value())
+        .sum();
+    100.0 * inside as f64 / total as f64
+}
+
+fn histogram_json(h: &Histogram<u64>) -> serde_json::Value {
+    let mut pct = serde_json::Map::new();
+    for p in PERCENTILES {
+        pct.insert(
+            format!("p{}", format_pct(p)),
+            json!(h.value_at_percentile(p)),
+        );
+    }
+    json!({
+        "count": h.len(),
+        "min": h.min(),
+        "mean": h.mean(),
+        "stdev": h.stdev(),
+        "max": h.max(),
+        "percentiles": pct,
+    })
 }
 
 /// `50`, `99.9`, `99.99`: no trailing zeros.
