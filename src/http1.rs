@@ -225,13 +225,13 @@ fn is_ows(b: u8) -> bool {
 }
 
 /// A token character (RFC 9110 §5.6.2).
-fn is_tchar(b: u8) -> bool {
+pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A visible character or obs-text (RFC 9110 §5.5): what a field value holds besides
 /// SP and HTAB.
-fn is_field_vchar(b: u8) -> bool {
+pub(crate) fn is_field_vchar(b: u8) -> bool {
     (0x21..=0x7e).contains(&b) || b >= 0x80
 }
 

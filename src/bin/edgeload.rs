@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use edgepoll::config::{parse_duration, parse_size};
-use edgepoll::load::{self, LoadConfig, LoadError, Target};
+use edgepoll::load::gates::parse_ratio;
+use edgepoll::load::{self, Gate, LoadConfig, LoadError, Target};
 
 #[derive(Parser)]
 #[command(
@@ -16,9 +17,16 @@ use edgepoll::load::{self, LoadConfig, LoadError, Target};
     after_help = "Examples:\n  \
         edgeload -c 50 -d 10s --latency tcp://127.0.0.1:7000\n  \
         edgeload -c 100 -t 2 --depth 16 http://127.0.0.1:8080/\n  \
-        edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n\n\
-        Exit status: 0 on success, 1 if any echoed byte differed from what was sent\n\
-        (or more came back than was sent), 2 for bad arguments or an unreachable target."
+        edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n  \
+        edgeload -m POST -H 'Content-Type: application/json' --body '{\"k\":1}' http://127.0.0.1:8080/api\n  \
+        edgeload -d 10s --max-p99 5ms --max-error-rate 1% --min-rps 1000 http://127.0.0.1:8080/\n\n\
+        Exit status:\n  \
+        0  success, every gate met\n  \
+        1  an echoed byte differed from what was sent, or more came back than was\n     \
+        sent (wins over 3 when both happen)\n  \
+        2  bad arguments or an unreachable target\n  \
+        3  a CI gate (--max-p99, --max-p999, --max-error-rate, --min-rps) was missed;\n     \
+        each missed gate is one 'edgeload: gate failed: ...' line on stderr"
 )]
 struct Cli {
     /// Connections to keep open, spread over the threads
@@ -39,7 +47,7 @@ struct Cli {
     )]
     threads: usize,
 
-    /// Test duration (10s, 2m, 500ms)
+    /// Test duration (10s, 2m, 500ms, 500us)
     #[arg(short = 'd', long = "duration", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
 
@@ -56,7 +64,8 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1)]
     depth: usize,
 
-    /// A request unanswered this long counts as a timeout and its connection is replaced
+    /// A request unanswered this long (2s, 500ms, 500us) counts as a timeout and its
+    /// connection is replaced
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     timeout: Duration,
 
@@ -65,9 +74,48 @@ struct Cli {
     #[arg(long)]
     reconnect: bool,
 
-    /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99)
+    /// HTTP method (http:// only), e.g. POST, HEAD
+    #[arg(short = 'm', long = "method", value_name = "METHOD")]
+    method: Option<String>,
+
+    /// A request header 'Name: value' (http:// only; repeatable); replaces edgeload's
+    /// Host or User-Agent of the same name
+    #[arg(short = 'H', long = "header", value_name = "'NAME: VALUE'")]
+    header: Vec<String>,
+
+    /// Request body (http:// only), sent with Content-Length
+    #[arg(long, value_name = "TEXT", conflicts_with = "body_file")]
+    body: Option<String>,
+
+    /// Request body read from FILE (http:// only), sent with Content-Length
+    #[arg(long = "body-file", value_name = "FILE")]
+    body_file: Option<std::path::PathBuf>,
+
+    /// Send HTTP/1.0 requests, with Connection: keep-alive unless -H sets Connection
+    #[arg(long = "http1.0")]
+    http10: bool,
+
+    /// Print latency percentiles (50, 75, 90, 99, 99.9, 99.99) and, for HTTP, the
+    /// count of each status code
     #[arg(long)]
     latency: bool,
+
+    /// CI gate: exit 3 if the 99th percentile latency is over DURATION (500us, 5ms)
+    #[arg(long = "max-p99", value_name = "DURATION", value_parser = parse_duration)]
+    max_p99: Option<Duration>,
+
+    /// CI gate: exit 3 if the 99.9th percentile latency is over DURATION
+    #[arg(long = "max-p999", value_name = "DURATION", value_parser = parse_duration)]
+    max_p999: Option<Duration>,
+
+    /// CI gate: exit 3 if errors / attempts is over RATIO (0.01 or 1%); attempts are
+    /// responses plus connect, read, write and timeout errors
+    #[arg(long = "max-error-rate", value_name = "RATIO", value_parser = parse_ratio)]
+    max_error_rate: Option<f64>,
+
+    /// CI gate: exit 3 if fewer than N requests per second completed
+    #[arg(long = "min-rps", value_name = "N")]
+    min_rps: Option<f64>,
 
     /// Print one JSON object instead of the text report
     #[arg(long)]
@@ -88,6 +136,7 @@ struct Cli {
 
 const USAGE_ERROR: u8 = 2;
 const MISMATCH: u8 = 1;
+const GATE_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -105,6 +154,26 @@ fn main() -> ExitCode {
     config.timeout = cli.timeout;
     config.reconnect = cli.reconnect;
     config.nonce = cli.seed;
+    config.request.method = cli.method.clone();
+    config.request.headers = cli.header.clone();
+    config.request.http10 = cli.http10;
+    config.request.body = match (&cli.body, &cli.body_file) {
+        (Some(text), _) => Some(text.clone().into_bytes()),
+        (None, Some(path)) => match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => return usage_error(&format!("--body-file {}: {e}", path.display())),
+        },
+        (None, None) => None,
+    };
+    config.gates = [
+        cli.max_p99.map(Gate::MaxP99),
+        cli.max_p999.map(Gate::MaxP999),
+        cli.max_error_rate.map(Gate::MaxErrorRate),
+        cli.min_rps.map(Gate::MinRps),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if let Err(e) = config.validate() {
         return usage_error(&e);
     }
@@ -155,6 +224,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let mut gate_failed = false;
+    for gate in report.failed_gates() {
+        eprintln!("edgeload: gate failed: {}", gate.message());
+        gate_failed = true;
+    }
     let e = &report.stats.errors;
     if e.mismatch > 0 || (e.extra > 0 && report.protocol == "echo") {
         eprintln!(
@@ -162,7 +236,12 @@ fn main() -> ExitCode {
              connections received bytes beyond what was sent",
             e.mismatch, e.extra
         );
+        // Wrong bytes outrank a missed gate: the figures of a corrupting server mean
+        // little.
         return ExitCode::from(MISMATCH);
+    }
+    if gate_failed {
+        return ExitCode::from(GATE_FAILED);
     }
     ExitCode::SUCCESS
 }

@@ -23,6 +23,7 @@ use hdrhistogram::Histogram;
 
 use super::http::ResponseParser;
 use super::pattern::Pattern;
+use super::report::StatusCodes;
 use super::{LoadConfig, Progress, Target};
 use crate::sys::epoll::{Epoll, Events, SOCKET_INTEREST};
 use crate::sys::socket;
@@ -108,6 +109,8 @@ pub struct Stats {
     pub errors: Errors,
     /// Responses by status class: index 1 for 1xx ... 5 for 5xx, 0 for anything else.
     pub status: [u64; 6],
+    /// Responses by exact status code, 100 to 599 (the rest are `status[0]`).
+    pub codes: StatusCodes,
     /// Latency in microseconds, from each request's due time (closed loop: from when it
     /// was sent): answered, timed-out and outstanding requests.
     pub latency: Histogram<u64>,
@@ -137,6 +140,7 @@ impl Stats {
             bytes_written: 0,
             errors: Errors::default(),
             status: [0; 6],
+            codes: StatusCodes::new(),
             latency: histogram(),
             service: histogram(),
         }
@@ -161,6 +165,7 @@ impl Stats {
         for (a, b) in self.status.iter_mut().zip(other.status) {
             *a += b;
         }
+        self.codes.add(&other.codes);
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.service.add(&other.service);
@@ -223,7 +228,8 @@ struct Engine<'a> {
     stopping: bool,
 }
 
-/// Runs one thread's share of the test until `end`.
+/// Runs one thread's share of the test until `end`. `request` is one HTTP request's
+/// bytes (empty for echo), built once for all threads.
 #[allow(clippy::too_many_arguments)]
 pub fn run_thread(
     id: usize,
@@ -231,17 +237,11 @@ pub fn run_thread(
     rate: Option<f64>,
     nonce: u64,
     config: &LoadConfig,
+    request: &[u8],
     start: Instant,
     end: Instant,
     progress: &Progress,
 ) -> io::Result<Stats> {
-    let request = match &config.target {
-        Target::Http { host, path, .. } => {
-            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: edgeload\r\n\r\n")
-                .into_bytes()
-        }
-        Target::Echo { .. } => Vec::new(),
-    };
     let mut engine = Engine {
         id,
         config,
@@ -255,7 +255,7 @@ pub fn run_thread(
             })
             .collect(),
         pattern: Pattern::new(),
-        request,
+        request: request.to_vec(),
         buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
         stats: Stats::new(),
         connections_made: 0,
@@ -387,7 +387,8 @@ impl Engine<'_> {
             out: Vec::new(),
             out_pos: 0,
             in_flight: VecDeque::new(),
-            parser: ResponseParser::new(),
+            // A response to HEAD has no body, whatever its Content-Length says.
+            parser: ResponseParser::for_request(self.config.request.is_head()),
             inbuf: Vec::new(),
         });
     }
@@ -667,6 +668,7 @@ impl Engine<'_> {
         record(&mut self.stats, due, sent, now, open_loop);
         let class = (status / 100) as usize;
         self.stats.status[if (1..=5).contains(&class) { class } else { 0 }] += 1;
+        self.stats.codes.count(status);
         if !(200..300).contains(&status) {
             self.stats.errors.non_2xx += 1;
         }

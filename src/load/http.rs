@@ -43,6 +43,9 @@ pub struct ResponseParser {
     state: State,
     status: u16,
     close: bool,
+    /// The requests are HEAD: a response ends with its head (RFC 9112 §6.3), though it
+    /// may carry the Content-Length or Transfer-Encoding a GET would have had.
+    head: bool,
 }
 
 impl Default for ResponseParser {
@@ -53,10 +56,16 @@ impl Default for ResponseParser {
 
 impl ResponseParser {
     pub fn new() -> ResponseParser {
+        ResponseParser::for_request(false)
+    }
+
+    /// A parser for the responses to requests that are all HEAD (`head`), or all not.
+    pub fn for_request(head: bool) -> ResponseParser {
         ResponseParser {
             state: State::Head,
             status: 0,
             close: false,
+            head,
         }
     }
 
@@ -119,7 +128,7 @@ impl ResponseParser {
                     }
                     self.status = status;
                     self.close = close;
-                    if status == 204 || status == 304 {
+                    if self.head || status == 204 || status == 304 {
                         return Ok((pos, Some(self.done())));
                     }
                     if chunked {
@@ -265,6 +274,33 @@ HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
                 close: false
             }]
         );
+    }
+
+    #[test]
+    fn responses_to_head_end_with_their_head() {
+        let input: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n\
+HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n\
+HTTP/1.1 200 OK\r\n\r\n\
+HTTP/1.1 503 Busy\r\nContent-Length: 9\r\nConnection: close\r\n\r\n";
+        let statuses = |head: bool| {
+            let mut parser = ResponseParser::for_request(head);
+            let mut rest = input;
+            let mut out = Vec::new();
+            while let Ok((n, Some(r))) = parser.parse(rest) {
+                out.push((r.status, r.close));
+                rest = &rest[n..];
+            }
+            (out, parser.is_idle())
+        };
+        assert_eq!(
+            statuses(true),
+            (
+                vec![(200, false), (404, false), (200, false), (503, true)],
+                true
+            )
+        );
+        // Read as the answer to a GET, the first one's body eats the next head.
+        assert_eq!(statuses(false).0, vec![(200, false)]);
     }
 
     #[test]

@@ -3,29 +3,35 @@
 //!
 //! - `engine`: one thread's epoll loop over its share of the connections.
 //! - `pattern`: the verified byte stream sent to echo services.
+//! - `request`: the HTTP request sent (`-m`, `-H`, `--body`, `--http1.0`), built once.
 //! - `http`: the incremental response parser.
 //! - `report`: the wrk-like text, the JSON object and the merged statistics.
 //! - `plot`: the latency percentile curve as SVG.
+//! - `gates`: the CI limits a run must meet (`--max-p99`, `--min-rps`, ...).
 
 pub mod engine;
+pub mod gates;
 pub mod http;
 pub mod pattern;
 pub mod plot;
 pub mod report;
+pub mod request;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use gates::Gate;
 pub use report::Report;
+pub use request::RequestSpec;
 
 /// What edgeload talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// `tcp://HOST:PORT`: the echo protocol; every byte is verified.
     Echo { addr: SocketAddr },
-    /// `http://HOST:PORT/PATH`: GET with keep-alive.
+    /// `http://HOST:PORT/PATH`: GET (or what [`RequestSpec`] says) with keep-alive.
     Http {
         addr: SocketAddr,
         host: String,
@@ -122,6 +128,10 @@ pub struct LoadConfig {
     pub timeout: Duration,
     /// Close each connection after its response and open a new one (connection churn).
     pub reconnect: bool,
+    /// HTTP: method, headers, body and version of the request; refused on `tcp://`.
+    pub request: RequestSpec,
+    /// Limits checked after the run; each result is in the report.
+    pub gates: Vec<Gate>,
     /// The run's nonce, mixed into every echo connection's seed; None: a random one.
     pub nonce: Option<u64>,
 }
@@ -141,6 +151,8 @@ impl LoadConfig {
             depth: 1,
             timeout: Duration::from_secs(2),
             reconnect: false,
+            request: RequestSpec::default(),
+            gates: Vec::new(),
             nonce: None,
         }
     }
@@ -178,7 +190,26 @@ impl LoadConfig {
                 return bad("--rate must be a positive number of requests per second");
             }
         }
+        for gate in &self.gates {
+            gate.validate()?;
+        }
+        self.http_request()?;
         Ok(())
+    }
+
+    /// The bytes of one HTTP request (empty for echo), or why the flags that shape it
+    /// are wrong.
+    pub fn http_request(&self) -> Result<Vec<u8>, LoadError> {
+        match &self.target {
+            Target::Http { host, path, .. } => request::build_request(host, path, &self.request),
+            Target::Echo { .. } => match self.request.http_only_flag() {
+                Some(flag) => Err(LoadError::Config(format!(
+                    "{flag} needs an http:// URL; {} is the echo protocol",
+                    self.url
+                ))),
+                None => Ok(Vec::new()),
+            },
+        }
     }
 }
 
@@ -218,6 +249,8 @@ pub fn run(
     TcpStream::connect_timeout(&addr, config.timeout.min(Duration::from_secs(5)))
         .map_err(|source| LoadError::Unreachable { addr, source })?;
 
+    // Built once; every thread sends copies of it.
+    let request: Arc<[u8]> = config.http_request()?.into();
     let progress = Arc::new(Progress::default());
     let nonce = config.nonce.unwrap_or_else(pattern::run_nonce);
     let config = Arc::new(config.clone());
@@ -234,11 +267,14 @@ pub fn run(
             .map(|r| r * conns as f64 / config.connections as f64);
         let config = Arc::clone(&config);
         let progress = Arc::clone(&progress);
+        let request = Arc::clone(&request);
         handles.push(
             std::thread::Builder::new()
                 .name(format!("edgeload-{id}"))
                 .spawn(move || {
-                    engine::run_thread(id, conns, rate, nonce, &config, start, end, &progress)
+                    engine::run_thread(
+                        id, conns, rate, nonce, &config, &request, start, end, &progress,
+                    )
                 })?,
         );
     }

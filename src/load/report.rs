@@ -7,6 +7,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::engine::Stats;
+use super::gates::GateResult;
 use super::{LoadConfig, Target};
 
 /// The percentiles printed with `--latency` and always put in the JSON.
@@ -26,12 +27,16 @@ pub struct Report {
     pub rate: Option<f64>,
     /// A new connection per request.
     pub reconnect: bool,
+    /// HTTP: the method and version sent (`GET`, `HTTP/1.1`); None for echo.
+    pub request: Option<(String, &'static str)>,
     /// Wall time the test ran.
     pub duration: Duration,
     /// The run's nonce, in every echo connection's seed (`--seed` replays it).
     pub nonce: u64,
     /// The sum of every thread's measurements.
     pub stats: Stats,
+    /// The CI gates asked for, checked against the figures above.
+    pub gates: Vec<GateResult>,
 }
 
 impl Report {
@@ -46,7 +51,7 @@ impl Report {
             total.add(s);
             total
         });
-        Report {
+        let mut report = Report {
             url: config.url.clone(),
             protocol: if echo { "echo" } else { "http" },
             threads: config.threads,
@@ -55,10 +60,26 @@ impl Report {
             size: echo.then_some(config.size),
             rate: config.rate,
             reconnect: config.reconnect,
+            request: (!echo).then(|| {
+                let version = if config.request.http10 {
+                    "HTTP/1.0"
+                } else {
+                    "HTTP/1.1"
+                };
+                (config.request.method().to_string(), version)
+            }),
             duration,
             nonce,
             stats: total,
-        }
+            gates: Vec::new(),
+        };
+        report.gates = config.gates.iter().map(|g| g.check(&report)).collect();
+        report
+    }
+
+    /// The gates the run missed.
+    pub fn failed_gates(&self) -> impl Iterator<Item = &GateResult> {
+        self.gates.iter().filter(|g| !g.passed)
     }
 
     pub fn requests_per_sec(&self) -> f64 {
@@ -133,8 +154,17 @@ impl Report {
         );
         let what = match self.size {
             Some(size) => format!("{size}-byte echo requests, every byte verified"),
-            None if self.reconnect => "HTTP GET".to_string(),
-            None => "HTTP GET, keep-alive".to_string(),
+            None => {
+                let (method, version) = match &self.request {
+                    Some((m, v)) => (m.as_str(), *v),
+                    None => ("GET", "HTTP/1.1"),
+                };
+                if self.reconnect {
+                    format!("{version} {method}")
+                } else {
+                    format!("{version} {method}, keep-alive")
+                }
+            }
         };
         let what = if self.reconnect {
             format!("{what}, a new connection per request")
@@ -237,6 +267,16 @@ impl Report {
                 "  Status: 1xx {}, 2xx {}, 3xx {}, 4xx {}, 5xx {}, other {}",
                 s[1], s[2], s[3], s[4], s[5], s[0]
             );
+            if percentiles {
+                let mut line = String::from("  Status codes:");
+                for (code, n) in self.stats.codes.seen() {
+                    let _ = write!(line, " {code}: {} ", thousands(n));
+                }
+                if s[0] > 0 {
+                    let _ = write!(line, " other: {} ", thousands(s[0]));
+                }
+                let _ = writeln!(o, "{}", line.trim_end());
+            }
         }
         let _ = writeln!(o, "Requests/sec: {:>10.2}", self.requests_per_sec());
         let _ = writeln!(
@@ -255,6 +295,13 @@ impl Report {
         let secs = self.duration.as_secs_f64().max(1e-9);
         let e = &self.stats.errors;
         let s = &self.stats.status;
+        let mut codes = serde_json::Map::new();
+        for (code, n) in self.stats.codes.seen() {
+            codes.insert(code.to_string(), json!(n));
+        }
+        if s[0] > 0 {
+            codes.insert("other".into(), json!(s[0]));
+        }
         let st = &self.stats;
         let open = self.rate.is_some();
         json!({
@@ -266,6 +313,8 @@ impl Report {
             "size": self.size,
             "rate": self.rate,
             "reconnect": self.reconnect,
+            "method": self.request.as_ref().map(|(m, _)| m),
+            "http_version": self.request.as_ref().map(|(_, v)| v),
             "duration_s": self.duration.as_secs_f64(),
             "nonce": format!("{:016x}", self.nonce),
             "requests": self.stats.requests,
@@ -289,10 +338,78 @@ impl Report {
                 "total": e.total(),
             },
             "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
+            "status_codes": codes,
+            "gates": self.gates.iter().map(GateResult::json).collect::<Vec<_>>(),
             "latency_us": histogram_json(&self.stats.latency),
             "service_time_us": histogram_json(self.service()),
         })
     }
+}
+
+/// Responses by exact status code, 100 to 599. A fixed array, so counting one is an
+/// index and an add on the hot path, and merging threads is adding arrays; boxed, so
+/// that moving `Stats` stays cheap.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusCodes(Box<[u64; 500]>);
+
+impl StatusCodes {
+    pub fn new() -> StatusCodes {
+        StatusCodes(Box::new([0; 500]))
+    }
+
+    /// Counts one response; a code outside 100-599 is not counted here.
+    #[inline]
+    pub fn count(&mut self, status: u16) {
+        if let Some(n) = self.0.get_mut(usize::from(status).wrapping_sub(100)) {
+            *n += 1;
+        }
+    }
+
+    /// Responses with this code.
+    pub fn get(&self, status: u16) -> u64 {
+        self.0
+            .get(usize::from(status).wrapping_sub(100))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn add(&mut self, other: &StatusCodes) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a += b;
+        }
+    }
+
+    /// The codes seen, in order, with their counts.
+    pub fn seen(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        (100u16..)
+            .zip(self.0.iter().copied())
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+impl Default for StatusCodes {
+    fn default() -> Self {
+        StatusCodes::new()
+    }
+}
+
+impl std::fmt::Debug for StatusCodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.seen()).finish()
+    }
+}
+
+/// `9812` as `9,812`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Share of samples within one standard deviation of the mean, as wrk prints it.
@@ -378,5 +495,27 @@ mod tests {
         assert_eq!(human_bytes(87_408_000.0), "83.36MB");
         assert_eq!(format_pct(99.99), "99.99");
         assert_eq!(format_pct(50.0), "50");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(9812), "9,812");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn status_codes_count_100_to_599_only() {
+        let mut c = StatusCodes::new();
+        for s in [200, 200, 404, 100, 599, 99, 600, 0, 999] {
+            c.count(s);
+        }
+        let mut d = StatusCodes::new();
+        d.count(404);
+        c.add(&d);
+        assert_eq!(
+            c.seen().collect::<Vec<_>>(),
+            vec![(100, 1), (200, 2), (404, 2), (599, 1)]
+        );
+        assert_eq!(c.get(404), 2);
+        assert_eq!(c.get(600), 0);
+        assert_eq!(format!("{c:?}"), "{100: 1, 200: 2, 404: 2, 599: 1}");
     }
 }
