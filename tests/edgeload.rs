@@ -185,7 +185,7 @@ fn constant_rate_is_kept_within_five_percent() {
     let url = format!("tcp://{}", server.local_addr());
     let c = config(&url, |c| {
         c.connections = 4;
-        c.rate = Some(1000.0);
+        c.rate = Some(load::RatePlan::Constant(1000.0));
         c.duration = Duration::from_secs(3);
     });
     let r = load::run(&c, |_, _| {}).unwrap();

@@ -18,6 +18,8 @@ use edgepoll::load::{self, Gate, LoadConfig, LoadError, Target};
         edgeload -c 50 -d 10s --latency tcp://127.0.0.1:7000\n  \
         edgeload -c 100 -t 2 --depth 16 http://127.0.0.1:8080/\n  \
         edgeload -c 10 --rate 5000 -d 30s --latency --plot latency.svg tcp://127.0.0.1:7000\n  \
+        edgeload -c 50 --rate 1000:20000 -d 60s --timeseries run.csv http://127.0.0.1:8080/\n  \
+        edgeload -c 50 --rate 1000,5000,10000 --step 10s --hdr-log run.hlog http://127.0.0.1:8080/\n  \
         edgeload -m POST -H 'Content-Type: application/json' --body '{\"k\":1}' http://127.0.0.1:8080/api\n  \
         edgeload -d 10s --max-p99 5ms --max-error-rate 1% --min-rps 1000 http://127.0.0.1:8080/\n\n\
         Exit status:\n  \
@@ -47,14 +49,22 @@ struct Cli {
     )]
     threads: usize,
 
-    /// Test duration (10s, 2m, 500ms, 500us)
-    #[arg(short = 'd', long = "duration", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
+    /// Test duration (10s, 2m, 500ms, 500us) [default: 10s; with --step, the steps x
+    /// --step]
+    #[arg(short = 'd', long = "duration", value_name = "DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
 
-    /// Constant request rate in total per second; latency is then measured from each
-    /// request's due time, so stalls are not hidden [default: closed loop]
-    #[arg(long, value_name = "REQ_PER_SEC")]
-    rate: Option<f64>,
+    /// Open loop: requests per second in total, constant (5000), a linear ramp over the
+    /// run (1000:20000) or a list of rates held --step each (1000,5000,10000); latency
+    /// is then measured from each request's due time, so stalls are not hidden
+    /// [default: closed loop]
+    #[arg(long, value_name = "RATE|FROM:TO|R1,R2,...")]
+    rate: Option<String>,
+
+    /// How long each rate of a --rate list is held (10s); each step is reported on
+    /// its own
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    step: Option<Duration>,
 
     /// Echo request size (tcp:// only), e.g. 64, 4KiB
     #[arg(long, value_name = "BYTES", default_value = "64", value_parser = parse_size)]
@@ -121,9 +131,20 @@ struct Cli {
     #[arg(long)]
     json: bool,
 
-    /// Write the latency percentile curve to this SVG file
+    /// Write the latency percentile curve, and requests/s and p99 per second below it,
+    /// to this SVG file
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<std::path::PathBuf>,
+
+    /// Write one line per second (requests answered, errors by kind, p50, p99, p99.9,
+    /// max): CSV if FILE ends in .csv, JSON lines otherwise
+    #[arg(long, value_name = "FILE")]
+    timeseries: Option<std::path::PathBuf>,
+
+    /// Write an HdrHistogram interval log (one latency histogram per second, in
+    /// microseconds), as HdrHistogram's log readers and plotters read it
+    #[arg(long = "hdr-log", value_name = "FILE")]
+    hdr_log: Option<std::path::PathBuf>,
 
     /// The run's nonce, in hex, as the JSON's "nonce" printed it: replays a run's exact
     /// echo byte streams [default: random, so no two runs send the same bytes]
@@ -147,8 +168,24 @@ fn main() -> ExitCode {
     let mut config = LoadConfig::new(target, &cli.url);
     config.connections = cli.connections;
     config.threads = cli.threads;
-    config.duration = cli.duration;
-    config.rate = cli.rate;
+    let plan = match (&cli.rate, cli.step) {
+        (Some(rate), step) => match load::RatePlan::parse(rate, step) {
+            Ok(plan) => Some(plan),
+            Err(e) => return usage_error(&e),
+        },
+        (None, Some(_)) => {
+            return usage_error(&"--step needs a list of rates: --rate R1,R2,... --step DURATION")
+        }
+        (None, None) => None,
+    };
+    // Steps set the run's length; an explicit -d must agree (validate says so if not).
+    config.duration = cli
+        .duration
+        .or_else(|| plan.as_ref().and_then(|p| p.implied_duration()))
+        .unwrap_or(Duration::from_secs(10));
+    config.rate = plan;
+    config.timeseries = cli.timeseries.clone();
+    config.hdr_log = cli.hdr_log.clone();
     config.size = cli.size;
     config.depth = cli.depth;
     config.timeout = cli.timeout;

@@ -21,9 +21,13 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crossbeam_channel::Sender;
+
 use super::http::ResponseParser;
 use super::pattern::Pattern;
+use super::plan::{RatePlan, Schedule};
 use super::report::StatusCodes;
+use super::series::{Interval, SecondClock, StepClock, StepStats};
 use super::{LoadConfig, Progress, Target};
 use crate::sys::epoll::{Epoll, Events, SOCKET_INTEREST};
 use crate::sys::socket;
@@ -75,6 +79,19 @@ impl Errors {
         self.extra += o.extra;
         self.non_2xx += o.non_2xx;
     }
+
+    /// What was counted since `earlier`, a copy of these counters taken before.
+    pub fn since(&self, earlier: &Errors) -> Errors {
+        Errors {
+            connect: self.connect - earlier.connect,
+            read: self.read - earlier.read,
+            write: self.write - earlier.write,
+            timeout: self.timeout - earlier.timeout,
+            mismatch: self.mismatch - earlier.mismatch,
+            extra: self.extra - earlier.extra,
+            non_2xx: self.non_2xx - earlier.non_2xx,
+        }
+    }
 }
 
 /// What one thread measured, or (in a `Report`) all threads together.
@@ -116,9 +133,12 @@ pub struct Stats {
     pub latency: Histogram<u64>,
     /// Service time in microseconds, from when each request was sent; the same requests.
     pub service: Histogram<u64>,
+    /// A `--rate` plan with steps: each step's figures (their sums are the totals).
+    pub steps: Vec<StepStats>,
 }
 
-fn histogram() -> Histogram<u64> {
+/// An empty latency histogram with edgeload's bounds.
+pub fn histogram() -> Histogram<u64> {
     // 1 µs to 1 h at 3 significant digits, as wrk2 does.
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
         .expect("the bounds are constants that hdrhistogram accepts")
@@ -143,6 +163,7 @@ impl Stats {
             codes: StatusCodes::new(),
             latency: histogram(),
             service: histogram(),
+            steps: Vec::new(),
         }
     }
 }
@@ -169,6 +190,19 @@ impl Stats {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
         let _ = self.service.add(&other.service);
+        if self.steps.is_empty() {
+            self.steps = other.steps.clone();
+        } else {
+            for (a, b) in self.steps.iter_mut().zip(&other.steps) {
+                a.add(b);
+            }
+        }
+    }
+
+    /// The figures of `step`, when the plan has steps.
+    #[inline]
+    fn step(&mut self, step: u32) -> Option<&mut StepStats> {
+        self.steps.get_mut(step as usize)
     }
 }
 
@@ -194,20 +228,38 @@ struct Conn {
     /// Bytes not yet written.
     out: Vec<u8>,
     out_pos: usize,
-    /// Requests in flight: (due, sent); closed loop, both are when it was sent.
-    in_flight: VecDeque<(Instant, Instant)>,
+    /// Requests in flight, oldest first.
+    in_flight: VecDeque<Pending>,
     /// HTTP: parser state and unparsed input.
     parser: ResponseParser,
     inbuf: Vec<u8>,
+}
+
+/// A request sent and not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// When it fell due; closed loop, when it was sent.
+    due: Instant,
+    sent: Instant,
+    /// The step of the `--rate` plan it fell due in (0 without steps).
+    step: u32,
+}
+
+/// Open loop: a request due and not yet sent.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    at: Instant,
+    /// The generator noticed it more than [`LATE`] after it was due.
+    noticed_late: bool,
+    step: u32,
 }
 
 /// A connection position: the live connection, if any, and what survives reconnects.
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
-    /// Open loop: requests due and not yet sent: the due time, and whether the
-    /// generator noticed it more than [`LATE`] after it.
-    due: VecDeque<(Instant, bool)>,
+    /// Open loop: requests due and not yet sent.
+    due: VecDeque<Due>,
     /// Reconnect no earlier than this.
     retry_at: Option<Instant>,
 }
@@ -222,19 +274,28 @@ struct Engine<'a> {
     request: Vec<u8>,
     buf: Box<[u8]>,
     stats: Stats,
+    /// This second's latencies and counts, handed to the main thread as it ends.
+    second: SecondClock,
     connections_made: u64,
     /// The run's nonce, mixed into every connection's seed.
     nonce: u64,
     stopping: bool,
 }
 
+/// One thread's part of a run.
+pub struct Share {
+    pub id: usize,
+    pub conns: usize,
+    /// Open loop: this thread's share of the `--rate` plan.
+    pub plan: Option<RatePlan>,
+    /// Where this thread's seconds go.
+    pub seconds: Sender<Interval>,
+}
+
 /// Runs one thread's share of the test until `end`. `request` is one HTTP request's
 /// bytes (empty for echo), built once for all threads.
-#[allow(clippy::too_many_arguments)]
 pub fn run_thread(
-    id: usize,
-    conns: usize,
-    rate: Option<f64>,
+    share: Share,
     nonce: u64,
     config: &LoadConfig,
     request: &[u8],
@@ -242,6 +303,18 @@ pub fn run_thread(
     end: Instant,
     progress: &Progress,
 ) -> io::Result<Stats> {
+    let Share {
+        id,
+        conns,
+        plan,
+        seconds,
+    } = share;
+    let mut stats = Stats::new();
+    let mut step_clock = None;
+    if let Some((rates, step)) = plan.as_ref().and_then(RatePlan::steps) {
+        stats.steps = rates.iter().map(|&r| StepStats::new(r, step)).collect();
+        step_clock = Some(StepClock::new(start, step));
+    }
     let mut engine = Engine {
         id,
         config,
@@ -257,7 +330,8 @@ pub fn run_thread(
         pattern: Pattern::new(),
         request: request.to_vec(),
         buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
-        stats: Stats::new(),
+        stats,
+        second: SecondClock::new(start, end - start, seconds),
         connections_made: 0,
         nonce,
         stopping: false,
@@ -265,13 +339,21 @@ pub fn run_thread(
     for i in 0..conns {
         engine.connect(i, start);
     }
-    if rate.is_some() {
+    if plan.is_some() {
         // Sends must leave on schedule; a failure only costs precision.
         let _ = crate::sys::thread::set_timer_slack(1);
     }
+    let schedule = plan.map(|p| Schedule::new(&p, end - start));
+    // When request `k` falls due, and its step.
+    let due_at = |k: u64| {
+        schedule.as_ref().map(|s| {
+            let (secs, step) = s.due(k);
+            (start + Duration::from_secs_f64(secs), step)
+        })
+    };
     let mut events = Events::with_capacity(1024);
     let mut scheduled: u64 = 0;
-    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut next_due = due_at(0);
     let mut next_sweep = start + SWEEP;
     let mut published = (0u64, 0u64);
     loop {
@@ -279,20 +361,22 @@ pub fn run_thread(
         if now >= end {
             break;
         }
-        if let Some(interval) = interval {
-            // Requests fall due on the schedule, whatever the server is doing.
-            loop {
-                let due = start + interval.mul_f64(scheduled as f64);
-                if due > now {
-                    break;
-                }
-                let i = (scheduled % conns as u64) as usize;
-                let noticed_late = now.duration_since(due) > LATE;
-                engine.slots[i].due.push_back((due, noticed_late));
-                scheduled += 1;
-                engine.stats.due += 1;
-                engine.pump(i, now);
+        engine.tick(now, &mut step_clock);
+        // Requests fall due on the schedule, whatever the server is doing.
+        while let Some((due, step)) = next_due.filter(|&(due, _)| due <= now) {
+            let i = (scheduled % conns as u64) as usize;
+            engine.slots[i].due.push_back(Due {
+                at: due,
+                noticed_late: now.duration_since(due) > LATE,
+                step,
+            });
+            scheduled += 1;
+            next_due = due_at(scheduled);
+            engine.stats.due += 1;
+            if let Some(s) = engine.stats.step(step) {
+                s.due += 1;
             }
+            engine.pump(i, now);
         }
         if now >= next_sweep {
             engine.sweep(now);
@@ -300,13 +384,15 @@ pub fn run_thread(
             publish_progress(&engine.stats, progress, &mut published);
         }
         let mut wake = end.min(next_sweep);
-        if let Some(interval) = interval {
-            wake = wake.min(start + interval.mul_f64(scheduled as f64));
+        if let Some((due, _)) = next_due {
+            wake = wake.min(due);
         }
         engine
             .epoll
             .wait_precise(&mut events, Some(wake.saturating_duration_since(now)))?;
         let now = Instant::now();
+        // What these events do happened in this second (and step), not the last.
+        engine.tick(now, &mut step_clock);
         for event in events.iter() {
             let i = (event.token & 0xffff_ffff) as usize;
             let generation = (event.token >> 32) as u32;
@@ -322,15 +408,28 @@ pub fn run_thread(
         }
     }
     engine.stopping = true;
-    if let Some(interval) = interval {
-        // Requests that fell due after the loop last looked, before the end.
-        while start + interval.mul_f64(scheduled as f64) < end {
-            scheduled += 1;
-            engine.stats.due += 1;
-            engine.stats.unsent += 1;
+    // Requests that fell due after the loop last looked, before the end.
+    while let Some((_, step)) = next_due.filter(|&(due, _)| due < end) {
+        scheduled += 1;
+        next_due = due_at(scheduled);
+        engine.stats.due += 1;
+        engine.stats.unsent += 1;
+        if let Some(s) = engine.stats.step(step) {
+            s.due += 1;
+            s.unsent += 1;
         }
     }
     engine.finish(end);
+    if let Some(clock) = step_clock.as_mut() {
+        clock.finish(&mut engine.stats);
+    }
+    // With steps, latencies were recorded per step only: the total is their sum.
+    let Stats { latency, steps, .. } = &mut engine.stats;
+    for step in steps.iter() {
+        // Same bounds, so adding cannot fail.
+        let _ = latency.add(&step.latency);
+    }
+    engine.second.finish(&engine.stats);
     publish_progress(&engine.stats, progress, &mut published);
     Ok(engine.stats)
 }
@@ -348,6 +447,15 @@ fn publish_progress(stats: &Stats, progress: &Progress, published: &mut (u64, u6
 }
 
 impl Engine<'_> {
+    /// Moves to the second (and step) `now` is in.
+    #[inline]
+    fn tick(&mut self, now: Instant, steps: &mut Option<StepClock>) {
+        self.second.tick(now, &self.stats);
+        if let Some(clock) = steps.as_mut() {
+            clock.tick(now, &mut self.stats);
+        }
+    }
+
     fn is_echo(&self) -> bool {
         matches!(self.config.target, Target::Echo { .. })
     }
@@ -398,6 +506,13 @@ impl Engine<'_> {
     fn replace(&mut self, i: usize, now: Instant) {
         if let Some(conn) = self.slots[i].conn.take() {
             self.stats.failed += conn.in_flight.len() as u64;
+            if !self.stats.steps.is_empty() {
+                for p in &conn.in_flight {
+                    if let Some(s) = self.stats.step(p.step) {
+                        s.failed += 1;
+                    }
+                }
+            }
         }
         if !self.stopping {
             self.connect(i, now);
@@ -409,12 +524,19 @@ impl Engine<'_> {
     fn finish(&mut self, end: Instant) {
         let open_loop = self.config.rate.is_some();
         for slot in &mut self.slots {
-            self.stats.unsent += slot.due.len() as u64;
-            slot.due.clear();
+            for due in slot.due.drain(..) {
+                self.stats.unsent += 1;
+                if let Some(s) = self.stats.step(due.step) {
+                    s.unsent += 1;
+                }
+            }
             if let Some(conn) = slot.conn.as_mut() {
-                for (due, sent) in conn.in_flight.drain(..) {
+                for p in conn.in_flight.drain(..) {
                     self.stats.outstanding += 1;
-                    record(&mut self.stats, due, sent, end, open_loop);
+                    if let Some(s) = self.stats.step(p.step) {
+                        s.outstanding += 1;
+                    }
+                    record(&mut self.stats, &mut self.second, p, end, open_loop);
                 }
             }
         }
@@ -466,19 +588,22 @@ impl Engine<'_> {
         }
         let mut added = 0;
         while conn.in_flight.len() < depth {
-            let measured_from = if open_loop {
+            let (measured_from, step) = if open_loop {
                 match slot.due.pop_front() {
-                    Some((due, noticed_late)) => {
-                        if now.duration_since(due) > LATE {
+                    Some(due) => {
+                        if now.duration_since(due.at) > LATE {
                             self.stats.sent_late += 1;
-                            self.stats.late_by_generator += u64::from(noticed_late);
+                            self.stats.late_by_generator += u64::from(due.noticed_late);
                         }
-                        due
+                        if let Some(s) = self.stats.step(due.step) {
+                            s.sent += 1;
+                        }
+                        (due.at, due.step)
                     }
                     None => break,
                 }
             } else {
-                now
+                (now, 0)
             };
             self.stats.sent += 1;
             if echo {
@@ -488,7 +613,11 @@ impl Engine<'_> {
             } else {
                 added += 1;
             }
-            conn.in_flight.push_back((measured_from, now));
+            conn.in_flight.push_back(Pending {
+                due: measured_from,
+                sent: now,
+                step,
+            });
         }
         if added > 0 {
             // HTTP requests are identical; pipelined ones go out in one write.
@@ -603,9 +732,12 @@ impl Engine<'_> {
             conn.verified += take as u64;
             at += take;
             if conn.verified % size == 0 {
-                if let Some((due, sent)) = conn.in_flight.pop_front() {
+                if let Some(p) = conn.in_flight.pop_front() {
                     self.stats.requests += 1;
-                    record(&mut self.stats, due, sent, now, open_loop);
+                    if let Some(s) = self.stats.step(p.step) {
+                        s.answered += 1;
+                    }
+                    record(&mut self.stats, &mut self.second, p, now, open_loop);
                 }
                 if self.config.reconnect && conn.in_flight.is_empty() {
                     // Connection churn: this connection has done its one exchange.
@@ -660,12 +792,15 @@ impl Engine<'_> {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return false;
         };
-        let Some((due, sent)) = conn.in_flight.pop_front() else {
+        let Some(p) = conn.in_flight.pop_front() else {
             self.stats.errors.extra += 1; // a response to nothing
             return false;
         };
         self.stats.requests += 1;
-        record(&mut self.stats, due, sent, now, open_loop);
+        if let Some(s) = self.stats.step(p.step) {
+            s.answered += 1;
+        }
+        record(&mut self.stats, &mut self.second, p, now, open_loop);
         let class = (status / 100) as usize;
         self.stats.status[if (1..=5).contains(&class) { class } else { 0 }] += 1;
         self.stats.codes.count(status);
@@ -696,15 +831,18 @@ impl Engine<'_> {
                     if conn
                         .in_flight
                         .front()
-                        .is_some_and(|(_, sent)| now.duration_since(*sent) > self.config.timeout)
+                        .is_some_and(|p| now.duration_since(p.sent) > self.config.timeout)
                     {
                         self.stats.errors.timeout += 1;
                         // Given up: recorded with what each waited, at least the timeout
                         // for the first; the rest were pipelined behind it.
                         if let Some(conn) = self.slots[i].conn.as_mut() {
-                            for (due, sent) in conn.in_flight.drain(..) {
+                            for p in conn.in_flight.drain(..) {
                                 self.stats.timed_out += 1;
-                                record(&mut self.stats, due, sent, now, open_loop);
+                                if let Some(s) = self.stats.step(p.step) {
+                                    s.timed_out += 1;
+                                }
+                                record(&mut self.stats, &mut self.second, p, now, open_loop);
                             }
                         }
                         self.replace(i, now);
@@ -715,16 +853,24 @@ impl Engine<'_> {
     }
 }
 
-/// Records one request's latency from its due time and, open loop, from its send time
-/// (closed loop they are the same, and the report uses `latency` for both).
-fn record(stats: &mut Stats, due: Instant, sent: Instant, now: Instant, open_loop: bool) {
+/// Records one request's latency from its due time, in its step's histogram when the
+/// plan has steps (the total is their sum) and in this second's; open loop, also its
+/// service time from its send time (closed loop they are the same, and the report uses
+/// `latency` for both).
+#[inline]
+fn record(stats: &mut Stats, second: &mut SecondClock, p: Pending, now: Instant, open_loop: bool) {
     let us = |from: Instant| {
         now.saturating_duration_since(from)
             .as_micros()
             .clamp(1, MAX_LATENCY_US as u128) as u64
     };
-    stats.latency.saturating_record(us(due));
+    let latency = us(p.due);
+    match stats.steps.get_mut(p.step as usize) {
+        Some(step) => step.latency.saturating_record(latency),
+        None => stats.latency.saturating_record(latency),
+    }
+    second.record(latency);
     if open_loop {
-        stats.service.saturating_record(us(sent));
+        stats.service.saturating_record(us(p.sent));
     }
 }

@@ -228,6 +228,7 @@ mod tests {
             nonce: 0,
             stats,
             gates: Vec::new(),
+            seconds: Vec::new(),
         }
     }
 

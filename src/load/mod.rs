@@ -2,27 +2,34 @@
 //! services, on the same edge-triggered engine and `sys` layer as the server.
 //!
 //! - `engine`: one thread's epoll loop over its share of the connections.
+//! - `plan`: `--rate` as a constant, a ramp or steps, and the exact schedule it gives.
+//! - `series`: figures per step of the plan and per second (`--timeseries`,
+//!   `--hdr-log`), merged from the threads as each second ends.
 //! - `pattern`: the verified byte stream sent to echo services.
 //! - `request`: the HTTP request sent (`-m`, `-H`, `--body`, `--http1.0`), built once.
 //! - `http`: the incremental response parser.
 //! - `report`: the wrk-like text, the JSON object and the merged statistics.
-//! - `plot`: the latency percentile curve as SVG.
+//! - `plot`: the latency percentile curve and requests/s and p99 over time, as SVG.
 //! - `gates`: the CI limits a run must meet (`--max-p99`, `--min-rps`, ...).
 
 pub mod engine;
 pub mod gates;
 pub mod http;
 pub mod pattern;
+pub mod plan;
 pub mod plot;
 pub mod report;
 pub mod request;
+pub mod series;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub use gates::Gate;
+pub use plan::RatePlan;
 pub use report::Report;
 pub use request::RequestSpec;
 
@@ -118,8 +125,8 @@ pub struct LoadConfig {
     pub connections: usize,
     pub threads: usize,
     pub duration: Duration,
-    /// Requests per second in total; None: closed loop.
-    pub rate: Option<f64>,
+    /// Requests per second in total (constant, a ramp or steps); None: closed loop.
+    pub rate: Option<RatePlan>,
     /// Echo request size in bytes.
     pub size: usize,
     /// Requests in flight per connection (pipelining).
@@ -134,6 +141,10 @@ pub struct LoadConfig {
     pub gates: Vec<Gate>,
     /// The run's nonce, mixed into every echo connection's seed; None: a random one.
     pub nonce: Option<u64>,
+    /// One line per second to this file: CSV if it ends in `.csv`, JSON lines otherwise.
+    pub timeseries: Option<PathBuf>,
+    /// An HdrHistogram interval log, one interval per second, to this file.
+    pub hdr_log: Option<PathBuf>,
 }
 
 impl LoadConfig {
@@ -154,6 +165,8 @@ impl LoadConfig {
             request: RequestSpec::default(),
             gates: Vec::new(),
             nonce: None,
+            timeseries: None,
+            hdr_log: None,
         }
     }
 
@@ -185,9 +198,18 @@ impl LoadConfig {
         if self.timeout.is_zero() {
             return bad("--timeout must be greater than zero");
         }
-        if let Some(r) = self.rate {
-            if !(r.is_finite() && r > 0.0) {
-                return bad("--rate must be a positive number of requests per second");
+        if let Some(plan) = &self.rate {
+            plan.validate().map_err(LoadError::Config)?;
+            if let Some(implied) = plan.implied_duration() {
+                if implied != self.duration {
+                    return Err(LoadError::Config(format!(
+                        "-d/--duration {:?} disagrees with --rate {}: the steps last {:?}; \
+                         leave -d out (it defaults to steps x --step)",
+                        self.duration,
+                        plan.describe(),
+                        implied
+                    )));
+                }
             }
         }
         for gate in &self.gates {
@@ -254,6 +276,17 @@ pub fn run(
     let progress = Arc::new(Progress::default());
     let nonce = config.nonce.unwrap_or_else(pattern::run_nonce);
     let config = Arc::new(config.clone());
+    let mut recorder = series::Recorder::new(
+        config.threads,
+        config.duration,
+        config.rate.is_some(),
+        config.timeseries.as_deref(),
+        config.hdr_log.as_deref(),
+        SystemTime::now(),
+    )
+    .map_err(LoadError::Config)?;
+    // Each thread hands over one interval per second; this thread merges and writes them.
+    let (to_main, seconds) = crossbeam_channel::unbounded();
     let start = Instant::now();
     let end = start + config.duration;
     let mut handles = Vec::with_capacity(config.threads);
@@ -262,9 +295,16 @@ pub fn run(
         let base = config.connections / config.threads;
         let extra = config.connections % config.threads;
         let conns = base + usize::from(id < extra);
-        let rate = config
-            .rate
-            .map(|r| r * conns as f64 / config.connections as f64);
+        // Each thread puts its share of the plan due, on its own connections.
+        let share = engine::Share {
+            id,
+            conns,
+            plan: config
+                .rate
+                .as_ref()
+                .map(|p| p.scaled(conns as f64 / config.connections as f64)),
+            seconds: to_main.clone(),
+        };
         let config = Arc::clone(&config);
         let progress = Arc::clone(&progress);
         let request = Arc::clone(&request);
@@ -272,19 +312,24 @@ pub fn run(
             std::thread::Builder::new()
                 .name(format!("edgeload-{id}"))
                 .spawn(move || {
-                    engine::run_thread(
-                        id, conns, rate, nonce, &config, &request, start, end, &progress,
-                    )
+                    engine::run_thread(share, nonce, &config, &request, start, end, &progress)
                 })?,
         );
     }
+    drop(to_main);
     let mut next_tick = start + Duration::from_secs(1);
     while !handles.iter().all(|h| h.is_finished()) {
         std::thread::sleep(Duration::from_millis(20));
+        for interval in seconds.try_iter() {
+            recorder.take(interval);
+        }
         if Instant::now() >= next_tick {
             on_tick(start.elapsed(), &progress);
             next_tick += Duration::from_secs(1);
         }
+    }
+    for interval in seconds.try_iter() {
+        recorder.take(interval);
     }
     let mut stats = Vec::with_capacity(handles.len());
     for h in handles {
@@ -298,10 +343,13 @@ pub fn run(
             }
         }
     }
+    let seconds = recorder
+        .finish()
+        .map_err(|e| LoadError::Io(std::io::Error::other(e)))?;
     let elapsed = start
         .elapsed()
         .min(config.duration + Duration::from_millis(100));
-    Ok(Report::merge(&config, elapsed, nonce, stats))
+    Ok(Report::merge(&config, elapsed, nonce, stats, seconds))
 }
 
 #[cfg(test)]

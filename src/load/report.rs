@@ -8,6 +8,8 @@ use serde_json::json;
 
 use super::engine::Stats;
 use super::gates::GateResult;
+use super::plan::RatePlan;
+use super::series::{errors_json, Second, StepStats};
 use super::{LoadConfig, Target};
 
 /// The percentiles printed with `--latency` and always put in the JSON.
@@ -24,7 +26,8 @@ pub struct Report {
     pub depth: usize,
     /// Echo request size.
     pub size: Option<usize>,
-    pub rate: Option<f64>,
+    /// Open loop: the `--rate` plan.
+    pub rate: Option<RatePlan>,
     /// A new connection per request.
     pub reconnect: bool,
     /// HTTP: the method and version sent (`GET`, `HTTP/1.1`); None for echo.
@@ -37,6 +40,8 @@ pub struct Report {
     pub stats: Stats,
     /// The CI gates asked for, checked against the figures above.
     pub gates: Vec<GateResult>,
+    /// Each second of the run: requests answered, errors, percentiles.
+    pub seconds: Vec<Second>,
 }
 
 impl Report {
@@ -45,6 +50,7 @@ impl Report {
         duration: Duration,
         nonce: u64,
         stats: Vec<Stats>,
+        seconds: Vec<Second>,
     ) -> Report {
         let echo = matches!(config.target, Target::Echo { .. });
         let total = stats.iter().fold(Stats::new(), |mut total, s| {
@@ -58,7 +64,7 @@ impl Report {
             connections: config.connections,
             depth: config.depth,
             size: echo.then_some(config.size),
-            rate: config.rate,
+            rate: config.rate.clone(),
             reconnect: config.reconnect,
             request: (!echo).then(|| {
                 let version = if config.request.http10 {
@@ -72,6 +78,7 @@ impl Report {
             nonce,
             stats: total,
             gates: Vec::new(),
+            seconds,
         };
         report.gates = config.gates.iter().map(|g| g.check(&report)).collect();
         report
@@ -114,9 +121,10 @@ impl Report {
     pub fn warnings(&self) -> Vec<String> {
         let s = &self.stats;
         let mut w = Vec::new();
-        let Some(rate) = self.rate else {
+        let Some(plan) = &self.rate else {
             return w;
         };
+        let rate = plan.describe();
         let due = s.due.max(1);
         if s.late_by_generator * 100 > due {
             w.push(format!(
@@ -129,7 +137,7 @@ impl Report {
         let waiting = self.late_waiting();
         if s.unsent > 0 || waiting * 100 > due {
             w.push(format!(
-                "the server could not keep up with --rate {rate:.0}: {} requests were \
+                "the server could not keep up with --rate {rate}: {} requests were \
                  sent late and {} never sent, waiting for one of {} connections x depth \
                  {} to be free; achieved {:.0} requests/s",
                 waiting,
@@ -176,11 +184,23 @@ impl Report {
             "  {} threads and {} connections, depth {}, {what}",
             self.threads, self.connections, self.depth
         );
-        if let Some(rate) = self.rate {
-            let _ = writeln!(
-                o,
-                "  constant rate {rate:.0} requests/s; latency measured from each request's due time"
-            );
+        if let Some(plan) = &self.rate {
+            let what = match plan {
+                RatePlan::Constant(r) => format!("constant rate {r:.0} requests/s"),
+                RatePlan::Ramp { from, to } => format!(
+                    "rate ramping from {from:.0} to {to:.0} requests/s over {}",
+                    human_duration(self.duration)
+                ),
+                RatePlan::Steps { rates, step } => {
+                    let list: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+                    format!(
+                        "rate in steps of {}: {} requests/s",
+                        human_duration(*step),
+                        list.join(", ")
+                    )
+                }
+            };
+            let _ = writeln!(o, "  {what}; latency measured from each request's due time");
         }
         let _ = writeln!(o, "  Latency      Avg       Stdev     Max       +/- Stdev");
         let open = self.rate.is_some();
@@ -278,6 +298,9 @@ impl Report {
                 let _ = writeln!(o, "{}", line.trim_end());
             }
         }
+        if !self.stats.steps.is_empty() {
+            steps_text(&mut o, &self.stats.steps);
+        }
         let _ = writeln!(o, "Requests/sec: {:>10.2}", self.requests_per_sec());
         let _ = writeln!(
             o,
@@ -311,7 +334,11 @@ impl Report {
             "connections": self.connections,
             "depth": self.depth,
             "size": self.size,
-            "rate": self.rate,
+            "rate": self.rate.as_ref().map(|p| p.mean_rate(self.duration)),
+            "rate_plan": self.rate.as_ref().map(plan_json),
+            "steps": (!st.steps.is_empty()).then(|| {
+                self.stats.steps.iter().enumerate().map(|(i, s)| s.json(i)).collect::<Vec<_>>()
+            }),
             "reconnect": self.reconnect,
             "method": self.request.as_ref().map(|(m, _)| m),
             "http_version": self.request.as_ref().map(|(_, v)| v),
@@ -331,18 +358,53 @@ impl Report {
             "bytes_read": self.stats.bytes_read,
             "bytes_written": self.stats.bytes_written,
             "bytes_read_per_sec": self.stats.bytes_read as f64 / secs,
-            "errors": {
-                "connect": e.connect, "read": e.read, "write": e.write,
-                "timeout": e.timeout, "mismatch": e.mismatch, "extra": e.extra,
-                "non_2xx": e.non_2xx,
-                "total": e.total(),
-            },
+            "errors": errors_json(e),
             "status": {"1xx": s[1], "2xx": s[2], "3xx": s[3], "4xx": s[4], "5xx": s[5], "other": s[0]},
             "status_codes": codes,
             "gates": self.gates.iter().map(GateResult::json).collect::<Vec<_>>(),
             "latency_us": histogram_json(&self.stats.latency),
             "service_time_us": histogram_json(self.service()),
         })
+    }
+}
+
+/// The plan as JSON: `{"kind": "ramp", "from": 1000, "to": 20000}`.
+fn plan_json(plan: &RatePlan) -> serde_json::Value {
+    match plan {
+        RatePlan::Constant(r) => json!({"kind": "constant", "rate": r}),
+        RatePlan::Ramp { from, to } => json!({"kind": "ramp", "from": from, "to": to}),
+        RatePlan::Steps { rates, step } => {
+            json!({"kind": "steps", "rates": rates, "step_s": step.as_secs_f64()})
+        }
+    }
+}
+
+/// One line per step: where the server's knee is.
+fn steps_text(o: &mut String, steps: &[StepStats]) {
+    let _ = writeln!(
+        o,
+        "  Steps (requests counted in the step they fell due in; latency from due time)"
+    );
+    let _ = writeln!(
+        o,
+        "    step  target/s  achieved/s  p50       p99       p99.9     errors  due      answered  unsent"
+    );
+    for (i, s) in steps.iter().enumerate() {
+        let h = &s.latency;
+        let _ = writeln!(
+            o,
+            "    {:<5} {:<9.0} {:<11.1} {:<9} {:<9} {:<9} {:<7} {:<8} {:<9} {}",
+            i + 1,
+            s.rate,
+            s.requests_per_sec(),
+            human_us(h.value_at_percentile(50.0) as f64),
+            human_us(h.value_at_percentile(99.0) as f64),
+            human_us(h.value_at_percentile(99.9) as f64),
+            s.errors.total(),
+            s.due,
+            s.answered,
+            s.unsent
+        );
     }
 }
 
