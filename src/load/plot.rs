@@ -142,7 +142,11 @@ fn over_time(s: &mut String, report: &Report, y0: f64) {
             max_rps * f,
             W - RIGHT + 2.0,
             y - 2.0,
-            if i == 0 { String::new() } else { human_us(max_p99 * f) }
+            if i == 0 {
+                String::new()
+            } else {
+                human_us(max_p99 * f)
+            }
         );
     }
     // About ten labelled ticks on the time axis, on whole seconds.
