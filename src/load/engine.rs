@@ -129,7 +129,8 @@ pub struct Stats {
     /// Responses by exact status code, 100 to 599 (the rest are `status[0]`).
     pub codes: StatusCodes,
     /// Latency in microseconds, from each request's due time (closed loop: from when it
-    /// was sent): answered, timed-out and outstanding requests.
+    /// was sent): answered, timed-out and outstanding requests. A thread records each
+    /// in its current second's histogram and adds that here as the second ends.
     pub latency: Histogram<u64>,
     /// Service time in microseconds, from when each request was sent; the same requests.
     pub service: Histogram<u64>,
@@ -423,13 +424,8 @@ pub fn run_thread(
     if let Some(clock) = step_clock.as_mut() {
         clock.finish(&mut engine.stats);
     }
-    // With steps, latencies were recorded per step only: the total is their sum.
-    let Stats { latency, steps, .. } = &mut engine.stats;
-    for step in steps.iter() {
-        // Same bounds, so adding cannot fail.
-        let _ = latency.add(&step.latency);
-    }
-    engine.second.finish(&engine.stats);
+    // The last second, with what the end recorded; the total latency is now complete.
+    engine.second.finish(&mut engine.stats);
     publish_progress(&engine.stats, progress, &mut published);
     Ok(engine.stats)
 }
@@ -450,7 +446,7 @@ impl Engine<'_> {
     /// Moves to the second (and step) `now` is in.
     #[inline]
     fn tick(&mut self, now: Instant, steps: &mut Option<StepClock>) {
-        self.second.tick(now, &self.stats);
+        self.second.tick(now, &mut self.stats);
         if let Some(clock) = steps.as_mut() {
             clock.tick(now, &mut self.stats);
         }
@@ -853,10 +849,10 @@ impl Engine<'_> {
     }
 }
 
-/// Records one request's latency from its due time, in its step's histogram when the
-/// plan has steps (the total is their sum) and in this second's; open loop, also its
-/// service time from its send time (closed loop they are the same, and the report uses
-/// `latency` for both).
+/// Records one request's latency from its due time: in this second's histogram, which
+/// is added to the total as the second ends, and in its step's when the plan has
+/// steps; open loop, also its service time from its send time (closed loop they are
+/// the same, and the report uses `latency` for both).
 #[inline]
 fn record(stats: &mut Stats, second: &mut SecondClock, p: Pending, now: Instant, open_loop: bool) {
     let us = |from: Instant| {
@@ -865,11 +861,10 @@ fn record(stats: &mut Stats, second: &mut SecondClock, p: Pending, now: Instant,
             .clamp(1, MAX_LATENCY_US as u128) as u64
     };
     let latency = us(p.due);
-    match stats.steps.get_mut(p.step as usize) {
-        Some(step) => step.latency.saturating_record(latency),
-        None => stats.latency.saturating_record(latency),
-    }
     second.record(latency);
+    if let Some(step) = stats.step(p.step) {
+        step.latency.saturating_record(latency);
+    }
     if open_loop {
         stats.service.saturating_record(us(p.sent));
     }
