@@ -69,8 +69,8 @@
 //! - [`metrics`]: the Prometheus registry, per-worker counters, counters carried
 //!   across a reload, and the `/metrics`, `/healthz`, `/readyz` endpoint.
 //! - [`load`]: the engine behind `edgeload`: per-thread epoll loops, the verified
-//!   echo pattern, the HTTP request builder and response parser, reports, plots and
-//!   CI gates.
+//!   echo pattern, the HTTP request builder and response parser, `--rate` plans
+//!   (ramps, steps), figures per step and per second, reports, plots and CI gates.
 //! - `src/bin/edgepoll.rs`, `src/bin/edgeload.rs`: argument parsing, logging and
 //!   signals only.
 //!

@@ -80,6 +80,13 @@ impl Report {
             gates: Vec::new(),
             seconds,
         };
+        // The threads' shares of each step's rate add up to it, but not always exactly
+        // in floating point: report the rate asked for.
+        if let Some((rates, _)) = config.rate.as_ref().and_then(|p| p.steps()) {
+            for (step, &rate) in report.stats.steps.iter_mut().zip(rates) {
+                step.rate = rate;
+            }
+        }
         report.gates = config.gates.iter().map(|g| g.check(&report)).collect();
         report
     }
