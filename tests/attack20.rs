@@ -1,0 +1,227 @@
+//! Review 20: edgeload against peers and arguments that try to break what the README's
+//! `## edgeload` section promises. Each test names the promise it holds edgeload to and
+//! checks exact counts in the real binary's JSON (or the library), over loopback.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+
+use edgepoll::load::{LoadConfig, Target};
+use serde_json::Value;
+
+const SIZE: usize = 64;
+
+/// Runs the real binary with `args` and `--json` against `url`; the report, the exit
+/// status and stderr.
+fn edgeload(args: &[&str], url: &str) -> (Value, i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeload"))
+        .args(args)
+        .arg("--json")
+        .arg(url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("edgeload {args:?}: {stdout} {stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (v, out.status.code().unwrap_or(-1), stderr)
+}
+
+fn n(v: &Value, path: &str) -> u64 {
+    let mut at = v;
+    for key in path.split('/') {
+        at = &at[key];
+    }
+    at.as_u64()
+        .unwrap_or_else(|| panic!("{path} is not a count in the report: {at}"))
+}
+
+/// The README's accounting: every request sent ends one way, and has its latency entry
+/// unless it failed.
+#[track_caller]
+fn assert_accounted(v: &Value) {
+    let sent = n(v, "requests_sent");
+    assert_eq!(
+        sent,
+        n(v, "requests") + n(v, "timed_out") + n(v, "failed") + n(v, "outstanding"),
+        "sent = answered + timed out + failed + outstanding"
+    );
+    assert_eq!(
+        n(v, "latency_us/count"),
+        n(v, "requests") + n(v, "timed_out") + n(v, "outstanding"),
+        "latency entries = answered + timed out + outstanding"
+    );
+}
+
+/// A listener whose connections are each served by `serve` on a thread of their own.
+fn spawn_server(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let serve = Arc::clone(&serve);
+            std::thread::spawn(move || serve(stream));
+        }
+    });
+    addr
+}
+
+/// Reads until the peer closes.
+fn drain(s: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// Reads one HTTP request head (edgeload's GET has no body); false at the end.
+fn read_head(s: &mut TcpStream) -> bool {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[test]
+fn with_reconnect_echo_bytes_beyond_the_request_are_still_extra() {
+    // Promise: `extra` is "bytes beyond everything sent", and exit status 1 says "more
+    // bytes came back than were sent". The server answers each request with its 64
+    // bytes and 16 more, in one write: edgeload reads all 80 at once.
+    let addr = spawn_server(|mut s| {
+        let mut req = [0u8; SIZE];
+        if s.read_exact(&mut req).is_ok() {
+            let mut answer = req.to_vec();
+            answer.extend_from_slice(&[0x55; 16]);
+            let _ = s.write_all(&answer);
+        }
+        drain(&mut s);
+    });
+    let (v, code, _) = edgeload(
+        &["-c", "1", "-d", "300ms", "--reconnect"],
+        &format!("tcp://{addr}"),
+    );
+    assert_accounted(&v);
+    let answered = n(&v, "requests");
+    assert!(answered > 0);
+    assert_eq!(n(&v, "errors/mismatch"), 0);
+    assert_eq!(n(&v, "errors/extra"), answered, "16 bytes too many on each");
+    assert_eq!(code, 1, "more bytes came back than were sent");
+}
+
+#[test]
+fn with_reconnect_an_http_response_to_nothing_is_extra() {
+    // Promise: `extra` counts "an HTTP response to no request". Each connection gets
+    // one request and two responses in one write.
+    let addr = spawn_server(|mut s| {
+        if read_head(&mut s) {
+            let one = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            let _ = s.write_all(&[one.as_slice(), one].concat());
+        }
+        drain(&mut s);
+    });
+    let (v, code, _) = edgeload(
+        &["-c", "1", "-d", "300ms", "--reconnect"],
+        &format!("http://{addr}/"),
+    );
+    assert_accounted(&v);
+    let answered = n(&v, "requests");
+    assert!(answered > 0);
+    assert_eq!(n(&v, "status/2xx"), answered);
+    assert_eq!(
+        n(&v, "errors/extra"),
+        answered,
+        "one response to nothing each"
+    );
+    assert_eq!(code, 0, "exit 1 is for echo bytes only");
+}
+
+#[test]
+#[ignore = "a request whose wrong bytes come back short counts twice (mismatch and read): \
+            the error rate reaches 200%; see the review's note"]
+fn an_error_rate_is_never_over_one() {
+    // Promise: the error rate is errors / attempts, a ratio "between 0 and 1" (the only
+    // limits --max-error-rate accepts), and a bad response is "one mismatch however it
+    // is wrong". The server answers each request with 63 bytes, the first one wrong,
+    // and closes: one attempt, ended by the close.
+    let addr = spawn_server(|mut s| {
+        let mut req = [0u8; SIZE];
+        if s.read_exact(&mut req).is_ok() {
+            req[0] ^= 1;
+            let _ = s.write_all(&req[..SIZE - 1]);
+        }
+    });
+    let (v, code, _) = edgeload(
+        &["-c", "1", "-d", "300ms", "--max-error-rate", "100%"],
+        &format!("tcp://{addr}"),
+    );
+    assert_accounted(&v);
+    assert_eq!(n(&v, "requests"), 0);
+    let failed = n(&v, "failed");
+    assert!(failed > 0);
+    assert_eq!(
+        n(&v, "errors/read"),
+        failed,
+        "each close cut one request short"
+    );
+    let rate = v["gates"][0]["value"].as_f64().unwrap();
+    assert!(rate <= 1.0, "error rate {rate}");
+    assert_eq!(
+        v["gates"][0]["passed"], true,
+        "100% is the highest rate there is"
+    );
+    assert_eq!(code, 1, "the bytes differed");
+}
+
+#[test]
+fn a_url_path_cannot_inject_into_the_request() {
+    // Promise (project standard and request.rs): what goes on the wire is one request
+    // as asked, and bad input is a clear error (exit 2). -H refuses CR and LF; the
+    // URL's path went into the request line as given.
+    for url in [
+        "http://127.0.0.1:1/a\r\nX-Injected: 1",
+        "http://127.0.0.1:1/a\nX-Injected: 1",
+        "http://127.0.0.1:1/a HTTP/1.0\r\n\r\nGET /b",
+        "http://127.0.0.1:1/a b",
+        "http://127.0.0.1:1/a\tb",
+    ] {
+        let refused = match Target::parse(url) {
+            Err(_) => true,
+            Ok(t) => LoadConfig::new(t, url).validate().is_err(),
+        };
+        assert!(refused, "{url:?} was accepted");
+    }
+    let ok = "http://127.0.0.1:1/a%20b?x=1&y=%0D";
+    let t = Target::parse(ok).unwrap();
+    let req = LoadConfig::new(t, ok).http_request().unwrap();
+    assert!(req.starts_with(b"GET /a%20b?x=1&y=%0D HTTP/1.1\r\n"));
+    // Through the binary: exit 2, before any connection.
+    let (_, code, stderr) = edgeload(&["-d", "100ms"], "http://127.0.0.1:1/a\r\nX: 1");
+    assert_eq!(code, 2, "{stderr}");
+}
+
+#[test]
+fn a_plot_that_cannot_be_written_is_not_exit_1() {
+    // Promise: exit 1 means an echo request came back different (or extra bytes); a bad
+    // argument is 2, a missed gate 3. A --plot into a directory that does not exist
+    // exited 1 after the run, and the missed gate was never printed.
+    let addr = spawn_server(|mut s| {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let plot = std::env::temp_dir().join("edgeload-attack20-no-such-dir/x.svg");
+    let (_, code, stderr) = edgeload(
+        &["-c", "1", "-d", "200ms", "--plot", plot.to_str().unwrap()],
+        &format!("tcp://{addr}"),
+    );
+    assert_eq!(code, 2, "an unwritable --plot is a bad argument: {stderr}");
+    assert!(stderr.contains("--plot"), "{stderr}");
+}
