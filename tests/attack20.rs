@@ -188,6 +188,9 @@ fn a_url_path_cannot_inject_into_the_request() {
         "http://127.0.0.1:1/a HTTP/1.0\r\n\r\nGET /b",
         "http://127.0.0.1:1/a b",
         "http://127.0.0.1:1/a\tb",
+        "http://127.0.0.1 X-Injected: 1:1/",
+        "http://127.0.0.1\r\nX-Injected: 1:1/",
+        "http://localhost\r\nX-Injected: 1:1/",
     ] {
         let refused = match Target::parse(url) {
             Err(_) => true,
