@@ -68,6 +68,13 @@ impl Target {
                     Some(i) => (&rest[..i], &rest[i..]),
                     None => (rest, "/"),
                 };
+                // The path goes into the request line as given: a space, CR, LF or
+                // other control would split it or smuggle in a header.
+                if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic()) {
+                    return Err(LoadError::Url(format!(
+                        "{url:?}: the path holds {c:?}; percent-encode it (a space is %20)"
+                    )));
+                }
                 let addr = resolve(authority, Some(80), url)?;
                 Ok(Target::Http {
                     addr,
