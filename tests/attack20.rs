@@ -228,3 +228,45 @@ fn a_plot_that_cannot_be_written_is_not_exit_1() {
     assert_eq!(code, 2, "an unwritable --plot is a bad argument: {stderr}");
     assert!(stderr.contains("--plot"), "{stderr}");
 }
+
+/// Runs the binary with `args` against `url`, killed if it has not finished in 10 s;
+/// the exit status (None if it had to be killed) and stderr.
+fn edgeload_bounded(args: &[&str], url: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeload"))
+        .args(args)
+        .arg(url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (status.map(|s| s.code().unwrap_or(-1)), stderr)
+}
+
+#[test]
+fn a_rate_no_schedule_can_keep_is_a_bad_argument() {
+    // Promise: a bad argument exits 2 with one line saying what is wrong; a thread never
+    // panics. --rate 1e12 made the interval between requests round to zero, so the
+    // schedule loop never caught up with the clock (a hang, with memory growing);
+    // --rate 1e-30 made it too long for a Duration (a panic, exit 1).
+    let addr = spawn_server(|mut s| drain(&mut s));
+    let url = format!("tcp://{addr}");
+    for rate in ["1e12", "1e-30"] {
+        let (code, stderr) = edgeload_bounded(&["-c", "1", "-d", "100ms", "--rate", rate], &url);
+        assert_eq!(code, Some(2), "--rate {rate}: {stderr}");
+        assert!(stderr.contains("--rate"), "--rate {rate}: {stderr}");
+    }
+}
