@@ -270,3 +270,81 @@ fn a_rate_no_schedule_can_keep_is_a_bad_argument() {
         assert!(stderr.contains("--rate"), "--rate {rate}: {stderr}");
     }
 }
+
+/// An echo server that answers `answers` requests of SIZE bytes per connection, then
+/// closes (or, with `reset`, leaves the rest of a request half answered first).
+fn echo_then_close(answers: usize, half: bool) -> SocketAddr {
+    spawn_server(move |mut s| {
+        let mut req = [0u8; SIZE];
+        for _ in 0..answers {
+            if s.read_exact(&mut req).is_err() || s.write_all(&req).is_err() {
+                return;
+            }
+        }
+        if half && s.read_exact(&mut req).is_ok() {
+            let _ = s.write_all(&req[..SIZE / 2]);
+        }
+    })
+}
+
+/// An HTTP server that answers each connection's first `answers` requests, the last
+/// with `Connection: close` (after a 100 Continue on every one), and closes.
+fn http_then_close(answers: usize) -> SocketAddr {
+    spawn_server(move |mut s| {
+        for k in 1..=answers {
+            if !read_head(&mut s) {
+                return;
+            }
+            let close = if k == answers { "Connection: close\r\n" } else { "" };
+            let r = format!(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n{close}Content-Length: 2\r\n\r\nok"
+            );
+            if s.write_all(r.as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn every_request_is_accounted_for_against_servers_that_close() {
+    // Promise: sent = answered + timed out + failed + outstanding (with --rate, due =
+    // sent + never sent), and latency entries = answered + timed out + outstanding,
+    // in the JSON, whatever the server does, at any depth, threads and --reconnect.
+    let echo3 = echo_then_close(3, false);
+    let echo_half = echo_then_close(2, true);
+    let http3 = http_then_close(3);
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (vec!["-c", "4", "-t", "2", "--depth", "4"], format!("tcp://{echo3}")),
+        (vec!["-c", "3", "-t", "3"], format!("tcp://{echo_half}")),
+        (vec!["-c", "2", "--reconnect"], format!("tcp://{echo_half}")),
+        (
+            vec!["-c", "2", "--depth", "3", "--rate", "2000"],
+            format!("tcp://{echo3}"),
+        ),
+        (vec!["-c", "2", "--depth", "4"], format!("http://{http3}/")),
+        (
+            vec!["-c", "2", "-t", "2", "--depth", "2", "--rate", "3000"],
+            format!("http://{http3}/"),
+        ),
+        (vec!["-c", "2", "-m", "HEAD"], format!("http://{http3}/")),
+    ];
+    for (args, url) in cases {
+        let mut all = args.clone();
+        all.extend(["-d", "300ms", "--timeout", "100ms"]);
+        let (v, code, stderr) = edgeload(&all, &url);
+        assert!(!v.is_null(), "{args:?}: {stderr}");
+        assert_accounted(&v);
+        if !v["rate"].is_null() {
+            assert_eq!(
+                n(&v, "requests_due"),
+                n(&v, "requests_sent") + n(&v, "unsent"),
+                "{args:?}"
+            );
+        }
+        assert!(n(&v, "requests") > 0, "{args:?}");
+        assert_eq!(n(&v, "errors/mismatch"), 0, "{args:?}");
+        assert_eq!(n(&v, "errors/extra"), 0, "{args:?}");
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+    }
+}
