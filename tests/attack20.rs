@@ -295,7 +295,11 @@ fn http_then_close(answers: usize) -> SocketAddr {
             if !read_head(&mut s) {
                 return;
             }
-            let close = if k == answers { "Connection: close\r\n" } else { "" };
+            let close = if k == answers {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
             let r = format!(
                 "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n{close}Content-Length: 2\r\n\r\nok"
             );
@@ -315,7 +319,10 @@ fn every_request_is_accounted_for_against_servers_that_close() {
     let echo_half = echo_then_close(2, true);
     let http3 = http_then_close(3);
     let cases: Vec<(Vec<&str>, String)> = vec![
-        (vec!["-c", "4", "-t", "2", "--depth", "4"], format!("tcp://{echo3}")),
+        (
+            vec!["-c", "4", "-t", "2", "--depth", "4"],
+            format!("tcp://{echo3}"),
+        ),
         (vec!["-c", "3", "-t", "3"], format!("tcp://{echo_half}")),
         (vec!["-c", "2", "--reconnect"], format!("tcp://{echo_half}")),
         (
@@ -347,4 +354,46 @@ fn every_request_is_accounted_for_against_servers_that_close() {
         assert_eq!(n(&v, "errors/extra"), 0, "{args:?}");
         assert_eq!(code, 0, "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_server_that_cannot_be_connected_to_is_not_called_slow() {
+    // Promise: with --rate, the warnings say who was behind: the generator, or the
+    // server "waiting for one of N connections x depth to be free". Here no connection
+    // ever opens: the listener's accept queue is full after edgeload's probe (the test
+    // fills it, then frees one slot for the probe), so every connect times out. The
+    // warning blamed the connections' depth and did not say that none was open.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    while let Ok(s) = TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(100)) {
+        held.push(s);
+        assert!(held.len() < 100_000, "the accept queue never filled");
+    }
+    let (first, _) = listener.accept().unwrap(); // one slot, for the probe
+    let (v, code, stderr) = edgeload(
+        &[
+            "-c",
+            "2",
+            "-d",
+            "500ms",
+            "--timeout",
+            "100ms",
+            "--rate",
+            "100",
+        ],
+        &format!("tcp://{addr}"),
+    );
+    drop((first, held));
+    assert_accounted(&v);
+    assert_eq!(n(&v, "requests_sent"), 0);
+    assert_eq!(n(&v, "requests_due"), n(&v, "unsent"));
+    assert!(n(&v, "errors/connect") > 0);
+    let warnings = v["warnings"].to_string();
+    let connects = format!("{} connects failed", n(&v, "errors/connect"));
+    assert!(
+        warnings.contains(&connects),
+        "the warning should say no connection opened: {warnings}"
+    );
+    assert_eq!(code, 0, "{stderr}");
 }
