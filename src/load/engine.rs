@@ -609,6 +609,10 @@ impl Engine<'_> {
                 }
                 if self.config.reconnect && conn.in_flight.is_empty() {
                     // Connection churn: this connection has done its one exchange.
+                    // Bytes read with its answer are beyond everything sent.
+                    if at < n {
+                        self.stats.errors.extra += 1;
+                    }
                     return false;
                 }
             }
@@ -637,7 +641,12 @@ impl Engine<'_> {
                     if resp.close || self.config.reconnect {
                         // The server closes after this one (anything pipelined behind
                         // it is lost, which is the server's choice, not an error), or
-                        // --reconnect asks for a new connection per request.
+                        // --reconnect asks for a new connection per request; with
+                        // --reconnect, bytes read after its one answer answer nothing.
+                        let rest = self.slots[i].conn.as_ref().map_or(0, |c| c.inbuf.len());
+                        if self.config.reconnect && !resp.close && pos < rest {
+                            self.stats.errors.extra += 1;
+                        }
                         return false;
                     }
                 }

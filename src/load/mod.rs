@@ -68,6 +68,13 @@ impl Target {
                     Some(i) => (&rest[..i], &rest[i..]),
                     None => (rest, "/"),
                 };
+                // The path goes into the request line as given: a space, CR, LF or
+                // other control would split it or smuggle in a header.
+                if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic()) {
+                    return Err(LoadError::Url(format!(
+                        "{url:?}: the path holds {c:?}; percent-encode it (a space is %20)"
+                    )));
+                }
                 let addr = resolve(authority, Some(80), url)?;
                 Ok(Target::Http {
                     addr,
@@ -108,6 +115,9 @@ fn resolve(authority: &str, default_port: Option<u16>, url: &str) -> Result<Sock
         .next()
         .ok_or_else(|| LoadError::Url(format!("'{url}': '{with_port}' has no address")))
 }
+
+/// Highest `--rate`: one request a nanosecond, the schedule's resolution.
+const MAX_RATE: f64 = 1e9;
 
 /// A load test to run.
 #[derive(Debug, Clone)]
@@ -188,6 +198,17 @@ impl LoadConfig {
         if let Some(r) = self.rate {
             if !(r.is_finite() && r > 0.0) {
                 return bad("--rate must be a positive number of requests per second");
+            }
+            // Each thread's share falls due every 1/share seconds, a Duration: over
+            // 1e9/s it rounds to zero (the schedule never catches up with the clock),
+            // and a share under one request per 1e9 s does not fit one.
+            if r > MAX_RATE || r / (self.connections as f64) < 1.0 / MAX_RATE {
+                return Err(LoadError::Config(format!(
+                    "--rate {r}: must be at most {MAX_RATE:e} requests per second, and at \
+                     least {:e} with {} connections (one request per 1e9 s each)",
+                    self.connections as f64 / MAX_RATE,
+                    self.connections
+                )));
             }
         }
         for gate in &self.gates {

@@ -128,10 +128,16 @@ impl Report {
         }
         let waiting = self.late_waiting();
         if s.unsent > 0 || waiting * 100 > due {
+            // A connection that is not open is not free either: say so, or a dead or
+            // full listener reads as a slow server.
+            let connects = match s.errors.connect {
+                0 => String::new(),
+                n => format!(" ({n} connects failed or timed out)"),
+            };
             w.push(format!(
                 "the server could not keep up with --rate {rate:.0}: {} requests were \
                  sent late and {} never sent, waiting for one of {} connections x depth \
-                 {} to be free; achieved {:.0} requests/s",
+                 {} to be free{connects}; achieved {:.0} requests/s",
                 waiting,
                 s.unsent,
                 self.connections,
