@@ -141,8 +141,6 @@ fn with_reconnect_an_http_response_to_nothing_is_extra() {
 }
 
 #[test]
-#[ignore = "a request whose wrong bytes come back short counts twice (mismatch and read): \
-            the error rate reaches 200%; see the review's note"]
 fn an_error_rate_is_never_over_one() {
     // Promise: the error rate is errors / attempts, a ratio "between 0 and 1" (the only
     // limits --max-error-rate accepts), and a bad response is "one mismatch however it

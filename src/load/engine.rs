@@ -85,6 +85,9 @@ impl Errors {
 pub struct Stats {
     /// Requests answered (a whole response).
     pub requests: u64,
+    /// Of those, the ones answered badly: echo bytes that differed, an HTTP status
+    /// outside 200-299.
+    pub bad_answered: u64,
     /// Requests written or queued to a connection.
     pub sent: u64,
     /// Open loop: requests that fell due in the run.
@@ -128,6 +131,7 @@ impl Stats {
     pub fn new() -> Stats {
         Stats {
             requests: 0,
+            bad_answered: 0,
             sent: 0,
             due: 0,
             timed_out: 0,
@@ -151,6 +155,7 @@ impl Stats {
     /// Adds another thread's figures to these.
     pub fn add(&mut self, other: &Stats) {
         self.requests += other.requests;
+        self.bad_answered += other.bad_answered;
         self.sent += other.sent;
         self.due += other.due;
         self.timed_out += other.timed_out;
@@ -605,6 +610,7 @@ impl Engine<'_> {
             if conn.verified % size == 0 {
                 if let Some((due, sent)) = conn.in_flight.pop_front() {
                     self.stats.requests += 1;
+                    self.stats.bad_answered += u64::from(conn.bad_request == Some(request));
                     record(&mut self.stats, due, sent, now, open_loop);
                 }
                 if self.config.reconnect && conn.in_flight.is_empty() {
@@ -680,6 +686,7 @@ impl Engine<'_> {
         self.stats.codes.count(status);
         if !(200..300).contains(&status) {
             self.stats.errors.non_2xx += 1;
+            self.stats.bad_answered += 1;
         }
         true
     }

@@ -327,6 +327,7 @@ impl Report {
             "requests_per_sec": self.requests_per_sec(),
             "requests_due": open.then_some(st.due),
             "requests_sent": st.sent,
+            "answered_bad": st.bad_answered,
             "timed_out": st.timed_out,
             "failed": st.failed,
             "outstanding": st.outstanding,
