@@ -312,6 +312,11 @@ pub fn run_thread(
             .epoll
             .wait_precise(&mut events, Some(wake.saturating_duration_since(now)))?;
         let now = Instant::now();
+        if now >= end {
+            // The run is over: what arrived now is not handled, so no request is sent
+            // after the end; their requests are outstanding, recorded to the end.
+            break;
+        }
         for event in events.iter() {
             let i = (event.token & 0xffff_ffff) as usize;
             let generation = (event.token >> 32) as u32;
