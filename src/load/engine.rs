@@ -240,9 +240,11 @@ pub fn run_thread(
             if i >= engine.slots.len() || engine.slots[i].generation != generation {
                 continue; // an event for a connection already replaced
             }
+            let closed = event.is_read_closed() || event.is_error();
             engine.handle(
                 i,
-                event.is_readable() || event.is_read_closed() || event.is_error(),
+                event.is_readable() || closed,
+                closed,
                 event.is_writable(),
                 now,
             );
@@ -317,7 +319,9 @@ impl Engine<'_> {
         }
     }
 
-    fn handle(&mut self, i: usize, readable: bool, writable: bool, now: Instant) {
+    /// Serves one event. `closed`: the peer hung up or an error is pending, so the
+    /// read goes on to the close or the error.
+    fn handle(&mut self, i: usize, readable: bool, closed: bool, writable: bool, now: Instant) {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return;
         };
@@ -343,7 +347,7 @@ impl Engine<'_> {
             return;
         }
         if readable {
-            self.read(i, now);
+            self.read(i, closed, now);
         }
     }
 
@@ -412,7 +416,13 @@ impl Engine<'_> {
         true
     }
 
-    fn read(&mut self, i: usize, now: Instant) {
+    /// Reads what the socket holds, then sends what the connection may. A read that
+    /// fills less than the buffer has drained the socket (epoll(7)), and data that
+    /// comes later raises a new edge, so the loop stops there rather than spend a
+    /// system call on the EAGAIN (one `recvfrom` per response instead of two);
+    /// after a hang-up (`closed`) it reads on to the 0 that reports it, which no
+    /// later edge would announce.
+    fn read(&mut self, i: usize, closed: bool, now: Instant) {
         let echo = self.is_echo();
         loop {
             let Some(conn) = self.slots[i].conn.as_mut() else {
@@ -446,6 +456,9 @@ impl Engine<'_> {
                     if !ok {
                         self.replace(i, now);
                         return;
+                    }
+                    if n < self.buf.len() && !closed {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
