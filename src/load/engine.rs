@@ -520,13 +520,24 @@ impl Engine<'_> {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return false;
         };
-        conn.inbuf.extend_from_slice(&self.buf[..n]);
+        // Whole responses are parsed where the read put them; only a partial one is
+        // copied, into `inbuf`, to be finished by the next read.
+        let held = !conn.inbuf.is_empty();
+        if held {
+            conn.inbuf.extend_from_slice(&self.buf[..n]);
+        }
         let mut pos = 0;
         loop {
             let Some(conn) = self.slots[i].conn.as_mut() else {
                 return false;
             };
-            match conn.parser.parse(&conn.inbuf[pos..]) {
+            let input: &[u8] = if held { &conn.inbuf } else { &self.buf[..n] };
+            if pos == input.len() {
+                // All parsed: no call to find that nothing is left.
+                conn.inbuf.clear();
+                return true;
+            }
+            match conn.parser.parse(&input[pos..]) {
                 Ok((used, Some(resp))) => {
                     pos += used;
                     if !self.complete_http(i, resp.status, now) {
@@ -541,7 +552,11 @@ impl Engine<'_> {
                 }
                 Ok((used, None)) => {
                     pos += used;
-                    conn.inbuf.drain(..pos);
+                    if held {
+                        conn.inbuf.drain(..pos);
+                    } else {
+                        conn.inbuf.extend_from_slice(&self.buf[pos..n]);
+                    }
                     return true;
                 }
                 Err(_) => {
