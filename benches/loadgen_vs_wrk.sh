@@ -7,8 +7,8 @@
 # from bash's `time`), and each one's ratio to wrk.
 #
 # oha is optional (skipped with a message if missing): `cargo install oha --locked`.
-# It runs on tokio; TOKIO_WORKER_THREADS=1 and the one-core affinity make its runtime
-# one worker thread (the table says so).
+# It runs on tokio; `--worker-threads 1` makes its runtime one worker thread (its
+# default is one per physical core), as wrk and edgeload run one thread.
 #
 #   bash benches/loadgen_vs_wrk.sh            # RUNS=5 DURATION=5s CONNS=50
 source "$(dirname "$0")/lib.sh"
@@ -53,7 +53,7 @@ one_run() {
             reqs=$(json_field "$WORK/out" requests)
             ;;
         oha)
-            { time TOKIO_WORKER_THREADS=$OHA_THREADS taskset -c 1 "$OHA" -z "$DURATION" -c "$CONNS" \
+            { time taskset -c 1 "$OHA" -z "$DURATION" -c "$CONNS" --worker-threads "$OHA_THREADS" \
                 --no-tui --output-format json "$url" >"$WORK/out"; } 2>"$WORK/time"
             read -r rps reqs < <(python3 - "$WORK/out" <<'PY'
 import json, sys
@@ -98,7 +98,7 @@ for tool in "${tools[@]}"; do
 done
 echo
 echo "Machine: $(machine). edgepoll http (one worker) on core 0, the load generator on core 1, $CONNS connections, 1 thread, $DURATION x $RUNS runs each, alternating."
-[[ -n $OHA ]] && echo "oha: $($OHA --version), TOKIO_WORKER_THREADS=$OHA_THREADS (one runtime worker thread)."
+[[ -n $OHA ]] && echo "oha runs with --worker-threads $OHA_THREADS (one tokio worker thread)."
 echo
 echo "| load generator | requests/s (median) | vs wrk | client CPU µs per request (median) | vs wrk |"
 echo "|---|---|---|---|---|"
