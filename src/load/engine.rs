@@ -323,9 +323,11 @@ pub fn run_thread(
             if i >= engine.slots.len() || engine.slots[i].generation != generation {
                 continue; // an event for a connection already replaced
             }
+            let closed = event.is_read_closed() || event.is_error();
             engine.handle(
                 i,
-                event.is_readable() || event.is_read_closed() || event.is_error(),
+                event.is_readable() || closed,
+                closed,
                 event.is_writable(),
                 now,
             );
@@ -430,7 +432,9 @@ impl Engine<'_> {
         }
     }
 
-    fn handle(&mut self, i: usize, readable: bool, writable: bool, now: Instant) {
+    /// Serves one event. `closed`: the peer hung up or an error is pending, so the
+    /// read goes on to the close or the error.
+    fn handle(&mut self, i: usize, readable: bool, closed: bool, writable: bool, now: Instant) {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return;
         };
@@ -457,7 +461,7 @@ impl Engine<'_> {
             return;
         }
         if readable {
-            self.read(i, now);
+            self.read(i, closed, now);
         }
     }
 
@@ -533,7 +537,13 @@ impl Engine<'_> {
         true
     }
 
-    fn read(&mut self, i: usize, now: Instant) {
+    /// Reads what the socket holds, then sends what the connection may. A read that
+    /// fills less than the buffer has drained the socket (epoll(7)), and data that
+    /// comes later raises a new edge, so the loop stops there rather than spend a
+    /// system call on the EAGAIN (one `recvfrom` per response instead of two);
+    /// after a hang-up (`closed`) it reads on to the 0 that reports it, which no
+    /// later edge would announce.
+    fn read(&mut self, i: usize, closed: bool, now: Instant) {
         let echo = self.is_echo();
         loop {
             let Some(conn) = self.slots[i].conn.as_mut() else {
@@ -567,6 +577,9 @@ impl Engine<'_> {
                     if !ok {
                         self.replace(i, now);
                         return;
+                    }
+                    if n < self.buf.len() && !closed {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -637,13 +650,24 @@ impl Engine<'_> {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return false;
         };
-        conn.inbuf.extend_from_slice(&self.buf[..n]);
+        // Whole responses are parsed where the read put them; only a partial one is
+        // copied, into `inbuf`, to be finished by the next read.
+        let held = !conn.inbuf.is_empty();
+        if held {
+            conn.inbuf.extend_from_slice(&self.buf[..n]);
+        }
         let mut pos = 0;
         loop {
             let Some(conn) = self.slots[i].conn.as_mut() else {
                 return false;
             };
-            match conn.parser.parse(&conn.inbuf[pos..]) {
+            let input: &[u8] = if held { &conn.inbuf } else { &self.buf[..n] };
+            if pos == input.len() {
+                // All parsed: no call to find that nothing is left.
+                conn.inbuf.clear();
+                return true;
+            }
+            match conn.parser.parse(&input[pos..]) {
                 Ok((used, Some(resp))) => {
                     pos += used;
                     if !self.complete_http(i, resp.status, now) {
@@ -654,7 +678,11 @@ impl Engine<'_> {
                         // it is lost, which is the server's choice, not an error), or
                         // --reconnect asks for a new connection per request; with
                         // --reconnect, bytes read after its one answer answer nothing.
-                        let rest = self.slots[i].conn.as_ref().map_or(0, |c| c.inbuf.len());
+                        let rest = if held {
+                            self.slots[i].conn.as_ref().map_or(0, |c| c.inbuf.len())
+                        } else {
+                            n
+                        };
                         if self.config.reconnect && !resp.close && pos < rest {
                             self.stats.errors.extra += 1;
                         }
@@ -663,7 +691,11 @@ impl Engine<'_> {
                 }
                 Ok((used, None)) => {
                     pos += used;
-                    conn.inbuf.drain(..pos);
+                    if held {
+                        conn.inbuf.drain(..pos);
+                    } else {
+                        conn.inbuf.extend_from_slice(&self.buf[pos..n]);
+                    }
                     return true;
                 }
                 Err(_) => {
