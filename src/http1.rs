@@ -271,10 +271,17 @@ pub fn is_chunked(value: &[u8]) -> bool {
 /// Parses a Content-Length value: digits only (no sign, no spaces inside).
 pub fn content_length(value: &[u8]) -> Option<u64> {
     let v = value.trim_ascii();
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    // One pass; a value past u64 is as invalid as a sign or a space.
+    v.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
 }
 
 #[cfg(test)]
@@ -429,5 +436,8 @@ ffffffffffffffff\r\n";
         assert_eq!(content_length(b"+42"), None);
         assert_eq!(content_length(b"4 2"), None);
         assert_eq!(content_length(b""), None);
+        assert_eq!(content_length(b"007"), Some(7));
+        assert_eq!(content_length(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(content_length(b"18446744073709551616"), None);
     }
 }

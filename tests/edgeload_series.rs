@@ -164,9 +164,14 @@ fn a_ramp_follows_its_plan_second_by_second() {
     );
     assert_eq!(code, 0);
     assert_eq!(v["rate_plan"]["kind"], "ramp");
-    // (200 + 1000) / 2 x 4 s, all due, all sent.
+    // (200 + 1000) / 2 x 4 s; a request due in the last moment, behind a connection
+    // still waiting for its answer, may go unsent, but is counted.
     assert!((2399..=2400).contains(&n(&v, "requests_due")), "{v}");
-    assert_eq!(n(&v, "unsent"), 0);
+    assert!(n(&v, "unsent") <= 8, "{v}");
+    assert_eq!(
+        n(&v, "requests_due"),
+        n(&v, "requests_sent") + n(&v, "unsent")
+    );
     let lines = json_lines(&series.read());
     assert_seconds_add_up(&lines, &v, 4);
     // The plan's integral over each second: 200 t + 100 t^2.

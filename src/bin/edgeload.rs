@@ -214,6 +214,13 @@ fn main() -> ExitCode {
     if let Err(e) = config.validate() {
         return usage_error(&e);
     }
+    if let Some(path) = &cli.plot {
+        // A path that cannot be written is a bad argument, found before the run (after
+        // it, the failure would cost the run and take exit 1, the mismatch status).
+        if let Err(e) = std::fs::File::create(path) {
+            return usage_error(&format!("--plot {}: {e}", path.display()));
+        }
+    }
 
     let bar = if std::io::stderr().is_terminal() && !cli.json {
         let bar = indicatif::ProgressBar::new_spinner();

@@ -102,6 +102,9 @@ impl Errors {
 pub struct Stats {
     /// Requests answered (a whole response).
     pub requests: u64,
+    /// Of those, the ones answered badly: echo bytes that differed, an HTTP status
+    /// outside 200-299.
+    pub bad_answered: u64,
     /// Requests written or queued to a connection.
     pub sent: u64,
     /// Open loop: requests that fell due in the run.
@@ -149,6 +152,7 @@ impl Stats {
     pub fn new() -> Stats {
         Stats {
             requests: 0,
+            bad_answered: 0,
             sent: 0,
             due: 0,
             timed_out: 0,
@@ -173,6 +177,7 @@ impl Stats {
     /// Adds another thread's figures to these.
     pub fn add(&mut self, other: &Stats) {
         self.requests += other.requests;
+        self.bad_answered += other.bad_answered;
         self.sent += other.sent;
         self.due += other.due;
         self.timed_out += other.timed_out;
@@ -345,11 +350,13 @@ pub fn run_thread(
         let _ = crate::sys::thread::set_timer_slack(1);
     }
     let schedule = plan.map(|p| Schedule::new(&p, end - start));
-    // When request `k` falls due, and its step.
+    // When request `k` falls due, and its step; None past any time an Instant holds
+    // (never within a run that validation allows).
     let due_at = |k: u64| {
-        schedule.as_ref().map(|s| {
+        schedule.as_ref().and_then(|s| {
             let (secs, step) = s.due(k);
-            (start + Duration::from_secs_f64(secs), step)
+            let at = start.checked_add(Duration::try_from_secs_f64(secs).ok()?)?;
+            Some((at, step))
         })
     };
     let mut events = Events::with_capacity(1024);
@@ -392,6 +399,11 @@ pub fn run_thread(
             .epoll
             .wait_precise(&mut events, Some(wake.saturating_duration_since(now)))?;
         let now = Instant::now();
+        if now >= end {
+            // The run is over: what arrived now is not handled, so no request is sent
+            // after the end; their requests are outstanding, recorded to the end.
+            break;
+        }
         // What these events do happened in this second (and step), not the last.
         engine.tick(now, &mut step_clock);
         for event in events.iter() {
@@ -400,9 +412,11 @@ pub fn run_thread(
             if i >= engine.slots.len() || engine.slots[i].generation != generation {
                 continue; // an event for a connection already replaced
             }
+            let closed = event.is_read_closed() || event.is_error();
             engine.handle(
                 i,
-                event.is_readable() || event.is_read_closed() || event.is_error(),
+                event.is_readable() || closed,
+                closed,
                 event.is_writable(),
                 now,
             );
@@ -538,7 +552,9 @@ impl Engine<'_> {
         }
     }
 
-    fn handle(&mut self, i: usize, readable: bool, writable: bool, now: Instant) {
+    /// Serves one event. `closed`: the peer hung up or an error is pending, so the
+    /// read goes on to the close or the error.
+    fn handle(&mut self, i: usize, readable: bool, closed: bool, writable: bool, now: Instant) {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return;
         };
@@ -565,7 +581,7 @@ impl Engine<'_> {
             return;
         }
         if readable {
-            self.read(i, now);
+            self.read(i, closed, now);
         }
     }
 
@@ -648,7 +664,13 @@ impl Engine<'_> {
         true
     }
 
-    fn read(&mut self, i: usize, now: Instant) {
+    /// Reads what the socket holds, then sends what the connection may. A read that
+    /// fills less than the buffer has drained the socket (epoll(7)), and data that
+    /// comes later raises a new edge, so the loop stops there rather than spend a
+    /// system call on the EAGAIN (one `recvfrom` per response instead of two);
+    /// after a hang-up (`closed`) it reads on to the 0 that reports it, which no
+    /// later edge would announce.
+    fn read(&mut self, i: usize, closed: bool, now: Instant) {
         let echo = self.is_echo();
         loop {
             let Some(conn) = self.slots[i].conn.as_mut() else {
@@ -682,6 +704,9 @@ impl Engine<'_> {
                     if !ok {
                         self.replace(i, now);
                         return;
+                    }
+                    if n < self.buf.len() && !closed {
+                        break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -730,6 +755,7 @@ impl Engine<'_> {
             if conn.verified % size == 0 {
                 if let Some(p) = conn.in_flight.pop_front() {
                     self.stats.requests += 1;
+                    self.stats.bad_answered += u64::from(conn.bad_request == Some(request));
                     if let Some(s) = self.stats.step(p.step) {
                         s.answered += 1;
                     }
@@ -737,6 +763,10 @@ impl Engine<'_> {
                 }
                 if self.config.reconnect && conn.in_flight.is_empty() {
                     // Connection churn: this connection has done its one exchange.
+                    // Bytes read with its answer are beyond everything sent.
+                    if at < n {
+                        self.stats.errors.extra += 1;
+                    }
                     return false;
                 }
             }
@@ -750,13 +780,24 @@ impl Engine<'_> {
         let Some(conn) = self.slots[i].conn.as_mut() else {
             return false;
         };
-        conn.inbuf.extend_from_slice(&self.buf[..n]);
+        // Whole responses are parsed where the read put them; only a partial one is
+        // copied, into `inbuf`, to be finished by the next read.
+        let held = !conn.inbuf.is_empty();
+        if held {
+            conn.inbuf.extend_from_slice(&self.buf[..n]);
+        }
         let mut pos = 0;
         loop {
             let Some(conn) = self.slots[i].conn.as_mut() else {
                 return false;
             };
-            match conn.parser.parse(&conn.inbuf[pos..]) {
+            let input: &[u8] = if held { &conn.inbuf } else { &self.buf[..n] };
+            if pos == input.len() {
+                // All parsed: no call to find that nothing is left.
+                conn.inbuf.clear();
+                return true;
+            }
+            match conn.parser.parse(&input[pos..]) {
                 Ok((used, Some(resp))) => {
                     pos += used;
                     if !self.complete_http(i, resp.status, now) {
@@ -765,13 +806,26 @@ impl Engine<'_> {
                     if resp.close || self.config.reconnect {
                         // The server closes after this one (anything pipelined behind
                         // it is lost, which is the server's choice, not an error), or
-                        // --reconnect asks for a new connection per request.
+                        // --reconnect asks for a new connection per request; with
+                        // --reconnect, bytes read after its one answer answer nothing.
+                        let rest = if held {
+                            self.slots[i].conn.as_ref().map_or(0, |c| c.inbuf.len())
+                        } else {
+                            n
+                        };
+                        if self.config.reconnect && !resp.close && pos < rest {
+                            self.stats.errors.extra += 1;
+                        }
                         return false;
                     }
                 }
                 Ok((used, None)) => {
                     pos += used;
-                    conn.inbuf.drain(..pos);
+                    if held {
+                        conn.inbuf.drain(..pos);
+                    } else {
+                        conn.inbuf.extend_from_slice(&self.buf[pos..n]);
+                    }
                     return true;
                 }
                 Err(_) => {
@@ -802,6 +856,7 @@ impl Engine<'_> {
         self.stats.codes.count(status);
         if !(200..300).contains(&status) {
             self.stats.errors.non_2xx += 1;
+            self.stats.bad_answered += 1;
         }
         true
     }

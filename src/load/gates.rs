@@ -2,11 +2,13 @@
 //! `--min-rps`). Each is checked once the report is merged; a missed one makes
 //! `edgeload` exit with status 3.
 //!
-//! The error rate is `errors.total() / attempts`, where attempts are the responses
-//! that completed (`requests`, which include the non-2xx and mismatched ones) plus the
-//! errors that ended an attempt without a response: connect, read, write, timeout and
-//! extra (a connection dropped for bytes or a response nobody asked for). A server
-//! that answers 500 to half the requests has an error rate of 0.5.
+//! The error rate is the share of attempts that did not succeed. Attempts are the
+//! requests that ended (answered, timed out, failed with their connection; those still
+//! outstanding at the end are left out) plus the connects that failed and the
+//! connections dropped for extra bytes; the ones that did not succeed are all of those
+//! but the requests answered well (not a mismatch, not a non-2xx). Each request counts
+//! once however it went wrong, so the rate is never over 1. A server that answers 500
+//! to half the requests has an error rate of 0.5.
 //!
 //! A gate with nothing to measure fails: a latency gate when no latency was recorded,
 //! the error rate when there was no attempt at all. A CI job should not pass on a run
@@ -157,8 +159,10 @@ impl GateResult {
 /// Errors per attempt, as the module doc defines it; None without any attempt.
 pub fn error_rate(stats: &Stats) -> Option<f64> {
     let e = &stats.errors;
-    let attempts = stats.requests + e.connect + e.read + e.write + e.timeout + e.extra;
-    (attempts > 0).then(|| e.total() as f64 / attempts as f64)
+    let unanswered = stats.timed_out + stats.failed + e.connect + e.extra;
+    let attempts = stats.requests + unanswered;
+    let bad = stats.bad_answered.min(stats.requests) + unanswered;
+    (attempts > 0).then(|| bad as f64 / attempts as f64)
 }
 
 /// Latency at percentile `p` in microseconds; None without a response.
@@ -272,7 +276,9 @@ mod tests {
             non_2xx: 2,
             ..Errors::default()
         };
-        let r = report(&[100; 6], errors, 1.0);
+        let mut r = report(&[100; 6], errors, 1.0);
+        r.stats.timed_out = 2;
+        r.stats.bad_answered = 2;
         assert_eq!(error_rate(&r.stats), Some(0.5));
         let g = Gate::MaxErrorRate(0.01).check(&r);
         assert!(!g.passed);

@@ -2,6 +2,8 @@
 //! (Content-Length, chunked, until close), split at any byte, pipelined back to back.
 //! Bodies are counted and dropped, never buffered.
 
+use std::mem::MaybeUninit;
+
 use crate::http1::{content_length, has_token, is_chunked, ChunkError, Chunked};
 
 /// A finished response.
@@ -28,6 +30,8 @@ pub enum ParseError {
 
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines accepted in one response head.
+const MAX_HEADERS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -83,9 +87,14 @@ impl ResponseParser {
             let rest = &buf[pos..];
             match self.state {
                 State::Head => {
-                    let mut headers = [httparse::EMPTY_HEADER; 64];
-                    let mut resp = httparse::Response::new(&mut headers);
-                    let n = match resp.parse(rest) {
+                    // Left uninitialised: httparse writes the ones it fills, and
+                    // zeroing 64 of them (2 KiB) cost more than parsing a short head.
+                    let mut headers =
+                        [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+                    let mut resp = httparse::Response::new(&mut []);
+                    let n = match httparse::ParserConfig::default()
+                        .parse_response_with_uninit_headers(&mut resp, rest, &mut headers)
+                    {
                         // The same limit whether the head arrived whole or in pieces.
                         Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
                             return Err(ParseError::HeadTooLarge)
@@ -107,20 +116,26 @@ impl ResponseParser {
                     let mut chunked = false;
                     let mut length: Option<u64> = None;
                     for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("connection") {
-                            if has_token(h.value, "close") {
-                                close = true;
-                            } else if has_token(h.value, "keep-alive") {
-                                close = false;
+                        // The length picks the one name to compare, if any.
+                        match h.name.len() {
+                            10 if h.name.eq_ignore_ascii_case("connection") => {
+                                if has_token(h.value, "close") {
+                                    close = true;
+                                } else if has_token(h.value, "keep-alive") {
+                                    close = false;
+                                }
                             }
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            chunked = is_chunked(h.value);
-                        } else if h.name.eq_ignore_ascii_case("content-length") {
-                            let n = content_length(h.value).ok_or(ParseError::ContentLength)?;
-                            if length.is_some_and(|l| l != n) {
-                                return Err(ParseError::ContentLength);
+                            17 if h.name.eq_ignore_ascii_case("transfer-encoding") => {
+                                chunked = is_chunked(h.value);
                             }
-                            length = Some(n);
+                            14 if h.name.eq_ignore_ascii_case("content-length") => {
+                                let n = content_length(h.value).ok_or(ParseError::ContentLength)?;
+                                if length.is_some_and(|l| l != n) {
+                                    return Err(ParseError::ContentLength);
+                                }
+                                length = Some(n);
+                            }
+                            _ => {}
                         }
                     }
                     if (100..200).contains(&status) && status != 101 {

@@ -75,6 +75,13 @@ impl Target {
                     Some(i) => (&rest[..i], &rest[i..]),
                     None => (rest, "/"),
                 };
+                // The path goes into the request line as given: a space, CR, LF or
+                // other control would split it or smuggle in a header.
+                if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic()) {
+                    return Err(LoadError::Url(format!(
+                        "{url:?}: the path holds {c:?}; percent-encode it (a space is %20)"
+                    )));
+                }
                 let addr = resolve(authority, Some(80), url)?;
                 Ok(Target::Http {
                     addr,
@@ -115,6 +122,9 @@ fn resolve(authority: &str, default_port: Option<u16>, url: &str) -> Result<Sock
         .next()
         .ok_or_else(|| LoadError::Url(format!("'{url}': '{with_port}' has no address")))
 }
+
+/// Highest `--rate`: one request a nanosecond, the schedule's resolution.
+const MAX_RATE: f64 = 1e9;
 
 /// A load test to run.
 #[derive(Debug, Clone)]
@@ -208,6 +218,20 @@ impl LoadConfig {
                         self.duration,
                         plan.describe(),
                         implied
+                    )));
+                }
+            }
+            // Each thread's share falls due every 1/share seconds, a Duration: over
+            // 1e9/s it rounds to zero (the schedule never catches up with the clock),
+            // and a share under one request per 1e9 s does not fit one. A ramp or steps
+            // pass through each of their rates, so each is held to this.
+            for r in plan.rates() {
+                if r > MAX_RATE || r / (self.connections as f64) < 1.0 / MAX_RATE {
+                    return Err(LoadError::Config(format!(
+                        "--rate {r}: must be at most {MAX_RATE:e} requests per second, and at \
+                         least {:e} with {} connections (one request per 1e9 s each)",
+                        self.connections as f64 / MAX_RATE,
+                        self.connections
                     )));
                 }
             }

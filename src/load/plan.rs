@@ -94,6 +94,15 @@ impl RatePlan {
         }
     }
 
+    /// Every rate the plan names (a ramp passes through all between its two).
+    pub fn rates(&self) -> Vec<f64> {
+        match self {
+            RatePlan::Constant(r) => vec![*r],
+            RatePlan::Ramp { from, to } => vec![*from, *to],
+            RatePlan::Steps { rates, .. } => rates.clone(),
+        }
+    }
+
     /// The same plan at `share` of the rate: one thread's part of it.
     pub fn scaled(&self, share: f64) -> RatePlan {
         match self {

@@ -143,10 +143,16 @@ impl Report {
         }
         let waiting = self.late_waiting();
         if s.unsent > 0 || waiting * 100 > due {
+            // A connection that is not open is not free either: say so, or a dead or
+            // full listener reads as a slow server.
+            let connects = match s.errors.connect {
+                0 => String::new(),
+                n => format!(" ({n} connects failed or timed out)"),
+            };
             w.push(format!(
                 "the server could not keep up with --rate {rate}: {} requests were \
                  sent late and {} never sent, waiting for one of {} connections x depth \
-                 {} to be free; achieved {:.0} requests/s",
+                 {} to be free{connects}; achieved {:.0} requests/s",
                 waiting,
                 s.unsent,
                 self.connections,
@@ -355,6 +361,7 @@ impl Report {
             "requests_per_sec": self.requests_per_sec(),
             "requests_due": open.then_some(st.due),
             "requests_sent": st.sent,
+            "answered_bad": st.bad_answered,
             "timed_out": st.timed_out,
             "failed": st.failed,
             "outstanding": st.outstanding,
