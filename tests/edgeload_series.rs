@@ -452,6 +452,8 @@ fn bad_plans_exit_2_naming_the_flag() {
             &["--rate", "100,200", "--step", "0s"],
             "--step must be greater",
         ),
+        (&["--rate", "100:2e9"], "must be at most"),
+        (&["--rate", "100,2e9", "--step", "1s"], "must be at most"),
         (
             &["--rate", "100,200", "--step", "1s", "-d", "5s"],
             "-d/--duration 5s disagrees",
