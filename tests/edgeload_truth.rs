@@ -379,3 +379,70 @@ fn a_server_slower_than_the_rate_leaves_requests_unsent_and_says_so() {
         "{warnings}"
     );
 }
+
+#[test]
+fn requests_due_behind_a_server_that_never_answers_cost_no_memory() {
+    // A server that accepts and never reads: at --rate 1,000,000 for 2 s, up to two
+    // million requests fall due behind one busy connection. Keeping a time per due
+    // request (as edgeload did) held them all: 36 MB here at 2 s (debug build), 76 MB
+    // at 3 s in the review; two numbers per connection now (6.6 MB in all here).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let bin = std::env::var("EDGELOAD_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgeload").to_string());
+    let mut child = Command::new(bin)
+        .args([
+            "-c",
+            "1",
+            "-d",
+            "2s",
+            "--timeout",
+            "10s",
+            "--rate",
+            "1000000",
+            "--json",
+        ])
+        .arg(format!("tcp://{addr}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The peak resident size, read until the process is gone (VmHWM never falls).
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            if let Some(kib) = text
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    eprintln!("peak {peak_kib} KiB: {out}");
+    assert!(
+        peak_kib < 16 * 1024,
+        "{peak_kib} KiB resident, {} requests answered",
+        v["requests"]
+    );
+    assert_accounted(&v);
+    let unsent = n(&v, "unsent");
+    assert!(unsent >= 500_000, "{unsent} never sent");
+}

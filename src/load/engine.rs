@@ -121,8 +121,8 @@ pub struct Stats {
     pub unsent: u64,
     /// Open loop: requests sent more than [`LATE`] after their due time.
     pub sent_late: u64,
-    /// Open loop: of those, the ones the generator itself noticed late (its thread was
-    /// busy): the generator, not the server, was behind.
+    /// Open loop: requests the generator itself noticed more than [`LATE`] after they
+    /// fell due (its thread was busy): late whatever the server did, sent or not.
     pub late_by_generator: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
@@ -251,21 +251,24 @@ struct Pending {
     step: u32,
 }
 
-/// Open loop: a request due and not yet sent.
-#[derive(Debug, Clone, Copy)]
-struct Due {
-    at: Instant,
-    /// The generator noticed it more than [`LATE`] after it was due.
-    noticed_late: bool,
-    step: u32,
+/// When request `k` of the thread's schedule falls due, and its step; None past any
+/// time an Instant holds (never within a run that validation allows).
+fn due_at(schedule: Option<&Schedule>, start: Instant, k: u64) -> Option<(Instant, u32)> {
+    let (secs, step) = schedule?.due(k);
+    let at = start.checked_add(Duration::try_from_secs_f64(secs).ok()?)?;
+    Some((at, step))
 }
 
 /// A connection position: the live connection, if any, and what survives reconnects.
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
-    /// Open loop: requests due and not yet sent.
-    due: VecDeque<Due>,
+    /// Open loop: requests due and not yet sent, `due_count` of them from request
+    /// `due_first` of the thread's schedule on, every `conns`-th (the slots take them
+    /// round-robin). Two numbers, not a queue of times: a server that never answers
+    /// costs no memory however many requests fall due.
+    due_first: u64,
+    due_count: u64,
     /// Reconnect no earlier than this.
     retry_at: Option<Instant>,
 }
@@ -285,6 +288,9 @@ struct Engine<'a> {
     connections_made: u64,
     /// The run's nonce, mixed into every connection's seed.
     nonce: u64,
+    /// Open loop: the thread's schedule, and its start.
+    schedule: Option<Schedule>,
+    start: Instant,
     stopping: bool,
 }
 
@@ -329,7 +335,8 @@ pub fn run_thread(
             .map(|_| Slot {
                 generation: 0,
                 conn: None,
-                due: VecDeque::new(),
+                due_first: 0,
+                due_count: 0,
                 retry_at: None,
             })
             .collect(),
@@ -340,25 +347,19 @@ pub fn run_thread(
         second: SecondClock::new(start, end - start, seconds),
         connections_made: 0,
         nonce,
+        schedule: plan.map(|p| Schedule::new(&p, end - start)),
+        start,
         stopping: false,
     };
     for i in 0..conns {
         engine.connect(i, start);
     }
-    if plan.is_some() {
+    if engine.schedule.is_some() {
         // Sends must leave on schedule; a failure only costs precision.
         let _ = crate::sys::thread::set_timer_slack(1);
     }
-    let schedule = plan.map(|p| Schedule::new(&p, end - start));
-    // When request `k` falls due, and its step; None past any time an Instant holds
-    // (never within a run that validation allows).
-    let due_at = |k: u64| {
-        schedule.as_ref().and_then(|s| {
-            let (secs, step) = s.due(k);
-            let at = start.checked_add(Duration::try_from_secs_f64(secs).ok()?)?;
-            Some((at, step))
-        })
-    };
+    let schedule = engine.schedule.clone();
+    let due_at = |k: u64| due_at(schedule.as_ref(), start, k);
     let mut events = Events::with_capacity(1024);
     let mut scheduled: u64 = 0;
     let mut next_due = due_at(0);
@@ -373,11 +374,14 @@ pub fn run_thread(
         // Requests fall due on the schedule, whatever the server is doing.
         while let Some((due, step)) = next_due.filter(|&(due, _)| due <= now) {
             let i = (scheduled % conns as u64) as usize;
-            engine.slots[i].due.push_back(Due {
-                at: due,
-                noticed_late: now.duration_since(due) > LATE,
-                step,
-            });
+            let slot = &mut engine.slots[i];
+            if slot.due_count == 0 {
+                slot.due_first = scheduled;
+            }
+            slot.due_count += 1;
+            if now.duration_since(due) > LATE {
+                engine.stats.late_by_generator += 1;
+            }
             scheduled += 1;
             next_due = due_at(scheduled);
             engine.stats.due += 1;
@@ -533,13 +537,20 @@ impl Engine<'_> {
     /// time it has waited; what is still due was never sent.
     fn finish(&mut self, end: Instant) {
         let open_loop = self.config.rate.is_some();
+        let conns = self.slots.len() as u64;
+        let steps = self.stats.step(0).is_some();
         for slot in &mut self.slots {
-            for due in slot.due.drain(..) {
-                self.stats.unsent += 1;
-                if let Some(s) = self.stats.step(due.step) {
-                    s.unsent += 1;
+            self.stats.unsent += slot.due_count;
+            // Each step's share, only when there are steps.
+            for j in 0..if steps { slot.due_count } else { 0 } {
+                let k = slot.due_first + j * conns;
+                if let Some((_, step)) = due_at(self.schedule.as_ref(), self.start, k) {
+                    if let Some(s) = self.stats.step(step) {
+                        s.unsent += 1;
+                    }
                 }
             }
+            slot.due_count = 0;
             if let Some(conn) = slot.conn.as_mut() {
                 for p in conn.in_flight.drain(..) {
                     self.stats.outstanding += 1;
@@ -591,6 +602,7 @@ impl Engine<'_> {
         let size = self.config.size;
         let open_loop = self.config.rate.is_some();
         let echo = self.is_echo();
+        let conns = self.slots.len() as u64;
         let slot = &mut self.slots[i];
         let Some(conn) = slot.conn.as_mut() else {
             return;
@@ -601,19 +613,21 @@ impl Engine<'_> {
         let mut added = 0;
         while conn.in_flight.len() < depth {
             let (measured_from, step) = if open_loop {
-                match slot.due.pop_front() {
-                    Some(due) => {
-                        if now.duration_since(due.at) > LATE {
-                            self.stats.sent_late += 1;
-                            self.stats.late_by_generator += u64::from(due.noticed_late);
-                        }
-                        if let Some(s) = self.stats.step(due.step) {
-                            s.sent += 1;
-                        }
-                        (due.at, due.step)
-                    }
-                    None => break,
+                if slot.due_count == 0 {
+                    break;
                 }
+                let k = slot.due_first;
+                slot.due_first += conns;
+                slot.due_count -= 1;
+                // It was due when it was scheduled, so it has a time.
+                let (at, step) = due_at(self.schedule.as_ref(), self.start, k).unwrap_or((now, 0));
+                if now.duration_since(at) > LATE {
+                    self.stats.sent_late += 1;
+                }
+                if let Some(s) = self.stats.step(step) {
+                    s.sent += 1;
+                }
+                (at, step)
             } else {
                 (now, 0)
             };

@@ -115,8 +115,9 @@ impl Report {
         }
     }
 
-    /// Open loop: requests sent late because no connection was free (the server, or
-    /// too few connections, could not keep up), not because edgeload was behind.
+    /// Open loop: requests sent late beyond those edgeload itself noticed late: they
+    /// waited for a free connection (the server, or too few connections, could not
+    /// keep up).
     fn late_waiting(&self) -> u64 {
         self.stats
             .sent_late
@@ -135,9 +136,9 @@ impl Report {
         let due = s.due.max(1);
         if s.late_by_generator * 100 > due {
             w.push(format!(
-                "edgeload itself fell behind: {} of {} requests were due more than 1 ms \
-                 before it could send them; the latencies include that delay (add threads \
-                 with -t, or lower --rate)",
+                "edgeload itself fell behind: it noticed {} of {} requests more than 1 ms \
+                 after they fell due; the latencies include that delay (add threads with \
+                 -t, or lower --rate)",
                 s.late_by_generator, s.due
             ));
         }
@@ -282,7 +283,7 @@ impl Report {
         if open {
             let _ = write!(
                 o,
-                ", {} never sent; {} sent late (over 1 ms after due), {} of them by edgeload",
+                ", {} never sent; {} sent late (over 1 ms after due); {} noticed late by edgeload",
                 st.unsent, st.sent_late, st.late_by_generator
             );
         }
