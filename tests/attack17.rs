@@ -1,0 +1,98 @@
+//! Review 17: attacks on the promises of edgeload's rate plans, `--timeseries`,
+//! `--hdr-log`, CI gates and HTTP request flags (README, `## edgeload`).
+//!
+//! Every test runs the real `edgeload` binary against a server in this process, over
+//! loopback, and checks exact counts. No test asserts a speed.
+
+mod util;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use util::echo_server;
+
+/// A file in the system's temporary directory, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> TempFile {
+        TempFile(std::env::temp_dir().join(format!("edgeload-a17-{}-{name}", std::process::id())))
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Waits for `child` at most `limit`, killing it past that; its stdout as JSON.
+fn finish(mut child: Child, limit: Duration) -> (Value, i32) {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("edgeload did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (
+        serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        out.status.code().unwrap_or(-1),
+    )
+}
+
+/// README: `--timeseries` gives "with `--rate` the requests that fell due in it" for
+/// each second. When edgeload itself is held up (here: stopped with SIGSTOP for 2.5 s,
+/// as a busy machine does for shorter), the requests due meanwhile were counted in the
+/// second edgeload noticed them in: `--rate 100 -d 5s` wrote due 100, 30, 0, 270, 100.
+/// The schedule puts exactly 100 due in each second, whatever edgeload was doing.
+#[test]
+fn a_second_counts_the_requests_that_fell_due_in_it_even_when_edgeload_was_held_up() {
+    let server = echo_server(1, |_| {});
+    let url = format!("tcp://{}", server.local_addr());
+    let series = TempFile::new("held-up.csv");
+    let child = Command::new(env!("CARGO_BIN_EXE_edgeload"))
+        .args(["-c", "10", "-d", "5s", "--rate", "100", "--timeout", "10s"])
+        .args(["--timeseries", series.arg(), "--json", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1300));
+    signal(&child, "-STOP");
+    std::thread::sleep(Duration::from_millis(2500));
+    signal(&child, "-CONT");
+    let (report, code) = finish(child, Duration::from_secs(30));
+    assert_eq!(code, 0);
+    assert_eq!(report["requests_due"].as_u64(), Some(500), "{report}");
+    let text = series.read();
+    let due: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap())
+        .collect();
+    assert_eq!(due, ["100"; 5], "{text}");
+}
