@@ -120,3 +120,61 @@ fn a_run_at_the_highest_rate_allowed_ends_near_its_duration() {
     assert_eq!(code, 0);
     assert_eq!(report["requests_due"].as_u64(), Some(1_000_000_000));
 }
+
+/// An HTTP/1.0 server: reads the 4 pipelined requests of a connection, answers the
+/// first and closes, as HTTP/1.0 without keep-alive does.
+fn http10_answer_one_then_close() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while got.windows(4).filter(|w| w == b"\r\n\r\n").count() < 4 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return, // the probe, or the end of the run
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            });
+        }
+    });
+    addr
+}
+
+/// README: a failed request's latency entry is "none (a failure is not a latency; it
+/// is in the errors)", and `read` errors include "a close with requests outstanding".
+/// `--http1.0 --depth 4` against a server that answers one request and closes left 3
+/// requests failed per connection and no error at all (672 failed, errors 0 in 0.5 s),
+/// while `--max-error-rate 1%` failed with "error rate 75%": the report said no error
+/// and the gate said three in four. Each such close is one `read` error.
+#[test]
+fn requests_lost_behind_an_http10_close_are_in_the_errors() {
+    let addr = http10_answer_one_then_close();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeload"))
+        .args([
+            "-c",
+            "1",
+            "--depth",
+            "4",
+            "-d",
+            "500ms",
+            "--http1.0",
+            "--json",
+        ])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{v}");
+    let failed = v["failed"].as_u64().unwrap();
+    let read = v["errors"]["read"].as_u64().unwrap();
+    assert!(failed > 0, "{v}");
+    assert_eq!(failed, 3 * read, "3 requests lost per close: {v}");
+    assert_eq!(v["errors"]["total"].as_u64(), Some(read), "{v}");
+}
