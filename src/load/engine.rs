@@ -835,10 +835,20 @@ impl Engine<'_> {
                         return false;
                     }
                     if resp.close || self.config.reconnect {
-                        // The server closes after this one (anything pipelined behind
-                        // it is lost, which is the server's choice, not an error), or
-                        // --reconnect asks for a new connection per request; with
-                        // --reconnect, bytes read after its one answer answer nothing.
+                        // The server closes after this one, or --reconnect asks for a
+                        // new connection per request; with --reconnect, bytes read
+                        // after its one answer answer nothing. The close itself is not
+                        // an error, but requests pipelined behind it fail with the
+                        // connection: a close with requests outstanding is a read
+                        // error, so that failed requests are in the errors (and the
+                        // error report agrees with the error-rate gate).
+                        let lost = self.slots[i]
+                            .conn
+                            .as_ref()
+                            .is_some_and(|c| !c.in_flight.is_empty());
+                        if resp.close && lost {
+                            self.stats.errors.read += 1;
+                        }
                         let rest = if held {
                             self.slots[i].conn.as_ref().map_or(0, |c| c.inbuf.len())
                         } else {
