@@ -178,3 +178,34 @@ fn requests_lost_behind_an_http10_close_are_in_the_errors() {
     assert_eq!(failed, 3 * read, "3 requests lost per close: {v}");
     assert_eq!(v["errors"]["total"].as_u64(), Some(read), "{v}");
 }
+
+/// README: `--timeseries` "writes one line per second as the run goes". The lines
+/// were held in a buffer until the run ended: 2.7 s into a 4 s run the file was still
+/// empty, so neither `tail -f` nor a run cut short saw a second of it. Here the first
+/// second's line must be in the file while the 6 s run is still going.
+#[test]
+fn the_timeseries_is_written_as_the_run_goes() {
+    let server = echo_server(1, |_| {});
+    let url = format!("tcp://{}", server.local_addr());
+    let series = TempFile::new("live.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeload"))
+        .args(["-c", "2", "-d", "6s", "--rate", "100"])
+        .args(["--timeseries", series.arg(), &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen_while_running = false;
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        let text = std::fs::read_to_string(&series.0).unwrap_or_default();
+        if text.lines().next().is_some_and(|l| l.ends_with('}')) {
+            seen_while_running = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen_while_running, "no line before the run ended");
+}
