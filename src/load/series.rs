@@ -431,6 +431,14 @@ impl Recorder {
                 });
             result = result.and(written.map(|_| ()));
         }
+        // Out to the files once a second, so the lines are there as the run goes (for
+        // `tail -f`, or a run cut short), not only at its end.
+        if let Some((Lines::Csv(out) | Lines::Json(out), _)) = &mut self.lines {
+            result = result.and_then(|()| out.flush());
+        }
+        if let Some((log, _)) = &mut self.hdr {
+            result = result.and_then(|()| log.out.flush());
+        }
         if let Err(e) = result {
             self.failed.get_or_insert(e);
         }
