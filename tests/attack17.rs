@@ -209,3 +209,28 @@ fn the_timeseries_is_written_as_the_run_goes() {
     let _ = child.wait();
     assert!(seen_while_running, "no line before the run ended");
 }
+
+/// README: exit 1 means wrong bytes came back; a `--timeseries` or `--hdr-log` file
+/// that cannot be had is exit 2, one line saying what. A file that opens but cannot be
+/// written (`/dev/full`, a full disk) ended the run with exit 1 and no report at all:
+/// the run was lost for its side file. The report must still be printed.
+#[test]
+fn a_timeseries_that_cannot_be_written_costs_neither_the_report_nor_exit_1() {
+    if !std::path::Path::new("/dev/full").exists() {
+        return;
+    }
+    let server = echo_server(1, |_| {});
+    let url = format!("tcp://{}", server.local_addr());
+    for flag in ["--timeseries", "--hdr-log"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgeload"))
+            .args(["-c", "1", "-d", "300ms", "--rate", "10", flag, "/dev/full"])
+            .args(["--json", &url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(v["requests_due"].as_u64(), Some(3), "{flag}: {v} {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}
