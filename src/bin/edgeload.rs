@@ -268,6 +268,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if let Some(e) = &report.write_error {
+        // The report above stands; the file asked for is incomplete.
+        eprintln!("edgeload: {e}");
+    }
     let mut gate_failed = false;
     for gate in report.failed_gates() {
         eprintln!("edgeload: gate failed: {}", gate.message());
@@ -283,6 +287,11 @@ fn main() -> ExitCode {
         // Wrong bytes outrank a missed gate: the figures of a corrupting server mean
         // little.
         return ExitCode::from(MISMATCH);
+    }
+    if report.write_error.is_some() {
+        // A --timeseries or --hdr-log that could not be written, as one that could not
+        // be created: not the wrong-bytes status.
+        return ExitCode::from(USAGE_ERROR);
     }
     if gate_failed {
         return ExitCode::from(GATE_FAILED);

@@ -367,13 +367,14 @@ pub fn run(
             }
         }
     }
-    let seconds = recorder
-        .finish()
-        .map_err(|e| LoadError::Io(std::io::Error::other(e)))?;
+    // A file that could not be written costs the file, not the run's report.
+    let (seconds, write_error) = recorder.finish();
     let elapsed = start
         .elapsed()
         .min(config.duration + Duration::from_millis(100));
-    Ok(Report::merge(&config, elapsed, nonce, stats, seconds))
+    let mut report = Report::merge(&config, elapsed, nonce, stats, seconds);
+    report.write_error = write_error;
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -42,6 +42,9 @@ pub struct Report {
     pub gates: Vec<GateResult>,
     /// Each second of the run: requests answered, errors, percentiles.
     pub seconds: Vec<Second>,
+    /// `--timeseries` or `--hdr-log` could not be written during the run (the file and
+    /// why); the figures above stand.
+    pub write_error: Option<String>,
 }
 
 impl Report {
@@ -79,6 +82,7 @@ impl Report {
             stats: total,
             gates: Vec::new(),
             seconds,
+            write_error: None,
         };
         // The threads' shares of each step's rate add up to it, but not always exactly
         // in floating point: report the rate asked for.
