@@ -221,7 +221,7 @@ fn a_timeseries_that_cannot_be_written_costs_neither_the_report_nor_exit_1() {
     }
     let server = echo_server(1, |_| {});
     let url = format!("tcp://{}", server.local_addr());
-    for flag in ["--timeseries", "--hdr-log"] {
+    for flag in ["--timeseries", "--hdr-log", "--plot"] {
         let out = Command::new(env!("CARGO_BIN_EXE_edgeload"))
             .args(["-c", "1", "-d", "300ms", "--rate", "10", flag, "/dev/full"])
             .args(["--json", &url])
