@@ -262,15 +262,17 @@ fn main() -> ExitCode {
     } else {
         print!("{}", report.text(cli.latency));
     }
+    // A file asked for that could not be written: the report above stands.
+    let mut write_failed = false;
     if let Some(path) = &cli.plot {
         if let Err(e) = std::fs::write(path, load::plot::svg(&report)) {
-            eprintln!("edgeload: writing {}: {e}", path.display());
-            return ExitCode::FAILURE;
+            eprintln!("edgeload: --plot {}: {e}", path.display());
+            write_failed = true;
         }
     }
     if let Some(e) = &report.write_error {
-        // The report above stands; the file asked for is incomplete.
         eprintln!("edgeload: {e}");
+        write_failed = true;
     }
     let mut gate_failed = false;
     for gate in report.failed_gates() {
@@ -288,9 +290,8 @@ fn main() -> ExitCode {
         // little.
         return ExitCode::from(MISMATCH);
     }
-    if report.write_error.is_some() {
-        // A --timeseries or --hdr-log that could not be written, as one that could not
-        // be created: not the wrong-bytes status.
+    if write_failed {
+        // As a file that could not be created: not the wrong-bytes status.
         return ExitCode::from(USAGE_ERROR);
     }
     if gate_failed {
