@@ -32,7 +32,7 @@ pub struct Report {
     pub reconnect: bool,
     /// HTTP: the method and version sent (`GET`, `HTTP/1.1`); None for echo.
     pub request: Option<(String, &'static str)>,
-    /// Wall time the test ran.
+    /// The run's length, `-d`: each thread stops at its end, and counts nothing after.
     pub duration: Duration,
     /// The run's nonce, in every echo connection's seed (`--seed` replays it).
     pub nonce: u64,
