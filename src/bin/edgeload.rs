@@ -262,11 +262,17 @@ fn main() -> ExitCode {
     } else {
         print!("{}", report.text(cli.latency));
     }
+    // A file asked for that could not be written: the report above stands.
+    let mut write_failed = false;
     if let Some(path) = &cli.plot {
         if let Err(e) = std::fs::write(path, load::plot::svg(&report)) {
-            eprintln!("edgeload: writing {}: {e}", path.display());
-            return ExitCode::FAILURE;
+            eprintln!("edgeload: --plot {}: {e}", path.display());
+            write_failed = true;
         }
+    }
+    if let Some(e) = &report.write_error {
+        eprintln!("edgeload: {e}");
+        write_failed = true;
     }
     let mut gate_failed = false;
     for gate in report.failed_gates() {
@@ -283,6 +289,10 @@ fn main() -> ExitCode {
         // Wrong bytes outrank a missed gate: the figures of a corrupting server mean
         // little.
         return ExitCode::from(MISMATCH);
+    }
+    if write_failed {
+        // As a file that could not be created: not the wrong-bytes status.
+        return ExitCode::from(USAGE_ERROR);
     }
     if gate_failed {
         return ExitCode::from(GATE_FAILED);

@@ -370,26 +370,8 @@ pub fn run_thread(
         if now >= end {
             break;
         }
+        engine.fall_due(now, &mut next_due, &mut scheduled, &mut step_clock);
         engine.tick(now, &mut step_clock);
-        // Requests fall due on the schedule, whatever the server is doing.
-        while let Some((due, step)) = next_due.filter(|&(due, _)| due <= now) {
-            let i = (scheduled % conns as u64) as usize;
-            let slot = &mut engine.slots[i];
-            if slot.due_count == 0 {
-                slot.due_first = scheduled;
-            }
-            slot.due_count += 1;
-            if now.duration_since(due) > LATE {
-                engine.stats.late_by_generator += 1;
-            }
-            scheduled += 1;
-            next_due = due_at(scheduled);
-            engine.stats.due += 1;
-            if let Some(s) = engine.stats.step(step) {
-                s.due += 1;
-            }
-            engine.pump(i, now);
-        }
         if now >= next_sweep {
             engine.sweep(now);
             next_sweep = now + SWEEP;
@@ -408,7 +390,9 @@ pub fn run_thread(
             // after the end; their requests are outstanding, recorded to the end.
             break;
         }
-        // What these events do happened in this second (and step), not the last.
+        // Requests due while the thread waited (or was held up) count in the seconds
+        // they fell due in; what these events do happened in this second (and step).
+        engine.fall_due(now, &mut next_due, &mut scheduled, &mut step_clock);
         engine.tick(now, &mut step_clock);
         for event in events.iter() {
             let i = (event.token & 0xffff_ffff) as usize;
@@ -428,7 +412,8 @@ pub fn run_thread(
     }
     engine.stopping = true;
     // Requests that fell due after the loop last looked, before the end.
-    while let Some((_, step)) = next_due.filter(|&(due, _)| due < end) {
+    while let Some((due, step)) = next_due.filter(|&(due, _)| due < end) {
+        engine.tick(due, &mut step_clock);
         scheduled += 1;
         next_due = due_at(scheduled);
         engine.stats.due += 1;
@@ -467,6 +452,38 @@ impl Engine<'_> {
         self.second.tick(now, &mut self.stats);
         if let Some(clock) = steps.as_mut() {
             clock.tick(now, &mut self.stats);
+        }
+    }
+
+    /// Puts every request due by `now` on its connection and sends what can go. Each
+    /// is counted in the second (and step) it fell due in, not the one the thread
+    /// noticed it in: a thread held up across seconds still gives each second its due.
+    fn fall_due(
+        &mut self,
+        now: Instant,
+        next_due: &mut Option<(Instant, u32)>,
+        scheduled: &mut u64,
+        steps: &mut Option<StepClock>,
+    ) {
+        let conns = self.slots.len() as u64;
+        while let Some((due, step)) = next_due.filter(|&(due, _)| due <= now) {
+            self.tick(due, steps);
+            let i = (*scheduled % conns) as usize;
+            let slot = &mut self.slots[i];
+            if slot.due_count == 0 {
+                slot.due_first = *scheduled;
+            }
+            slot.due_count += 1;
+            if now.duration_since(due) > LATE {
+                self.stats.late_by_generator += 1;
+            }
+            *scheduled += 1;
+            *next_due = due_at(self.schedule.as_ref(), self.start, *scheduled);
+            self.stats.due += 1;
+            if let Some(s) = self.stats.step(step) {
+                s.due += 1;
+            }
+            self.pump(i, now);
         }
     }
 
@@ -818,10 +835,20 @@ impl Engine<'_> {
                         return false;
                     }
                     if resp.close || self.config.reconnect {
-                        // The server closes after this one (anything pipelined behind
-                        // it is lost, which is the server's choice, not an error), or
-                        // --reconnect asks for a new connection per request; with
-                        // --reconnect, bytes read after its one answer answer nothing.
+                        // The server closes after this one, or --reconnect asks for a
+                        // new connection per request; with --reconnect, bytes read
+                        // after its one answer answer nothing. The close itself is not
+                        // an error, but requests pipelined behind it fail with the
+                        // connection: a close with requests outstanding is a read
+                        // error, so that failed requests are in the errors (and the
+                        // error report agrees with the error-rate gate).
+                        let lost = self.slots[i]
+                            .conn
+                            .as_ref()
+                            .is_some_and(|c| !c.in_flight.is_empty());
+                        if resp.close && lost {
+                            self.stats.errors.read += 1;
+                        }
                         let rest = if held {
                             self.slots[i].conn.as_ref().map_or(0, |c| c.inbuf.len())
                         } else {

@@ -233,6 +233,7 @@ mod tests {
             stats,
             gates: Vec::new(),
             seconds: Vec::new(),
+            write_error: None,
         }
     }
 

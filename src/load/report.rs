@@ -32,7 +32,7 @@ pub struct Report {
     pub reconnect: bool,
     /// HTTP: the method and version sent (`GET`, `HTTP/1.1`); None for echo.
     pub request: Option<(String, &'static str)>,
-    /// Wall time the test ran.
+    /// The run's length, `-d`: each thread stops at its end, and counts nothing after.
     pub duration: Duration,
     /// The run's nonce, in every echo connection's seed (`--seed` replays it).
     pub nonce: u64,
@@ -42,6 +42,9 @@ pub struct Report {
     pub gates: Vec<GateResult>,
     /// Each second of the run: requests answered, errors, percentiles.
     pub seconds: Vec<Second>,
+    /// `--timeseries` or `--hdr-log` could not be written during the run (the file and
+    /// why); the figures above stand.
+    pub write_error: Option<String>,
 }
 
 impl Report {
@@ -79,6 +82,7 @@ impl Report {
             stats: total,
             gates: Vec::new(),
             seconds,
+            write_error: None,
         };
         // The threads' shares of each step's rate add up to it, but not always exactly
         // in floating point: report the rate asked for.

@@ -296,7 +296,7 @@ pub struct Recorder {
     /// Every second so far, in order.
     pub seconds: Vec<Second>,
     /// The first write error, reported when the run ends.
-    failed: Option<io::Error>,
+    failed: Option<String>,
 }
 
 fn create(path: &Path, flag: &str) -> Result<BufWriter<File>, String> {
@@ -416,11 +416,18 @@ impl Recorder {
             max_us: h.max(),
             latency_count: h.len(),
         };
-        let mut result = Ok(());
-        if let Some((lines, _)) = &mut self.lines {
-            result = write_line(lines, &second);
+        if let Some((lines, path)) = &mut self.lines {
+            // Out to the file once a second, so the lines are there as the run goes
+            // (for `tail -f`, or a run cut short), not only at its end.
+            let written = write_line(lines, &second).and_then(|()| match lines {
+                Lines::Csv(out) | Lines::Json(out) => out.flush(),
+            });
+            if let Err(e) = written {
+                let e = format!("--timeseries {}: {e}", path.display());
+                self.failed.get_or_insert(e);
+            }
         }
-        if let Some((log, _)) = &mut self.hdr {
+        if let Some((log, path)) = &mut self.hdr {
             // A builder with no headers writes nothing: this only borrows the file and the
             // serializer for one interval.
             let written = IntervalLogWriterBuilder::new()
@@ -428,17 +435,19 @@ impl Recorder {
                 .and_then(|mut w| {
                     w.write_histogram(h, begin, end - begin, None)
                         .map_err(|e| io::Error::other(format!("{e:?}")))
-                });
-            result = result.and(written.map(|_| ()));
-        }
-        if let Err(e) = result {
-            self.failed.get_or_insert(e);
+                })
+                .and_then(|_| log.out.flush());
+            if let Err(e) = written {
+                let e = format!("--hdr-log {}: {e}", path.display());
+                self.failed.get_or_insert(e);
+            }
         }
         self.seconds.push(second);
     }
 
-    /// Flushes the files; the first error while writing them, naming the file.
-    pub fn finish(mut self) -> Result<Vec<Second>, String> {
+    /// Flushes the files: every second, and the first error while writing them, naming
+    /// the file (the run's figures stand without the file).
+    pub fn finish(mut self) -> (Vec<Second>, Option<String>) {
         // Threads that ended early (an error) left seconds incomplete: write them too.
         let rest: Vec<u32> = self.waiting.keys().copied().collect();
         for s in rest {
@@ -447,7 +456,7 @@ impl Recorder {
             }
         }
         let mut result = match self.failed.take() {
-            Some(e) => Err(format!("writing --timeseries or --hdr-log: {e}")),
+            Some(e) => Err(e),
             None => Ok(()),
         };
         if let Some((lines, path)) = &mut self.lines {
@@ -463,7 +472,7 @@ impl Recorder {
                 result = result.and(Err(format!("--hdr-log {}: {e}", path.display())));
             }
         }
-        result.map(|()| self.seconds)
+        (self.seconds, result.err())
     }
 }
 
@@ -540,7 +549,8 @@ mod tests {
         r.take(interval(1, 0, &[]));
         r.take(interval(2, 5, &[50; 5]));
         r.take(interval(2, 0, &[]));
-        let s = r.finish().unwrap();
+        let (s, write_error) = r.finish();
+        assert_eq!(write_error, None);
         assert_eq!(s.len(), 3);
         assert_eq!(
             (s[0].requests, s[0].p50_us, s[0].max_us, s[0].elapsed_s),
