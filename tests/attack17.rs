@@ -8,32 +8,10 @@ mod util;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use util::load::TempFile;
 
 use serde_json::Value;
 use util::echo_server;
-
-/// A file in the system's temporary directory, removed when dropped.
-struct TempFile(std::path::PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        TempFile(std::env::temp_dir().join(format!("edgeload-a17-{}-{name}", std::process::id())))
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-
-    fn read(&self) -> String {
-        std::fs::read_to_string(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")

@@ -2,57 +2,17 @@
 //! `## edgeload` section promises. Each test names the promise it holds edgeload to and
 //! checks exact counts in the real binary's JSON (or the library), over loopback.
 
+mod util;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
+use util::load::{assert_accounted, edgeload, n};
 
 use edgepoll::load::{LoadConfig, Target};
-use serde_json::Value;
 
 const SIZE: usize = 64;
-
-/// Runs the real binary with `args` and `--json` against `url`; the report, the exit
-/// status and stderr.
-fn edgeload(args: &[&str], url: &str) -> (Value, i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeload"))
-        .args(args)
-        .arg("--json")
-        .arg(url)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    eprintln!("edgeload {args:?}: {stdout} {stderr}");
-    let v: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (v, out.status.code().unwrap_or(-1), stderr)
-}
-
-fn n(v: &Value, path: &str) -> u64 {
-    let mut at = v;
-    for key in path.split('/') {
-        at = &at[key];
-    }
-    at.as_u64()
-        .unwrap_or_else(|| panic!("{path} is not a count in the report: {at}"))
-}
-
-/// The README's accounting: every request sent ends one way, and has its latency entry
-/// unless it failed.
-#[track_caller]
-fn assert_accounted(v: &Value) {
-    let sent = n(v, "requests_sent");
-    assert_eq!(
-        sent,
-        n(v, "requests") + n(v, "timed_out") + n(v, "failed") + n(v, "outstanding"),
-        "sent = answered + timed out + failed + outstanding"
-    );
-    assert_eq!(
-        n(v, "latency_us/count"),
-        n(v, "requests") + n(v, "timed_out") + n(v, "outstanding"),
-        "latency entries = answered + timed out + outstanding"
-    );
-}
 
 /// A listener whose connections are each served by `serve` on a thread of their own.
 fn spawn_server(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {

@@ -9,55 +9,16 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use util::load::{edgeload, TempFile};
 
 use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
 use hdrhistogram::serialization::Deserializer;
 use hdrhistogram::Histogram;
 use serde_json::Value;
 use util::echo_server;
-
-/// A file in the system's temporary directory, removed when dropped.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        TempFile(
-            std::env::temp_dir().join(format!("edgeload-series-{}-{name}", std::process::id())),
-        )
-    }
-
-    fn arg(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-
-    fn read(&self) -> String {
-        std::fs::read_to_string(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Runs edgeload with `--json` against `url`: the report, the exit code, stderr.
-fn edgeload(args: &[&str], url: &str) -> (Value, i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeload"))
-        .args(args)
-        .arg("--json")
-        .arg(url)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    eprintln!("edgeload {args:?}: {stdout} {stderr}");
-    let v = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    (v, out.status.code().unwrap_or(-1), stderr)
-}
 
 #[track_caller]
 fn n(v: &Value, path: &str) -> u64 {

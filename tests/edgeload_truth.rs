@@ -14,64 +14,22 @@
 //! The tests run the real `edgeload` binary and read its JSON. `EDGELOAD_BIN` runs them
 //! against another build (that is how the closing note's "before" figures were taken).
 
+mod util;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use util::load::{assert_accounted, n};
 
 use serde_json::Value;
 
 const SIZE: usize = 64;
 
 fn edgeload(args: &[&str], addr: SocketAddr) -> (Value, i32, String) {
-    let bin = std::env::var("EDGELOAD_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_edgeload").to_string());
-    let out = Command::new(bin)
-        .args(args)
-        .arg("--json")
-        .arg(format!("tcp://{addr}"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    eprintln!("edgeload {args:?}: {stdout}");
-    let v: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout} {stderr}"));
-    (v, out.status.code().unwrap_or(-1), stderr)
-}
-
-fn n(v: &Value, path: &str) -> u64 {
-    let mut at = v;
-    for key in path.split('/') {
-        at = &at[key];
-    }
-    at.as_u64()
-        .unwrap_or_else(|| panic!("{path} is not a count in the report: {at}"))
-}
-
-/// Every request sent is answered, timed out, failed or outstanding; open loop, every
-/// request due was sent or never sent.
-fn assert_accounted(v: &Value) {
-    let sent = n(v, "requests_sent");
-    assert_eq!(
-        sent,
-        n(v, "requests") + n(v, "timed_out") + n(v, "failed") + n(v, "outstanding"),
-        "sent = answered + timed out + failed + outstanding"
-    );
-    if !v["rate"].is_null() {
-        assert_eq!(
-            n(v, "requests_due"),
-            sent + n(v, "unsent"),
-            "due = sent + unsent"
-        );
-    }
-    // Latency entries: answered, timed out and outstanding requests.
-    assert_eq!(
-        n(v, "latency_us/count"),
-        n(v, "requests") + n(v, "timed_out") + n(v, "outstanding")
-    );
+    util::load::edgeload(args, &format!("tcp://{addr}"))
 }
 
 /// A listener whose connections are each served by `serve(stream, index)` on a thread

@@ -2,6 +2,7 @@
 //! polling for published counters, and a minimal scrape client.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod records;
 
 use std::io::{self, ErrorKind, Read, Write};
